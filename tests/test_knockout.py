@@ -1,0 +1,178 @@
+"""The engine's knockout against an independent plain-PyTorch reference, and its invariants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlmask
+from interventions import BlockKeys
+from tests.reference import greedy, reference_run
+from vlmask._inputs import build_prompt
+from vlmask._sweep import context
+
+PROMPT = "what color is the circle ?"
+
+
+def _engine(vl, built, blocked, layers=None, vision_attention="native"):
+    seq = built.inputs["input_ids"].shape[1]
+    ctx = context(vl, built, seq, vision_attention)
+    out = ctx.run(built.inputs["input_ids"], [BlockKeys(tuple(blocked), layers)], list(range(seq)))
+    return out.residual[0], out.heads[0].flatten(-2), out.logits[0]
+
+
+def _which(built, which):
+    kinds = built.tokens.kind
+    return {
+        "first": 0,
+        "text": kinds.index("text", kinds.index("vision") + 1),
+        "vision": kinds.index("vision") + 5,
+        "last": len(kinds) - 1,
+        "before-last": len(kinds) - 2,
+    }[which]
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("which", ["first", "text", "vision", "before-last", "last"])
+def test_knockout_equals_plain_pytorch_reference(tiny, tiny_eager, images, implementation, which):
+    vl = tiny if implementation == "sdpa" else tiny_eager
+    built = build_prompt(vl.processor, PROMPT, [images["square"]])
+    p = _which(built, which)
+    got = _engine(vl, built, {p})
+    want = reference_run(vl, built.inputs, {p})
+    for name, g, w in zip(("residual", "heads", "logits"), got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=f"{name} differs at p={p}")
+    clean = reference_run(vl, built.inputs, set())
+    if which != "last":
+        assert not torch.allclose(want[2][p + 1 :], clean[2][p + 1 :], atol=1e-4), "knockout changed nothing"
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_positions_up_to_p_are_bit_identical(tiny, tiny_eager, images, implementation):
+    vl = tiny if implementation == "sdpa" else tiny_eager
+    built = build_prompt(vl.processor, PROMPT, [images["square"]])
+    seq = built.inputs["input_ids"].shape[1]
+    ctx = context(vl, built, seq)
+    ids = built.inputs["input_ids"]
+    clean = ctx.run(ids, [BlockKeys(())], list(range(seq)))
+    positions = [0, 4, 12, seq - 3]
+    out = ctx.run(ids.expand(len(positions), -1), [BlockKeys((p,)) for p in positions], list(range(seq)))
+    for row, p in enumerate(positions):
+        assert torch.equal(out.residual[row, :, : p + 1], clean.residual[0, :, : p + 1])
+        assert torch.equal(out.logits[row, : p + 1], clean.logits[0, : p + 1])
+        assert not torch.equal(out.logits[row, p + 1 :], clean.logits[0, p + 1 :])
+
+
+def test_blocking_nothing_equals_the_native_forward(tiny, images):
+    built = build_prompt(tiny.processor, PROMPT, [images["square"]])
+    residual, _, logits = _engine(tiny, built, set())
+    with torch.no_grad():
+        native = tiny.hf(**built.inputs, output_hidden_states=True)
+    torch.testing.assert_close(logits, native.logits[0], atol=1e-5, rtol=1e-5)
+    for layer in range(tiny.num_layers - 1):  # hidden_states[i + 1] is layer i's output (the last one is normed)
+        torch.testing.assert_close(residual[layer], native.hidden_states[layer + 1][0], atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_equals_eager(tiny, tiny_eager, images):
+    kwargs = {"mask": "all", "num_tokens": 3, "progress": False}
+    a = vlmask.sweep(tiny, PROMPT, [images["square"]], **kwargs)
+    b = vlmask.sweep(tiny_eager, PROMPT, [images["square"]], **kwargs)
+    for name in ("residual", "heads", "kl", "logprob_drop"):
+        torch.testing.assert_close(
+            torch.from_numpy(a[name].values), torch.from_numpy(b[name].values), atol=1e-5, rtol=1e-4
+        )
+    assert (a["masked_token_id"] == b["masked_token_id"]).all()
+    assert b.attrs["attn_implementation"] == "eager"
+
+
+@pytest.mark.parametrize("layers", [(0,), (1, 2)])
+def test_blocking_at_chosen_layers_only(tiny_eager, images, layers):
+    built = build_prompt(tiny_eager.processor, PROMPT, [images["square"]])
+    p = _which(built, "text")
+    got = _engine(tiny_eager, built, {p}, layers=layers)
+    want = reference_run(tiny_eager, built.inputs, {p}, layers=set(layers))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    everywhere = reference_run(tiny_eager, built.inputs, {p})
+    assert not torch.allclose(want[2], everywhere[2], atol=1e-4)
+
+
+def test_bidirectional_vision_is_an_explicit_non_native_option(tiny, images):
+    built = build_prompt(tiny.processor, PROMPT, [images["square"]])
+    ranges = built.tokens.vision_ranges
+    p = _which(built, "text")
+    got = _engine(tiny, built, {p}, vision_attention="bidirectional")
+    want = reference_run(tiny, built.inputs, {p}, bidirectional=ranges)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    native = _engine(tiny, built, {p})
+    assert not torch.allclose(got[2], native[2], atol=1e-4)
+    ds = vlmask.sweep(tiny, PROMPT, [images["square"]], vision_attention="bidirectional", progress=False)
+    assert ds.attrs["vision_attention"] == "bidirectional" and ds.attrs["vision_attention_native"] == 0
+
+
+def _kl(clean, masked):
+    pc, pm = torch.softmax(clean.double(), -1), torch.softmax(masked.double(), -1)
+    return float((pc * (pc.log() - pm.log())).sum())
+
+
+@pytest.mark.parametrize("image", [True, False])
+def test_sweep_metrics_match_reference(tiny, images, image):
+    steps = 3
+    files = [images["square"]] if image else []
+    ds = vlmask.sweep(tiny, PROMPT, files, mask="all", num_tokens=steps, batch_size=5, progress=False)
+    built = build_prompt(tiny.processor, PROMPT, files)
+    clean_ids = greedy(tiny, built.inputs, steps)
+    assert ds["step_token_id"].values.tolist() == clean_ids
+    from tests.reference import extended
+
+    forced = extended(built.inputs, clean_ids[:-1])
+    n = built.inputs["input_ids"].shape[1]
+    clean = reference_run(tiny, forced, set())
+    for p in (0, n // 2, n - 2, n - 1):
+        masked = reference_run(tiny, forced, {p})
+        for step in range(steps):
+            pos = n - 1 + step
+            row = ds.sel(token=p, step=step)
+            d = masked[0][:, pos] - clean[0][:, pos]
+            torch.testing.assert_close(
+                torch.from_numpy(row["residual"].sel(metric="l2").values), d.norm(dim=-1), atol=1e-5, rtol=1e-4
+            )
+            cos = torch.nn.functional.cosine_similarity(masked[0][:, pos], clean[0][:, pos], dim=-1)
+            torch.testing.assert_close(
+                torch.from_numpy(row["residual"].sel(metric="cosine").values), 1 - cos, atol=1e-5, rtol=1e-3
+            )
+            head_d = (masked[1][:, pos] - clean[1][:, pos]).unflatten(-1, (tiny.num_heads, -1)).norm(dim=-1)
+            torch.testing.assert_close(
+                torch.from_numpy(row["heads"].sel(metric="l2").values), head_d, atol=1e-5, rtol=1e-4
+            )
+            assert float(row["kl"]) == pytest.approx(_kl(clean[2][pos], masked[2][pos]), abs=1e-5)
+            top = int(clean[2][pos].argmax())
+            lc, lm = (torch.log_softmax(x[2][pos].double(), -1)[top] for x in (clean, masked))
+            assert float(row["logprob_drop"]) == pytest.approx(float(lc - lm), abs=1e-5)
+            assert float(row["prob_change_pct"]) == pytest.approx(
+                float((lm.exp() - lc.exp()) / lc.exp() * 100), abs=1e-3
+            )
+            assert bool(row["top_changed"]) == (int(masked[2][pos].argmax()) != top)
+
+
+def test_masked_generation_equals_naive_greedy(tiny, images):
+    steps = 4
+    ds = vlmask.sweep(tiny, PROMPT, [images["square"]], mask="all", num_tokens=steps, progress=False)
+    built = build_prompt(tiny.processor, PROMPT, [images["square"]])
+    clean = ds["step_token_id"].values.tolist()
+    diverged = 0
+    for p in ds["token"].values:
+        want = greedy(tiny, built.inputs, steps, {int(p)})
+        assert ds["masked_token_id"].sel(token=p).values.tolist() == want, f"token {p}"
+        diverged += want != clean
+    assert diverged > 0, "no knockout changed the generation: the test would not see a wrong continuation"
+
+
+def test_batch_size_does_not_change_results(tiny, images):
+    a = vlmask.sweep(tiny, PROMPT, [images["square"]], mask="all", num_tokens=2, batch_size=1, progress=False)
+    b = vlmask.sweep(tiny, PROMPT, [images["square"]], mask="all", num_tokens=2, batch_size=7, progress=False)
+    for name in ("residual", "heads", "kl"):
+        torch.testing.assert_close(
+            torch.from_numpy(a[name].values), torch.from_numpy(b[name].values), atol=1e-6, rtol=1e-5
+        )

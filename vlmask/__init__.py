@@ -1,0 +1,17 @@
+"""vlmask: which tokens (words or image patches) does a vision-language model use?
+
+Attention knockout on Qwen3-VL through nnsight, with results as a labeled xarray Dataset.
+
+Example:
+    >>> import vlmask
+    >>> vl = vlmask.load_model()  # the built-in toy checkpoint; or "Qwen/Qwen3-VL-2B-Instruct"
+    >>> ds = vlmask.sweep(vl, "what color is the circle ?", ["examples/shapes.png"], mask="vision")
+    >>> ds["logprob_drop"].sel(step=0).idxmax("token").item()  # the most-used vision token
+"""
+
+from vlmask._errors import VlmaskError
+from vlmask._model import VLModel, load_model
+from vlmask._results import long_table, open_results, save_results
+from vlmask._sweep import sweep
+
+__all__ = ["VLModel", "VlmaskError", "load_model", "long_table", "open_results", "save_results", "sweep"]

@@ -1,0 +1,158 @@
+"""Turn a prompt and images into model inputs, and say what each position is."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from vlmask._errors import VlmaskError
+
+CHAT_TEMPLATE_MODES = ("auto", "on", "off")
+KINDS = ("text", "vision", "special")
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """An image read from disk, with what identifies it."""
+
+    path: str
+    sha256: str
+    image: Image.Image
+
+
+@dataclass(frozen=True)
+class TokenTable:
+    """What the model saw, position by position."""
+
+    ids: tuple[int, ...]
+    text: tuple[str, ...]
+    kind: tuple[str, ...]
+    image_index: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def vision_ranges(self) -> list[tuple[int, int]]:
+        """Half-open ``[start, end)`` runs of vision positions, in order."""
+        ranges: list[tuple[int, int]] = []
+        for pos, kind in enumerate(self.kind):
+            if kind != "vision":
+                continue
+            if ranges and ranges[-1][1] == pos and self.image_index[pos] == self.image_index[pos - 1]:
+                ranges[-1] = (ranges[-1][0], pos + 1)
+            else:
+                ranges.append((pos, pos + 1))
+        return ranges
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Processor outputs for one prompt, plus the labels of its positions."""
+
+    prompt: str
+    text: str
+    chat_template: bool
+    images: tuple[ImageFile, ...]
+    inputs: dict[str, torch.Tensor]
+    tokens: TokenTable
+
+
+def read_image(path: str | Path) -> ImageFile:
+    """Open an image file as RGB and hash its bytes.
+
+    Example:
+        >>> read_image("missing.png")
+        Traceback (most recent call last):
+        ...
+        vlmask._errors.VlmaskError: image file 'missing.png' does not exist
+    """
+    path = Path(path)
+    if not path.exists():
+        raise VlmaskError(f"image file '{path}' does not exist")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise VlmaskError(f"image file '{path}' cannot be read: {err.strerror}") from None
+    try:
+        with Image.open(path) as handle:
+            image = handle.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise VlmaskError(f"'{path}' is not an image PIL can read ({type(err).__name__}): pass a PNG or JPEG") from None
+    return ImageFile(path=str(path), sha256=hashlib.sha256(data).hexdigest(), image=image)
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, token in tokenizer.added_tokens_decoder.items() if getattr(token, "special", False))
+    return ids
+
+
+def token_table(processor: Any, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None) -> TokenTable:
+    """Label each position of ``input_ids`` (1D) as text, vision or special, with its image index."""
+    tokenizer = processor.tokenizer
+    ids = [int(i) for i in input_ids.tolist()]
+    vision_ids = {processor.image_token_id, processor.video_token_id}
+    special = _special_ids(tokenizer) - vision_ids - {tokenizer.unk_token_id}
+    merge = processor.image_processor.merge_size**2
+    per_image = [] if image_grid_thw is None else [int(g.prod()) // merge for g in image_grid_thw]
+    image, seen = 0, 0
+    kinds, images = [], []
+    for token_id in ids:
+        index = -1
+        if token_id == processor.image_token_id:
+            while image < len(per_image) and seen >= per_image[image]:
+                image, seen = image + 1, 0
+            index, seen = image, seen + 1
+        kinds.append("vision" if token_id in vision_ids else "special" if token_id in special else "text")
+        images.append(index)
+    texts = [tokenizer.decode([token_id], skip_special_tokens=False) for token_id in ids]
+    return TokenTable(tuple(ids), tuple(texts), tuple(kinds), tuple(images))
+
+
+def format_prompt(processor: Any, prompt: str, num_images: int, chat_template: str = "auto") -> tuple[str, bool]:
+    """The exact text handed to the processor, and whether the chat template was used.
+
+    ``auto`` uses the processor's chat template when it has one, else the raw prompt
+    (with each image's vision placeholder in front).
+    """
+    if chat_template not in CHAT_TEMPLATE_MODES:
+        raise VlmaskError(f"--chat-template {chat_template!r} is not known: expected one of {CHAT_TEMPLATE_MODES}")
+    has_template = bool(getattr(processor, "chat_template", None))
+    if chat_template == "on" and not has_template:
+        raise VlmaskError("--chat-template on, but this processor has no chat template: use auto or off")
+    if chat_template == "off" or not has_template:
+        placeholder = processor.vision_start_token + processor.image_token + processor.vision_end_token
+        return placeholder * num_images + prompt, False
+    content = [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), True
+
+
+def build_prompt(
+    processor: Any, prompt: str, images: list[str | Path] | tuple = (), chat_template: str = "auto"
+) -> Prompt:
+    """Read the images, format the prompt and run the processor.
+
+    Example:
+        >>> from vlmask.builtin import make_processor
+        >>> built = build_prompt(make_processor(["test"]), "test", chat_template="off")
+        >>> built.tokens.text, built.tokens.kind
+        (('test',), ('text',))
+    """
+    if not prompt or not prompt.strip():
+        raise VlmaskError("the prompt is empty: pass --prompt with some text")
+    files = tuple(read_image(path) for path in images)
+    text, used_template = format_prompt(processor, prompt, len(files), chat_template)
+    kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
+    if files:
+        kwargs["images"] = [f.image for f in files]
+    inputs = dict(processor(**kwargs))
+    inputs.pop("token_type_ids", None)
+    table = token_table(processor, inputs["input_ids"][0], inputs.get("image_grid_thw"))
+    return Prompt(prompt, text, used_template, files, inputs, table)

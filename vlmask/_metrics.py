@@ -1,0 +1,46 @@
+"""Pure metric functions: how far a knockout moved a vector or a distribution.
+
+All metrics are computed in float32, whatever dtype the model ran in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+VECTOR_METRICS = ("l2", "cosine", "rel_l2")
+LOGIT_METRICS = ("kl", "logprob_drop", "prob_change_pct", "top_changed")
+
+
+def vector_distances(clean: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """``(..., 3)``: L2 distance, cosine distance (1 - cos) and relative L2 along the last dim.
+
+    Example:
+        >>> [round(x, 3) for x in vector_distances(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 0.0])).tolist()]
+        [4.0, 0.4, 0.8]
+    """
+    clean, masked = torch.broadcast_tensors(clean.float(), masked.float())
+    l2 = torch.linalg.vector_norm(masked - clean, dim=-1)
+    cosine = 1.0 - torch.nn.functional.cosine_similarity(masked, clean, dim=-1, eps=1e-12)
+    rel = l2 / torch.linalg.vector_norm(clean, dim=-1).clamp_min(1e-12)
+    return torch.stack([l2, cosine, rel], dim=-1)
+
+
+def logit_metrics(clean_logits: torch.Tensor, masked_logits: torch.Tensor) -> torch.Tensor:
+    """``(..., 4)``: KL(clean || masked), log-prob drop of the clean top token,
+    relative change of its probability in percent, and whether the top token changed (0/1).
+
+    Example:
+        >>> same = torch.tensor([2.0, 0.0])
+        >>> logit_metrics(same, same).tolist()
+        [0.0, 0.0, 0.0, 0.0]
+    """
+    clean_logits, masked_logits = torch.broadcast_tensors(clean_logits, masked_logits)
+    clean_lp = torch.log_softmax(clean_logits.float(), dim=-1)
+    masked_lp = torch.log_softmax(masked_logits.float(), dim=-1)
+    kl = (clean_lp.exp() * (clean_lp - masked_lp)).sum(-1).clamp_min(0.0)
+    top = clean_lp.argmax(-1, keepdim=True)
+    clean_top = clean_lp.gather(-1, top).squeeze(-1)
+    masked_top = masked_lp.gather(-1, top).squeeze(-1)
+    change_pct = torch.expm1(masked_top - clean_top) * 100.0
+    changed = (masked_lp.argmax(-1) != top.squeeze(-1)).float()
+    return torch.stack([kl, clean_top - masked_top, change_pct, changed], dim=-1)

@@ -1,0 +1,229 @@
+"""Labeled results: the sweep's xarray Dataset, netCDF files, and long-form tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+
+from vlmask._errors import VlmaskError
+from vlmask._metrics import LOGIT_METRICS, VECTOR_METRICS
+
+SCHEMA_VERSION = 1
+DIMS = ("step", "token", "layer", "head", "metric")
+FORMATS = ("nc", "csv", "json")
+METRIC_VARIABLES = ("residual", "heads", *LOGIT_METRICS)
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    """Everything a sweep measured, before labeling."""
+
+    prompt: Any
+    vl: Any
+    positions: list[int]
+    layers: list[int] | None
+    mask: str
+    vision_attention: str
+    clean_ids: list[int]
+    clean_top_logprob: torch.Tensor  # (step,)
+    residual: torch.Tensor  # (token, layer, step, metric)
+    heads: torch.Tensor  # (token, layer, step, head, metric)
+    logits: torch.Tensor  # (token, step, logit metric)
+    masked_ids: torch.Tensor  # (token, step)
+    intervention: dict[str, Any]
+
+
+def _versions() -> dict[str, str]:
+    names = ("vlmask", "torch", "transformers", "nnsight", "xarray")
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def to_dataset(rec: SweepRecord) -> xr.Dataset:
+    """Label a :class:`SweepRecord` as a Dataset with dims ``step, token, layer, head, metric``."""
+    tokens = rec.prompt.tokens
+    tokenizer = rec.vl.processor.tokenizer
+    pos = rec.positions
+    step_text = [tokenizer.decode([i], skip_special_tokens=False) for i in rec.clean_ids]
+    prompt_len = len(tokens)
+    residual = rec.residual.permute(2, 0, 1, 3).numpy()
+    heads = rec.heads.permute(2, 0, 1, 3, 4).numpy()
+    logits = rec.logits.permute(1, 0, 2).numpy()
+    data = {
+        "residual": (("step", "token", "layer", "metric"), residual),
+        "heads": (("step", "token", "layer", "head", "metric"), heads),
+        **{
+            name: (("step", "token"), logits[..., i].astype(bool) if name == "top_changed" else logits[..., i])
+            for i, name in enumerate(LOGIT_METRICS)
+        },
+        "masked_token_id": (("token", "step"), rec.masked_ids.numpy().astype(np.int64)),
+        "masked_continuation": (
+            ("token",),
+            np.array(
+                [tokenizer.decode(row, skip_special_tokens=False) for row in rec.masked_ids.tolist()], dtype=object
+            ),
+        ),
+        "clean_top_logprob": (("step",), rec.clean_top_logprob.numpy()),
+    }
+    coords = {
+        "step": np.arange(len(rec.clean_ids)),
+        "step_token": ("step", np.array(step_text, dtype=object)),
+        "step_token_id": ("step", np.array(rec.clean_ids, dtype=np.int64)),
+        "step_position": ("step", np.arange(len(rec.clean_ids)) + prompt_len - 1),
+        "token": np.array(pos, dtype=np.int64),
+        "token_text": ("token", np.array([tokens.text[p] for p in pos], dtype=object)),
+        "token_kind": ("token", np.array([tokens.kind[p] for p in pos], dtype=object)),
+        "token_image": ("token", np.array([tokens.image_index[p] for p in pos], dtype=np.int64)),
+        "layer": np.arange(rec.vl.num_layers),
+        "head": np.arange(rec.vl.num_heads),
+        "metric": list(VECTOR_METRICS),
+        "seq": np.arange(prompt_len),
+        "seq_id": ("seq", np.array(tokens.ids, dtype=np.int64)),
+        "seq_text": ("seq", np.array(tokens.text, dtype=object)),
+        "seq_kind": ("seq", np.array(tokens.kind, dtype=object)),
+        "seq_image": ("seq", np.array(tokens.image_index, dtype=np.int64)),
+    }
+    images = rec.prompt.images
+    attrs = {
+        "schema_version": SCHEMA_VERSION,
+        "model": rec.vl.name,
+        "builtin_model": int(rec.vl.builtin),
+        "prompt": rec.prompt.prompt,
+        "model_input_text": rec.prompt.text,
+        "chat_template": "on" if rec.prompt.chat_template else "off",
+        "image_files": json.dumps([f.path for f in images]),
+        "image_sha256": json.dumps([f.sha256 for f in images]),
+        "vision_ranges": json.dumps(tokens.vision_ranges),
+        "clean_continuation": tokenizer.decode(rec.clean_ids, skip_special_tokens=False),
+        "num_tokens": len(rec.clean_ids),
+        "mask": rec.mask,
+        "layers": json.dumps(rec.layers),
+        "vision_attention": rec.vision_attention,
+        "vision_attention_native": int(rec.vision_attention == "native"),
+        "intervention": json.dumps({"each_token": rec.intervention["type"], "layers": rec.layers}),
+        "interventions": json.dumps([{"type": "BlockKeys", "positions": [p], "layers": rec.layers} for p in pos]),
+        "measured_position": "last position of each step's sequence (teacher-forced on the clean continuation)",
+        "attn_implementation": rec.vl.attn_implementation,
+        "dtype": str(rec.vl.dtype).removeprefix("torch."),
+        "device": str(rec.vl.device),
+        "versions": json.dumps(_versions()),
+    }
+    ds = xr.Dataset(data, coords=coords, attrs=attrs)
+    ds["residual"].attrs["description"] = "decoder layer output at the measured position, knockout vs clean"
+    ds["heads"].attrs["description"] = "each head's slice of the o_proj input at the measured position, vs clean"
+    ds["kl"].attrs["description"] = "KL(clean || masked) of the next-token distribution (nats)"
+    ds["logprob_drop"].attrs["description"] = "clean log-prob of the clean top token minus its masked log-prob"
+    ds["prob_change_pct"].attrs["description"] = "(masked - clean) / clean probability of the clean top token, %"
+    ds["top_changed"].attrs["description"] = "whether the knockout changed the top token"
+    return ds
+
+
+def save_results(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``ds`` to netCDF atomically (a temporary file, then a rename).
+
+    Example:
+        >>> save_results(ds, "output/run.nc")  # doctest: +SKIP
+        PosixPath('output/run.nc')
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise VlmaskError(f"output '{path}' already exists: choose another --output or pass --overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        ds.to_netcdf(tmp, engine="netcdf4")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def open_results(path: str | Path) -> xr.Dataset:
+    """Open a result file written by :func:`save_results` (loaded into memory).
+
+    Example:
+        >>> ds = open_results("output/run.nc")  # doctest: +SKIP
+        >>> ds["kl"].sel(step=0).to_series().nlargest(3)  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.exists():
+        raise VlmaskError(f"result file '{path}' does not exist")
+    try:
+        with xr.open_dataset(path, engine="netcdf4") as ds:
+            return ds.load()
+    except (OSError, ValueError) as err:
+        raise VlmaskError(f"'{path}' is not a vlmask netCDF result: {err}") from None
+
+
+def long_table(ds: xr.Dataset) -> pd.DataFrame:
+    """One row per step x token x layer [x head] x metric, for spreadsheets.
+
+    Columns: ``step, step_token, token, token_text, token_kind, layer, head, variable,
+    metric, value``; ``layer`` and ``head`` are empty where they do not apply.
+    """
+    frames = []
+    for name in METRIC_VARIABLES:
+        da = ds[name].astype(float)
+        if "metric" not in da.dims:
+            da = da.expand_dims(metric=[name])
+        frame = da.to_dataframe(name="value").reset_index()
+        frame["variable"] = "logits" if name in LOGIT_METRICS else name
+        frames.append(frame)
+    table = pd.concat(frames, ignore_index=True)
+    columns = [
+        "step",
+        "step_token",
+        "token",
+        "token_text",
+        "token_kind",
+        "layer",
+        "head",
+        "variable",
+        "metric",
+        "value",
+    ]
+    for col in columns:
+        if col not in table:
+            table[col] = pd.NA
+    table = table[columns]
+    table[["layer", "head"]] = table[["layer", "head"]].astype("Int64")
+    return table
+
+
+def write_tables(ds: xr.Dataset, stem: str | Path, formats: list[str], *, overwrite: bool = False) -> list[Path]:
+    """Write the long table as ``stem.csv`` and/or ``stem.json`` (records), atomically."""
+    table, written = None, []
+    for fmt in formats:
+        if fmt == "nc":
+            continue
+        if fmt not in FORMATS:
+            raise VlmaskError(f"format {fmt!r} is not known: expected some of {FORMATS}")
+        path = Path(f"{stem}.{fmt}")
+        if path.exists() and not overwrite:
+            raise VlmaskError(f"output '{path}' already exists: choose another --output or pass --overwrite")
+        table = long_table(ds) if table is None else table
+        tmp = path.with_name(f".{path.name}.tmp")
+        if fmt == "csv":
+            table.to_csv(tmp, index=False)
+        else:
+            table.to_json(tmp, orient="records")
+        os.replace(tmp, path)
+        written.append(path)
+    return written

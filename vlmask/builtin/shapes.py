@@ -1,0 +1,548 @@
+"""The synthetic shapes world and the small Qwen3-VL trained on it (the default checkpoint).
+
+A scene is a 128x128 white image cut into a 4x4 grid of 32x32 cells. Two to four
+shapes sit in distinct cells; within a scene every shape has its own type and its own
+colour, so each question has exactly one right answer. The model sees images with
+16-pixel patches merged 2x2, so each 32x32 cell is exactly one vision token, and the
+16 vision tokens run row-major: cell ``(row, col)`` is vision token ``4 * row + col``.
+
+Three question templates, all six words long, answered with one word:
+
+* ``"what color is the circle ?"`` -> ``"red"`` (the colour of the named shape)
+* ``"what is the red shape ?"`` -> ``"circle"`` (the type of the shape with that colour)
+* ``"how many shapes are there ?"`` -> ``"three"``
+
+Because every prompt has the same length, a batch never needs padding, and the token
+positions are the same for every scene (see :data:`VISION_START` and :data:`QUESTION_START`).
+
+Command line (deterministic, CPU)::
+
+    python -m vlmask.builtin.shapes train [--out DIR] [--steps N]
+    python -m vlmask.builtin.shapes evaluate [--model DIR] [--n 500] [--seed S]
+    python -m vlmask.builtin.shapes knockout [--model DIR] [--n 100] [--seed S]
+    python -m vlmask.builtin.shapes example [--out examples/shapes.png]
+
+Example:
+    >>> import numpy as np
+    >>> scene = sample_scene(np.random.default_rng(0))
+    >>> scene.image.size, len(scene.question.split())
+    ((128, 128), 6)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from vlmask.builtin import DEFAULT_MODEL_PATH, make_processor, tiny_config, words_of
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SIZE = 128
+GRID = 4
+CELL = IMAGE_SIZE // GRID  # 32 pixels: one merged vision token per cell
+
+SHAPES = ("circle", "square", "triangle", "cross")
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 230),
+    "yellow": (235, 200, 20),
+}
+COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
+QUESTION_KINDS = ("color", "shape", "count")
+KIND_WEIGHTS = (0.45, 0.45, 0.10)
+"""How often :func:`sample_scene` asks each kind of question."""
+
+FUNCTION_WORDS = ("what", "is", "the")
+"""Words of the colour and shape questions that carry no information about the answer."""
+
+# Token layout of every prompt made by :func:`prompt_text` with the built-in processor:
+# <|im_start|> user <|vision_start|> 16 x <|image_pad|> <|vision_end|> 6 question words
+# <|im_end|> <|im_start|> assistant  -> 29 tokens; the answer is predicted at the last one.
+VISION_START = 3
+"""Sequence position of vision token 0 (cell (0, 0))."""
+NUM_VISION_TOKENS = GRID * GRID
+QUESTION_START = VISION_START + NUM_VISION_TOKENS + 1
+"""Sequence position of the first question word."""
+
+TRAIN_SEED = 0
+EVAL_SEED = 1_000_003
+KNOCKOUT_SEED = 2_000_003
+
+
+@dataclass(frozen=True)
+class Item:
+    """One shape on the canvas: its type, colour, grid cell, size in pixels and offset in the cell."""
+
+    shape: str
+    color: str
+    row: int
+    col: int
+    size: int = 26
+    dx: int = 0
+    dy: int = 0
+
+
+@dataclass(frozen=True)
+class Scene:
+    """An image, a question about it and its one-word answer.
+
+    ``target`` is the ``(row, col)`` cell of the shape the question is about (None for
+    counting questions); ``content`` holds the question words that pick the answer
+    (the shape name or colour name; ``("many",)`` for counting questions).
+    """
+
+    image: Image.Image
+    question: str
+    answer: str
+    target: tuple[int, int] | None
+    content: tuple[str, ...]
+    kind: str
+    items: tuple[Item, ...]
+
+    @property
+    def target_token(self) -> int | None:
+        """Index (0-15, row-major) of the vision token that covers the asked-about shape."""
+        return None if self.target is None else self.target[0] * GRID + self.target[1]
+
+
+def render(items: Iterable[Item]) -> Image.Image:
+    """Draw ``items`` on a white 128x128 RGB canvas.
+
+    Example:
+        >>> render([Item("circle", "red", 0, 0)]).getpixel((16, 16))
+        (220, 40, 40)
+    """
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), "white")
+    draw = ImageDraw.Draw(image)
+    for item in items:
+        if item.shape not in SHAPES or item.color not in COLORS:
+            raise ValueError(f"unknown shape or colour: {item}")
+        if not (0 <= item.row < GRID and 0 <= item.col < GRID):
+            raise ValueError(f"cell out of the {GRID}x{GRID} grid: {item}")
+        fill = COLORS[item.color]
+        s = item.size
+        x0 = item.col * CELL + (CELL - s) // 2 + item.dx
+        y0 = item.row * CELL + (CELL - s) // 2 + item.dy
+        x1, y1 = x0 + s - 1, y0 + s - 1
+        if item.shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif item.shape == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        elif item.shape == "triangle":
+            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+        else:  # cross: a plus sign with arms a third of the size thick
+            t = s // 3
+            a = (s - t) // 2
+            draw.rectangle((x0 + a, y0, x0 + a + t - 1, y1), fill=fill)
+            draw.rectangle((x0, y0 + a, x1, y0 + a + t - 1), fill=fill)
+    return image
+
+
+def color_question(shape: str) -> str:
+    """``"what color is the circle ?"``"""
+    return f"what color is the {shape} ?"
+
+
+def shape_question(color: str) -> str:
+    """``"what is the red shape ?"``"""
+    return f"what is the {color} shape ?"
+
+
+COUNT_QUESTION = "how many shapes are there ?"
+
+
+def all_texts() -> list[str]:
+    """Every question and answer the world can produce (the tokenizer's vocabulary)."""
+    texts = [color_question(s) for s in SHAPES] + [shape_question(c) for c in COLORS] + [COUNT_QUESTION]
+    return texts + list(COLORS) + list(SHAPES) + list(COUNT_WORDS.values())
+
+
+def sample_items(rng: np.random.Generator) -> tuple[Item, ...]:
+    """Two to four shapes with distinct types, colours and cells, random sizes and offsets."""
+    n = int(rng.integers(2, 5))
+    shapes = rng.permutation(len(SHAPES))[:n]
+    colors = rng.permutation(len(COLORS))[:n]
+    cells = rng.permutation(GRID * GRID)[:n]
+    names = list(COLORS)
+    items = []
+    for s, c, cell in zip(shapes, colors, cells):
+        size = int(rng.integers(20, 29))
+        slack = (CELL - 2 - size) // 2
+        dx, dy = (int(v) for v in rng.integers(-slack, slack + 1, size=2))
+        items.append(Item(SHAPES[s], names[c], int(cell) // GRID, int(cell) % GRID, size, dx, dy))
+    return tuple(items)
+
+
+def sample_scene(rng: np.random.Generator, kind: str | None = None) -> Scene:
+    """A random scene with a question of ``kind`` (``"color"``, ``"shape"``, ``"count"``; random if None).
+
+    Deterministic for a given generator state.
+
+    Example:
+        >>> import numpy as np
+        >>> a = sample_scene(np.random.default_rng(7), "color")
+        >>> b = sample_scene(np.random.default_rng(7), "color")
+        >>> (a.question, a.answer, a.target) == (b.question, b.answer, b.target)
+        True
+    """
+    items = sample_items(rng)
+    if kind is None:
+        kind = QUESTION_KINDS[int(rng.choice(len(QUESTION_KINDS), p=KIND_WEIGHTS))]
+    if kind == "count":
+        return Scene(render(items), COUNT_QUESTION, COUNT_WORDS[len(items)], None, ("many",), kind, items)
+    item = items[int(rng.integers(len(items)))]
+    if kind == "color":
+        question, answer, content = color_question(item.shape), item.color, (item.shape,)
+    elif kind == "shape":
+        question, answer, content = shape_question(item.color), item.shape, (item.color,)
+    else:
+        raise ValueError(f"unknown question kind {kind!r}: expected one of {QUESTION_KINDS}")
+    return Scene(render(items), question, answer, (item.row, item.col), content, kind, items)
+
+
+def sample_scenes(n: int, seed: int, kind: str | None = None) -> list[Scene]:
+    """``n`` scenes from ``numpy.random.default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    return [sample_scene(rng, kind) for _ in range(n)]
+
+
+def example_scene() -> Scene:
+    """The scene of ``examples/shapes.png``: red circle (0, 1), blue square (1, 3), green triangle (2, 0)."""
+    items = (
+        Item("circle", "red", 0, 1),
+        Item("square", "blue", 1, 3),
+        Item("triangle", "green", 2, 0),
+    )
+    return Scene(render(items), color_question("circle"), "red", (0, 1), ("circle",), "color", items)
+
+
+def build_processor():
+    """The word-level ``Qwen3VLProcessor`` for this world."""
+    return make_processor(words_of(all_texts()))
+
+
+def messages(question: str) -> list[dict[str, Any]]:
+    """The chat messages of one prompt: the image, then the question."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+def prompt_text(processor, question: str) -> str:
+    """The chat-formatted prompt; the answer is the next token."""
+    return processor.apply_chat_template(messages(question), add_generation_prompt=True, tokenize=False)
+
+
+def encode(processor, scenes: Sequence[Scene], with_answer: bool = False):
+    """Processor inputs for ``scenes`` (one batch; all prompts must have the same length).
+
+    With ``with_answer`` the answer and ``<|im_end|>`` are appended (for training).
+    """
+    texts = [prompt_text(processor, s.question) + (f"{s.answer}<|im_end|>" if with_answer else "") for s in scenes]
+    inputs = processor(text=texts, images=[s.image for s in scenes], return_tensors="pt")
+    if not bool(inputs["attention_mask"].all()):
+        raise ValueError("prompts in one batch must have the same length")
+    return inputs
+
+
+def answer_ids(processor, scenes: Sequence[Scene]) -> list[int]:
+    """Token id of each scene's answer word."""
+    return [processor.tokenizer.convert_tokens_to_ids(s.answer) for s in scenes]
+
+
+def load(model_dir: str | Path = DEFAULT_MODEL_PATH, attn_implementation: str | None = None):
+    """``(model, processor)`` loaded from ``model_dir`` with ``from_pretrained``, in eval mode."""
+    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    model = Qwen3VLForConditionalGeneration.from_pretrained(str(model_dir), **kwargs).eval()
+    processor = AutoProcessor.from_pretrained(str(model_dir))
+    return model, processor
+
+
+def predict(model, processor, scenes: Sequence[Scene], batch_size: int = 100) -> list[str]:
+    """The model's greedy one-word answer for each scene."""
+    import torch
+
+    out: list[str] = []
+    with torch.no_grad():
+        for i in range(0, len(scenes), batch_size):
+            batch = scenes[i : i + batch_size]
+            logits = model(**encode(processor, batch)).logits[:, -1]
+            out += processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
+    return out
+
+
+def accuracy(model, processor, scenes: Sequence[Scene]) -> float:
+    """Fraction of ``scenes`` whose predicted answer is right."""
+    preds = predict(model, processor, scenes)
+    return sum(p == s.answer for p, s in zip(preds, scenes)) / len(scenes)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides the trained weights."""
+
+    steps: int = 2000
+    batch_size: int = 48
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    seed: int = TRAIN_SEED
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    vision_hidden: int = 64
+    vision_depth: int = 2
+    threads: int = 2
+    log_every: int = 100
+
+
+def train(config: TrainConfig, out: str | Path = DEFAULT_MODEL_PATH) -> dict[str, Any]:
+    """Train a fresh model on freshly sampled scenes and save it (and the processor) to ``out``.
+
+    Deterministic for a given config on a given machine. Returns a summary dict.
+    """
+    import torch
+    from tqdm import tqdm
+    from transformers import Qwen3VLForConditionalGeneration
+
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    processor = build_processor()
+    model_config = tiny_config(
+        len(processor.tokenizer),
+        hidden_size=config.hidden_size,
+        layers=config.layers,
+        heads=config.heads,
+        kv_heads=config.kv_heads,
+        vision_hidden=config.vision_hidden,
+        vision_depth=config.vision_depth,
+    )
+    model = Qwen3VLForConditionalGeneration(model_config)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.98),
+    )
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    start = time.time()
+    running = running_acc = None
+    bar = tqdm(range(config.steps), desc="train", mininterval=5)
+    for step in bar:
+        scenes = [sample_scene(rng) for _ in range(config.batch_size)]
+        inputs = encode(processor, scenes, with_answer=True)
+        logits = model(**inputs).logits
+        # loss on the answer (predicted at the prompt's last token) and on <|im_end|> after it
+        ids = inputs["input_ids"]
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, -3:-1].reshape(-1, logits.shape[-1]).float(), ids[:, -2:].reshape(-1)
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        right = (logits[:, -3].argmax(-1) == ids[:, -2]).float().mean().item()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        running_acc = right if running_acc is None else 0.98 * running_acc + 0.02 * right
+        bar.set_postfix(loss=f"{running:.4f}", acc=f"{running_acc:.3f}", refresh=False)
+        if step % config.log_every == 0 or step == config.steps - 1:
+            logger.info("step %d loss %.4f train acc %.3f (%.0f s)", step, running, running_acc, time.time() - start)
+    seconds = time.time() - start
+    model.eval()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    processor.save_pretrained(str(out))
+    logger.info("saved to %s after %d steps in %.0f s", out, config.steps, seconds)
+    return {"steps": config.steps, "seconds": seconds, "final_loss": running, "out": str(out)}
+
+
+# ----------------------------------------------------------------------------- knockout ground truth
+
+
+def block_keys_mask(seq_len: int, blocked: Iterable[int], dtype, batch: int = 1):
+    """Additive ``(batch, 1, seq, seq)`` mask: causal, and no query after ``p`` reads key ``p``."""
+    import torch
+
+    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    for p in blocked:
+        allowed[p + 1 :, p] = False
+    mask = torch.zeros(seq_len, seq_len, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[None, None].expand(batch, 1, seq_len, seq_len)
+
+
+def knockout_logprobs(model, inputs, blocked: Sequence[int]):
+    """Log-probabilities at the last position with keys ``blocked`` cut at every layer.
+
+    Plain PyTorch (forward pre-hooks on each decoder ``self_attn``); ``model`` must use eager attention.
+    """
+    import torch
+
+    batch, seq_len = inputs["input_ids"].shape
+    mask = block_keys_mask(seq_len, blocked, model.dtype, batch)
+
+    def hook(_module, args, kwargs):
+        kwargs["attention_mask"] = mask
+        return args, kwargs
+
+    handles = [
+        layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True) for layer in model.model.language_model.layers
+    ]
+    try:
+        with torch.no_grad():
+            return model(**inputs).logits[:, -1].float().log_softmax(-1)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def knockout_report(model, processor, n: int = 100, seed: int = KNOCKOUT_SEED) -> dict[str, float]:
+    """Check the ground truth the engine's tests rely on, on ``n`` colour/shape scenes.
+
+    * ``target_token_top``: fraction of scenes where blocking the asked-about shape's vision
+      token drops the answer's log-probability more than blocking any other vision token.
+    * ``content_word_top_kl`` / ``content_word_top_drop``: fraction where blocking the
+      question's content word changes the answer distribution (KL from clean) / drops the
+      answer's log-probability more than blocking any of "what", "is", "the".
+    """
+    import torch
+
+    rng = np.random.default_rng(seed)
+    scenes = [sample_scene(rng, ("color", "shape")[i % 2]) for i in range(n)]
+    target_wins = kl_wins = drop_wins = 0
+    for scene in tqdm_iter(scenes, "knockout"):
+        inputs = encode(processor, [scene])
+        tokens = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
+        ans = processor.tokenizer.convert_tokens_to_ids(scene.answer)
+        clean = knockout_logprobs(model, inputs, [])[0]
+        drops = []
+        for k in range(NUM_VISION_TOKENS):
+            drops.append(float(clean[ans] - knockout_logprobs(model, inputs, [VISION_START + k])[0, ans]))
+        target_wins += int(np.argmax(drops) == scene.target_token)
+        q_positions = {w: QUESTION_START + i for i, w in enumerate(scene.question.split())}
+        assert all(tokens[p] == w for w, p in q_positions.items())
+
+        def effect(word: str) -> tuple[float, float]:
+            lp = knockout_logprobs(model, inputs, [q_positions[word]])[0]
+            kl = float(torch.sum(clean.exp() * (clean - lp)))
+            return kl, float(clean[ans] - lp[ans])
+
+        content = effect(scene.content[0])
+        others = [effect(w) for w in FUNCTION_WORDS]
+        kl_wins += int(all(content[0] > o[0] for o in others))
+        drop_wins += int(all(content[1] > o[1] for o in others))
+    return {
+        "n": n,
+        "target_token_top": target_wins / n,
+        "content_word_top_kl": kl_wins / n,
+        "content_word_top_drop": drop_wins / n,
+    }
+
+
+def tqdm_iter(items, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, mininterval=5)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m vlmask.builtin.shapes {train,evaluate,knockout,example}``."""
+    parser = argparse.ArgumentParser(prog="python -m vlmask.builtin.shapes", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train the default checkpoint from scratch")
+    p_train.add_argument("--out", default=str(DEFAULT_MODEL_PATH))
+    defaults = TrainConfig()
+    for name in (
+        "steps",
+        "batch_size",
+        "seed",
+        "hidden_size",
+        "layers",
+        "heads",
+        "kv_heads",
+        "vision_hidden",
+        "vision_depth",
+        "threads",
+        "warmup",
+        "log_every",
+    ):
+        p_train.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    p_train.add_argument("--lr", type=float, default=defaults.lr)
+    p_train.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p_train.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation after training")
+    p_eval = sub.add_parser("evaluate", help="held-out accuracy on fresh scenes")
+    p_eval.add_argument("--model", default=str(DEFAULT_MODEL_PATH))
+    p_eval.add_argument("--n", type=int, default=500)
+    p_eval.add_argument("--seed", type=int, default=EVAL_SEED)
+    p_ko = sub.add_parser("knockout", help="check the attention-knockout ground truth")
+    p_ko.add_argument("--model", default=str(DEFAULT_MODEL_PATH))
+    p_ko.add_argument("--n", type=int, default=100)
+    p_ko.add_argument("--seed", type=int, default=KNOCKOUT_SEED)
+    p_ex = sub.add_parser("example", help="write the example image")
+    p_ex.add_argument("--out", default="examples/shapes.png")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    import torch
+
+    torch.set_num_threads(getattr(args, "threads", 2))
+    if args.command == "train":
+        fields = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__}
+        summary = train(TrainConfig(**fields), args.out)
+        logger.info("training summary: %s", summary)
+        if not args.no_eval:
+            model, processor = load(args.out)
+            acc = accuracy(model, processor, sample_scenes(500, EVAL_SEED))
+            logger.info("held-out accuracy on 500 scenes (seed %d): %.4f", EVAL_SEED, acc)
+    elif args.command == "evaluate":
+        model, processor = load(args.model)
+        scenes = sample_scenes(args.n, args.seed)
+        preds = predict(model, processor, scenes)
+        for kind in QUESTION_KINDS:
+            pairs = [(p, s) for p, s in zip(preds, scenes) if s.kind == kind]
+            if pairs:
+                logger.info("%s: %d/%d right", kind, sum(p == s.answer for p, s in pairs), len(pairs))
+        acc = sum(p == s.answer for p, s in zip(preds, scenes)) / len(scenes)
+        logger.info("held-out accuracy on %d scenes (seed %d): %.4f", args.n, args.seed, acc)
+    elif args.command == "knockout":
+        model, processor = load(args.model, attn_implementation="eager")
+        logger.info("knockout ground truth: %s", knockout_report(model, processor, args.n, args.seed))
+    else:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        example_scene().image.save(out)
+        logger.info("wrote %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
