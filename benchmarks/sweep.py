@@ -49,35 +49,39 @@ def _model(root: Path, words: list[str]) -> vlmask.VLModel:
 
 
 def _naive(vl: vlmask.VLModel, prompt: str, images: list[str], mask: str, steps: int) -> np.ndarray:
-    """The prototype's method; returns KL (token, step) for the equality check."""
+    """The prototype's method; returns KL (token, step) for the equality check.
+
+    At every step, the clean pass and one full pass per masked token (vision encoder
+    included), each with a hand-built 4D mask handed to every decoder layer.
+    """
     built = build_prompt(vl.processor, prompt, images)
-    inputs = dict(built.inputs)
+    inputs = {k: v for k, v in built.inputs.items() if k != "attention_mask"}
     positions = parse_mask(mask, built.tokens.kind)
     layers = vl.hf.model.language_model.layers
     ids = inputs["input_ids"]
+    kls = torch.zeros(len(positions), steps)
     with torch.inference_mode():
-        for _ in range(steps - 1):  # clean continuation (full recompute, as the prototype did)
-            nxt = vl.hf(**{**inputs, "input_ids": ids, "mm_token_type_ids": _types(inputs, ids)}).logits[:, -1]
-            ids = torch.cat([ids, nxt.argmax(-1, keepdim=True)], 1)
-        seq = ids.shape[1]
-        full = {**inputs, "input_ids": ids, "mm_token_type_ids": _types(inputs, ids), "attention_mask": None}
-        clean = torch.log_softmax(vl.hf(**full).logits[0, -steps:].float(), -1)
-        kls = []
-        for p in positions:
-            allowed = torch.ones(seq, seq, dtype=torch.bool).tril()
-            allowed[p + 1 :, p] = False
-            mask4d = allowed[None, None]
-            hooks = [
-                layer.self_attn.register_forward_pre_hook(
-                    lambda m, a, k, mask4d=mask4d: (a, {**k, "attention_mask": mask4d}), with_kwargs=True
-                )
-                for layer in layers
-            ]
-            masked = torch.log_softmax(vl.hf(**full, output_hidden_states=True).logits[0, -steps:].float(), -1)
-            for h in hooks:
-                h.remove()
-            kls.append((clean.exp() * (clean - masked)).sum(-1))
-    return torch.stack(kls).numpy()
+        for step in range(steps):
+            seq = ids.shape[1]
+            full = {**inputs, "input_ids": ids, "mm_token_type_ids": _types(inputs, ids)}
+            clean_logits = vl.hf(**full).logits[0, -1].float()
+            clean = torch.log_softmax(clean_logits, -1)
+            for row, p in enumerate(positions):
+                allowed = torch.ones(seq, seq, dtype=torch.bool).tril()
+                allowed[p + 1 :, p] = False
+                hooks = [
+                    layer.self_attn.register_forward_pre_hook(
+                        lambda m, a, k, mask4d=allowed[None, None]: (a, {**k, "attention_mask": mask4d}),
+                        with_kwargs=True,
+                    )
+                    for layer in layers
+                ]
+                masked = torch.log_softmax(vl.hf(**full, output_hidden_states=True).logits[0, -1].float(), -1)
+                for h in hooks:
+                    h.remove()
+                kls[row, step] = (clean.exp() * (clean - masked)).sum()
+            ids = torch.cat([ids, clean_logits.argmax().view(1, 1)], 1)
+    return kls.numpy()
 
 
 def _types(inputs: dict, ids: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,8 @@ class BlockKeys:
     The blocked scores are removed before softmax, so the remaining weights renormalise.
     A blocked position's own row is untouched: positions <= p compute exactly as in the
     clean run. The call contract shared by attention interventions is
-    :meth:`blocked_edges`: a boolean ``(query, key)`` matrix of the edges to cut at a layer.
+    :meth:`blocked_edges`: a boolean ``(query, key)`` matrix of the edges to cut at a layer,
+    the same at every layer where :meth:`acts_on` is true.
 
     Example:
         >>> BlockKeys((1,)).blocked_edges(seq_len=3, layer=0).int().tolist()

@@ -135,6 +135,6 @@ def test_interrupted_run_leaves_no_file(tiny_dir, tmp_path, monkeypatch, capsys)
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine._trace, "run", interrupted)
+    monkeypatch.setattr(engine._trace, "run_decoder", interrupted)  # mid-sweep
     assert main(_bad(tiny_dir, tmp_path)) == 130
     assert list(tmp_path.iterdir()) == []

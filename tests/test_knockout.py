@@ -17,7 +17,7 @@ PROMPT = "what color is the circle ?"
 def _engine(vl, built, blocked, layers=None, vision_attention="native"):
     seq = built.inputs["input_ids"].shape[1]
     ctx = context(vl, built, seq, vision_attention)
-    out = ctx.run(built.inputs["input_ids"], [BlockKeys(tuple(blocked), layers)], list(range(seq)))
+    out, _ = ctx.run(built.inputs["input_ids"], [BlockKeys(tuple(blocked), layers)], list(range(seq)))
     return out.residual[0], out.heads[0].flatten(-2), out.logits[0]
 
 
@@ -54,9 +54,9 @@ def test_positions_up_to_p_are_bit_identical(tiny, tiny_eager, images, implement
     seq = built.inputs["input_ids"].shape[1]
     ctx = context(vl, built, seq)
     ids = built.inputs["input_ids"]
-    clean = ctx.run(ids, [BlockKeys(())], list(range(seq)))
+    clean, _ = ctx.run(ids, [BlockKeys(())], list(range(seq)))
     positions = [0, 4, 12, seq - 3]
-    out = ctx.run(ids.expand(len(positions), -1), [BlockKeys((p,)) for p in positions], list(range(seq)))
+    out, _ = ctx.run(ids.expand(len(positions), -1), [BlockKeys((p,)) for p in positions], list(range(seq)))
     for row, p in enumerate(positions):
         assert torch.equal(out.residual[row, :, : p + 1], clean.residual[0, :, : p + 1])
         assert torch.equal(out.logits[row, : p + 1], clean.logits[0, : p + 1])
@@ -129,7 +129,11 @@ def test_sweep_metrics_match_reference(tiny, images, image):
     forced = extended(built.inputs, clean_ids[:-1])
     n = built.inputs["input_ids"].shape[1]
     clean = reference_run(tiny, forced, set())
-    for p in (0, n // 2, n - 2, n - 1):
+    kinds = built.tokens.kind
+    chosen = {0, kinds.index("text", 1), n - 2, n - 1}
+    if image:
+        chosen |= {kinds.index("vision"), kinds.index("vision") + 7, kinds.index("text", kinds.index("vision"))}
+    for p in sorted(chosen):
         masked = reference_run(tiny, forced, {p})
         for step in range(steps):
             pos = n - 1 + step
@@ -176,3 +180,20 @@ def test_batch_size_does_not_change_results(tiny, images):
         torch.testing.assert_close(
             torch.from_numpy(a[name].values), torch.from_numpy(b[name].values), atol=1e-6, rtol=1e-5
         )
+
+
+def test_blocking_the_measured_position_itself_changes_nothing_at_that_step(tiny, images):
+    ds = vlmask.sweep(tiny, PROMPT, [images["square"]], mask="all", num_tokens=2, progress=False)
+    last = int(ds["step_position"].sel(step=0))
+    row = ds.sel(token=last, step=0)
+    assert float(row["kl"]) == 0.0 and float(abs(row["residual"]).max()) == 0.0
+    assert float(ds.sel(token=last, step=1)["kl"]) > 0.0
+
+
+def test_first_changed_position():
+    from vlmask._sweep import first_changed
+
+    assert first_changed(BlockKeys((4,)), seq_len=10, num_layers=2) == 5
+    assert first_changed(BlockKeys((4, 2)), seq_len=10, num_layers=2) == 3
+    assert first_changed(BlockKeys((9,)), seq_len=10, num_layers=2) == 10
+    assert first_changed(BlockKeys((4,), layers=(5,)), seq_len=10, num_layers=2) == 10
