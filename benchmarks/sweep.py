@@ -1,11 +1,20 @@
-"""Time a knockout sweep: the naive full rerun per masked token vs vlmask, same inputs, same run.
+"""Time knockout sweeps: naive full reruns vs vlmask, on the same inputs, in one run.
 
-    python -m benchmarks.sweep                 # all scenarios, 8 layers x hidden 512, random weights
+    python -m benchmarks.sweep                          # S1-S4 on an 8-layer, hidden-512 model, CPU
     python -m benchmarks.sweep --scenario S1 --json out.json
+    python -m benchmarks.sweep --size 2b --device cuda  # the Qwen3-VL-2B architecture (random weights)
 
-naive = the old prototype's method: for each masked token, a full forward through plain
-transformers (vision encoder included) with a hand-built 4D mask on every layer, then the
-same metrics. Results of both are checked against each other (1e-4) before timing counts.
+Methods, each run in its own process (so peak memory is its own), after a short warm-up:
+
+- naive: the old prototype's method. At every step, one full forward through plain
+  transformers per masked token (vision encoder included) with a hand-built 4D mask
+  given to every decoder layer by a forward pre-hook, plus the clean pass.
+- naive-nnsight: the same work, one nnsight trace per masked token, no reuse.
+- vlmask: ``vlmask.sweep`` as shipped.
+
+Every method's KL and log-prob drop must agree with naive to 1e-4, or the run fails.
+"ideal" prices the work that cannot be avoided (the clean pass plus, for each knockout,
+the positions after the blocked one) at the clean pass's cost per position.
 """
 
 from __future__ import annotations
@@ -14,6 +23,8 @@ import argparse
 import json
 import platform
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,132 +40,293 @@ from vlmask._masks import parse_mask
 from vlmask.builtin import make_processor, tiny_config, words_of
 
 QUESTION = "what is the color of the object in the middle of this picture and what is its shape ?"
+FILLER = [f"w{i}" for i in range(100)]
 SCENARIOS = {
-    "S1": {"image": 448, "mask": "text", "steps": 1, "text_words": 0},
-    "S2": {"image": 448, "mask": "vision", "steps": 1, "text_words": 0},
-    "S3": {"image": 0, "mask": "all", "steps": 1, "text_words": 500},
-    "S4": {"image": 448, "mask": "text", "steps": 8, "text_words": 0},
+    "S1": {"image": True, "mask": "text", "steps": 1, "words": 0},
+    "S2": {"image": True, "mask": "vision", "steps": 1, "words": 0},
+    "S3": {"image": False, "mask": "all", "steps": 1, "words": 505},
+    "S4": {"image": True, "mask": "text", "steps": 8, "words": 0},
 }
+SIZES = {
+    "small": {
+        "hidden_size": 512,
+        "layers": 8,
+        "heads": 8,
+        "kv_heads": 4,
+        "intermediate": 1536,
+        "vision_hidden": 256,
+        "vision_depth": 4,
+        "vocab": None,
+    },
+    "2b": {
+        "hidden_size": 2048,
+        "layers": 28,
+        "heads": 16,
+        "kv_heads": 8,
+        "intermediate": 6144,
+        "vision_hidden": 1024,
+        "vision_depth": 24,
+        "vocab": 151936,
+    },
+}
+METHODS = ("naive", "naive-nnsight", "vlmask")
 
 
-def _model(root: Path, words: list[str]) -> vlmask.VLModel:
-    processor = make_processor(words)
+def build_model(root: Path, size: str) -> None:
+    spec = SIZES[size]
+    processor = make_processor(words_of([QUESTION, *FILLER]))
     config = tiny_config(
-        len(processor.tokenizer), hidden_size=512, layers=8, heads=8, kv_heads=4, vision_hidden=256, vision_depth=4
+        spec["vocab"] or len(processor.tokenizer),
+        hidden_size=spec["hidden_size"],
+        layers=spec["layers"],
+        heads=spec["heads"],
+        kv_heads=spec["kv_heads"],
+        vision_hidden=spec["vision_hidden"],
+        vision_depth=spec["vision_depth"],
     )
+    config.text_config.intermediate_size = spec["intermediate"]
+    config.text_config.head_dim = spec["hidden_size"] // spec["heads"]
+    if size == "2b":
+        config.vision_config.deepstack_visual_indexes = [5, 11, 17]
+        config.vision_config.num_heads = 16
+        config.vision_config.intermediate_size = 4096
     torch.manual_seed(0)
     Qwen3VLForConditionalGeneration(config).save_pretrained(root)
     processor.save_pretrained(root)
-    return vlmask.load_model(root)
 
 
-def _naive(vl: vlmask.VLModel, prompt: str, images: list[str], mask: str, steps: int) -> np.ndarray:
-    """The prototype's method; returns KL (token, step) for the equality check.
+def prompt_of(name: str) -> str:
+    words = SCENARIOS[name]["words"]
+    return " ".join(FILLER[i % len(FILLER)] for i in range(words)) if words else QUESTION
 
-    At every step, the clean pass and one full pass per masked token (vision encoder
-    included), each with a hand-built 4D mask handed to every decoder layer.
-    """
+
+def _with_types(inputs: dict, ids: torch.Tensor) -> dict:
+    out = {**inputs, "input_ids": ids}
+    if "mm_token_type_ids" in inputs:
+        types = inputs["mm_token_type_ids"]
+        out["mm_token_type_ids"] = torch.cat([types, types.new_zeros(1, ids.shape[1] - types.shape[1])], 1)
+    return out
+
+
+def _knockout_loop(vl, prompt, images, mask, steps, masked_logits) -> dict:
+    """Shared skeleton of both naive methods: every step, the clean pass and one pass per token."""
     built = build_prompt(vl.processor, prompt, images)
-    inputs = {k: v for k, v in built.inputs.items() if k != "attention_mask"}
+    inputs = {k: v.to(vl.device) for k, v in built.inputs.items() if k != "attention_mask"}
     positions = parse_mask(mask, built.tokens.kind)
-    layers = vl.hf.model.language_model.layers
     ids = inputs["input_ids"]
-    kls = torch.zeros(len(positions), steps)
+    kl = torch.zeros(len(positions), steps)
+    drop = torch.zeros(len(positions), steps)
+    vl.hf.model.rope_deltas = None
     with torch.inference_mode():
         for step in range(steps):
-            seq = ids.shape[1]
-            full = {**inputs, "input_ids": ids, "mm_token_type_ids": _types(inputs, ids)}
+            full = _with_types(inputs, ids)
             clean_logits = vl.hf(**full).logits[0, -1].float()
             clean = torch.log_softmax(clean_logits, -1)
+            top = int(clean.argmax())
             for row, p in enumerate(positions):
-                allowed = torch.ones(seq, seq, dtype=torch.bool).tril()
+                allowed = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool, device=vl.device).tril()
                 allowed[p + 1 :, p] = False
-                hooks = [
-                    layer.self_attn.register_forward_pre_hook(
-                        lambda m, a, k, mask4d=allowed[None, None]: (a, {**k, "attention_mask": mask4d}),
-                        with_kwargs=True,
-                    )
-                    for layer in layers
-                ]
-                masked = torch.log_softmax(vl.hf(**full, output_hidden_states=True).logits[0, -1].float(), -1)
-                for h in hooks:
-                    h.remove()
-                kls[row, step] = (clean.exp() * (clean - masked)).sum()
+                masked = torch.log_softmax(masked_logits(vl, full, allowed).float(), -1)
+                kl[row, step] = (clean.exp() * (clean - masked)).sum()
+                drop[row, step] = clean[top] - masked[top]
             ids = torch.cat([ids, clean_logits.argmax().view(1, 1)], 1)
-    return kls.numpy()
+    return {"kl": kl.tolist(), "logprob_drop": drop.tolist()}
 
 
-def _types(inputs: dict, ids: torch.Tensor) -> torch.Tensor:
-    types = inputs["mm_token_type_ids"]
-    return torch.cat([types, types.new_zeros(1, ids.shape[1] - types.shape[1])], 1)
+def _hooked_logits(vl, full: dict, allowed: torch.Tensor) -> torch.Tensor:
+    mask = (
+        allowed[None, None]
+        if vl.attn_implementation == "sdpa"
+        else torch.zeros(allowed.shape, dtype=vl.dtype, device=vl.device).masked_fill(
+            ~allowed, torch.finfo(vl.dtype).min
+        )[None, None]
+    )
+    hooks = [
+        layer.self_attn.register_forward_pre_hook(
+            lambda m, a, k, mask=mask: (a, {**k, "attention_mask": mask}), with_kwargs=True
+        )
+        for layer in vl.hf.model.language_model.layers
+    ]
+    try:
+        return vl.hf(**full).logits[0, -1]
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
-def _timed(fn, *args, **kwargs):
+def _traced_logits(vl, full: dict, allowed: torch.Tensor) -> torch.Tensor:
+    mask = vlmask._masks.attention_mask(allowed[None], vl.attn_implementation, vl.dtype).to(vl.device)
+    with vl.traced.trace(**full):
+        for layer in vl.traced.model.language_model.layers:
+            args, kwargs = layer.self_attn.inputs
+            kwargs["attention_mask"] = mask
+            layer.self_attn.inputs = (args, kwargs)
+        logits = vl.traced.output.logits[0, -1].save()
+    return logits
+
+
+def _vlmask(vl, prompt, images, mask, steps, batch_size) -> dict:
+    ds = vlmask.sweep(vl, prompt, images, mask=mask, num_tokens=steps, batch_size=batch_size, progress=False)
+    return {name: ds[name].transpose("token", "step").values.tolist() for name in ("kl", "logprob_drop")}
+
+
+def _clean_forward(vl, prompt, images, steps) -> float:
+    """Seconds for one full forward of the whole final sequence (vision encoder included)."""
+    built = build_prompt(vl.processor, prompt, images)
+    inputs = {k: v.to(vl.device) for k, v in built.inputs.items() if k != "attention_mask"}
+    extra = torch.zeros(1, steps - 1, dtype=inputs["input_ids"].dtype, device=vl.device)
+    full = _with_types(inputs, torch.cat([inputs["input_ids"], extra], 1))
+    with torch.inference_mode():
+        vl.hf(**full)
+        _sync(vl)
+        start = time.perf_counter()
+        for _ in range(3):
+            vl.hf(**full)
+        _sync(vl)
+    return (time.perf_counter() - start) / 3
+
+
+def _sync(vl) -> None:
+    if vl.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One method on one scenario, in this process; prints a JSON line."""
+    vl = vlmask.load_model(args.model, device=args.device)
+    sc = SCENARIOS[args.scenario]
+    images = [args.image] if sc["image"] else []
+    prompt = prompt_of(args.scenario)
+    run = {
+        "naive": lambda: _knockout_loop(vl, prompt, images, sc["mask"], sc["steps"], _hooked_logits),
+        "naive-nnsight": lambda: _knockout_loop(vl, prompt, images, sc["mask"], sc["steps"], _traced_logits),
+        "vlmask": lambda: _vlmask(vl, prompt, images, sc["mask"], sc["steps"], args.batch_size),
+    }[args.method]
+    _knockout_loop(vl, "w1 w2", [], "0", 1, _traced_logits)  # warm-up: first-call costs of torch and nnsight
+    vlmask.sweep(vl, "w1 w2 w3", [], mask="all", num_tokens=2, progress=False)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if vl.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    base_gpu = torch.cuda.memory_allocated() if vl.device.type == "cuda" else 0
+    _sync(vl)
     start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start
+    result = run()
+    _sync(vl)
+    seconds = time.perf_counter() - start
+    if vl.device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - base_gpu) / 2**20
+    else:
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    built = build_prompt(vl.processor, prompt, images)
+    positions = parse_mask(sc["mask"], built.tokens.kind)
+    seq = len(built.tokens) + sc["steps"] - 1
+    out = {
+        "seconds": seconds,
+        "peak_extra_mib": peak,
+        **result,
+        "tokens": len(built.tokens),
+        "knockouts": len(positions),
+        "recomputed": sum(seq - p - 1 for p in positions),
+        "seq": seq,
+    }
+    if args.method == "vlmask":
+        out["clean_forward_s"] = _clean_forward(vl, prompt, images, sc["steps"])
+    print("RESULT " + json.dumps(out))
+
+
+def _spawn(method: str, scenario: str, model: Path, image: Path, args: argparse.Namespace) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.sweep",
+        "--worker",
+        method,
+        "--scenario",
+        scenario,
+        "--model",
+        str(model),
+        "--image",
+        str(image),
+        "--device",
+        args.device,
+    ]
+    if args.batch_size:
+        cmd += ["--batch-size", str(args.batch_size)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode or not lines:
+        raise SystemExit(f"{method} on {scenario} failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
+    parser.add_argument("--method", action="append", choices=METHODS)
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--image", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
-    filler = [f"w{i}" for i in range(100)]
+    if args.worker:
+        args.method = args.worker
+        args.scenario = args.scenario[0]
+        worker(args)
+        return
+    methods = args.method or list(METHODS)
+    if "naive" not in methods:
+        methods = ["naive", *methods]
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        vl = _model(root / "model", words_of([QUESTION, *filler]))
-        rng = np.random.default_rng(0)
-        image = root / "img.png"
-        Image.fromarray(rng.integers(0, 255, (448, 448, 3), dtype=np.uint8)).save(image)
-        rows = []
-        for name in args.scenario or sorted(SCENARIOS):
-            sc = SCENARIOS[name]
-            prompt = " ".join(filler[i % 100] for i in range(sc["text_words"])) or QUESTION
-            images = [str(image)] if sc["image"] else []
-            naive, t_naive = _timed(_naive, vl, prompt, images, sc["mask"], sc["steps"])
-            ds, t_fast = _timed(
-                vlmask.sweep,
-                vl,
-                prompt,
-                images,
-                mask=sc["mask"],
-                num_tokens=sc["steps"],
-                batch_size=args.batch_size,
-                progress=False,
-            )
-            err = float(np.abs(ds["kl"].transpose("token", "step").values - naive).max())
-            if err > 1e-4:
-                raise SystemExit(f"{name}: vlmask and naive disagree by {err:.2e}")
-            rows.append(
-                {
-                    "scenario": name,
-                    "tokens": int(ds.sizes["seq"]),
-                    "knockouts": int(ds.sizes["token"]),
-                    "steps": sc["steps"],
-                    "naive_s": round(t_naive, 3),
-                    "vlmask_s": round(t_fast, 3),
-                    "speedup": round(t_naive / t_fast, 2),
-                    "max_abs_kl_diff": err,
-                    "max_kl": float(naive.max()),
-                }
-            )
-            print(f"{name}: {rows[-1]}")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        model, image = Path(tmp) / "model", Path(tmp) / "image.png"
+        build_model(model, args.size)
+        pixels = np.random.default_rng(0).integers(0, 255, (448, 448, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(image)
+        for scenario in args.scenario or sorted(SCENARIOS):
+            results = {m: _spawn(m, scenario, model, image, args) for m in methods}
+            naive = results["naive"]
+            for method, res in results.items():
+                err = max(float(np.abs(np.array(res[k]) - np.array(naive[k])).max()) for k in ("kl", "logprob_drop"))
+                if err > 1e-4:
+                    raise SystemExit(f"{scenario}: {method} disagrees with naive by {err:.2e}")
+                res["max_abs_diff_vs_naive"] = err
+            fast = results.get("vlmask")
+            row = {
+                "scenario": scenario,
+                "tokens": naive["tokens"],
+                "knockouts": naive["knockouts"],
+                "steps": SCENARIOS[scenario]["steps"],
+                "max_kl": float(np.max(naive["kl"])),
+            }
+            for method, res in results.items():
+                row[f"{method}_s"] = round(res["seconds"], 3)
+                row[f"{method}_peak_mib"] = round(res["peak_extra_mib"], 1)
+                row[f"{method}_speedup"] = round(naive["seconds"] / res["seconds"], 2)
+            if fast:
+                per_position = fast["clean_forward_s"] / fast["seq"]
+                ideal = fast["clean_forward_s"] + fast["recomputed"] * per_position
+                row["ideal_s"] = round(ideal, 3)
+                row["ideal_speedup"] = round(naive["seconds"] / ideal, 2)
+                row["vlmask_efficiency"] = round(ideal / fast["seconds"], 3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     report = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads, {args.device}",
+        "size": args.size,
         "torch": torch.__version__,
-        "peak_rss_mib": round(peak),
         "results": rows,
     }
-    print(f"{'scenario':<9}{'tokens':>7}{'knockouts':>10}{'steps':>6}{'naive s':>9}{'vlmask s':>9}{'speed-up':>9}")
+    header = f"{'':<4}{'tokens':>7}{'KOs':>5}{'steps':>6}" + "".join(f"{m + ' s':>16}" for m in methods)
+    print(header + f"{'ideal s':>9}{'vlmask vs naive':>17}{'vs ideal':>10}")
     for r in rows:
-        print(
-            f"{r['scenario']:<9}{r['tokens']:>7}{r['knockouts']:>10}{r['steps']:>6}{r['naive_s']:>9.2f}"
-            f"{r['vlmask_s']:>9.2f}{r['speedup']:>8.1f}x"
-        )
+        line = f"{r['scenario']:<4}{r['tokens']:>7}{r['knockouts']:>5}{r['steps']:>6}"
+        line += "".join(f"{r[m + '_s']:>16.2f}" for m in methods)
+        if "ideal_s" in r:
+            line += f"{r['ideal_s']:>9.2f}{r['vlmask_speedup']:>16.1f}x{r['vlmask_efficiency']:>9.0%}"
+        print(line)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

@@ -10,8 +10,20 @@ Example:
 """
 
 from vlmask._errors import VlmaskError
+from vlmask._heatmap import heatmap
 from vlmask._model import VLModel, load_model
+from vlmask._plot import plot_heatmap
 from vlmask._results import long_table, open_results, save_results
 from vlmask._sweep import sweep
 
-__all__ = ["VLModel", "VlmaskError", "load_model", "long_table", "open_results", "save_results", "sweep"]
+__all__ = [
+    "VLModel",
+    "VlmaskError",
+    "heatmap",
+    "load_model",
+    "long_table",
+    "open_results",
+    "plot_heatmap",
+    "save_results",
+    "sweep",
+]

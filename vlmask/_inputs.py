@@ -11,6 +11,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vlmask._errors import VlmaskError
+from vlmask._grid import vision_coordinates
+from vlmask._video import VideoFile, read_video, video_kwargs
 
 CHAT_TEMPLATE_MODES = ("auto", "on", "off")
 KINDS = ("text", "vision", "special")
@@ -27,12 +29,16 @@ class ImageFile:
 
 @dataclass(frozen=True)
 class TokenTable:
-    """What the model saw, position by position."""
+    """What the model saw, position by position; vision positions also carry their grid cell (else -1)."""
 
     ids: tuple[int, ...]
     text: tuple[str, ...]
     kind: tuple[str, ...]
     image_index: tuple[int, ...]
+    video_index: tuple[int, ...]
+    t: tuple[int, ...]
+    row: tuple[int, ...]
+    col: tuple[int, ...]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -61,6 +67,7 @@ class Prompt:
     images: tuple[ImageFile, ...]
     inputs: dict[str, torch.Tensor]
     tokens: TokenTable
+    videos: tuple[VideoFile, ...] = ()
 
 
 def read_image(path: str | Path) -> ImageFile:
@@ -93,33 +100,37 @@ def _special_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
-def token_table(processor: Any, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None) -> TokenTable:
-    """Label each position of ``input_ids`` (1D) as text, vision or special, with its image index."""
+def token_table(
+    processor: Any,
+    input_ids: torch.Tensor,
+    image_grid_thw: torch.Tensor | None,
+    video_grid_thw: torch.Tensor | None = None,
+) -> TokenTable:
+    """Label each position of ``input_ids`` (1D) as text, vision or special, with its image/video and grid cell."""
     tokenizer = processor.tokenizer
     ids = [int(i) for i in input_ids.tolist()]
     vision_ids = {processor.image_token_id, processor.video_token_id}
     special = _special_ids(tokenizer) - vision_ids - {tokenizer.unk_token_id}
-    merge = processor.image_processor.merge_size**2
-    per_image = [] if image_grid_thw is None else [int(g.prod()) // merge for g in image_grid_thw]
-    image, seen = 0, 0
-    kinds, images = [], []
-    for token_id in ids:
-        index = -1
-        if token_id == processor.image_token_id:
-            while image < len(per_image) and seen >= per_image[image]:
-                image, seen = image + 1, 0
-            index, seen = image, seen + 1
-        kinds.append("vision" if token_id in vision_ids else "special" if token_id in special else "text")
-        images.append(index)
+    kinds = ["vision" if i in vision_ids else "special" if i in special else "text" for i in ids]
+    cells = vision_coordinates(
+        ids,
+        processor.image_token_id,
+        processor.video_token_id,
+        None if image_grid_thw is None else image_grid_thw.tolist(),
+        None if video_grid_thw is None else video_grid_thw.tolist(),
+        processor.image_processor.merge_size,
+    )
     texts = [tokenizer.decode([token_id], skip_special_tokens=False) for token_id in ids]
-    return TokenTable(tuple(ids), tuple(texts), tuple(kinds), tuple(images))
+    return TokenTable(tuple(ids), tuple(texts), tuple(kinds), cells.image, cells.video, cells.t, cells.row, cells.col)
 
 
-def format_prompt(processor: Any, prompt: str, num_images: int, chat_template: str = "auto") -> tuple[str, bool]:
+def format_prompt(
+    processor: Any, prompt: str, num_images: int, chat_template: str = "auto", num_videos: int = 0
+) -> tuple[str, bool]:
     """The exact text handed to the processor, and whether the chat template was used.
 
     ``auto`` uses the processor's chat template when it has one, else the raw prompt
-    (with each image's vision placeholder in front).
+    (with each image's, then each video's, vision placeholder in front).
     """
     if chat_template not in CHAT_TEMPLATE_MODES:
         raise VlmaskError(f"--chat-template {chat_template!r} is not known: expected one of {CHAT_TEMPLATE_MODES}")
@@ -127,17 +138,26 @@ def format_prompt(processor: Any, prompt: str, num_images: int, chat_template: s
     if chat_template == "on" and not has_template:
         raise VlmaskError("--chat-template on, but this processor has no chat template: use auto or off")
     if chat_template == "off" or not has_template:
-        placeholder = processor.vision_start_token + processor.image_token + processor.vision_end_token
-        return placeholder * num_images + prompt, False
-    content = [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]
+        start, end = processor.vision_start_token, processor.vision_end_token
+        videos = (start + processor.video_token + end) * num_videos
+        return (start + processor.image_token + end) * num_images + videos + prompt, False
+    content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos + [{"type": "text", "text": prompt}]
     messages = [{"role": "user", "content": content}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), True
 
 
 def build_prompt(
-    processor: Any, prompt: str, images: list[str | Path] | tuple = (), chat_template: str = "auto"
+    processor: Any,
+    prompt: str,
+    images: list[str | Path] | tuple = (),
+    chat_template: str = "auto",
+    videos: list[str | Path] | tuple = (),
+    video_fps: float = 2.0,
 ) -> Prompt:
-    """Read the images, format the prompt and run the processor.
+    """Read the images and videos (frame directories), format the prompt and run the processor.
+
+    Video frames are taken as they are (no frame sampling), as if sampled at ``video_fps``
+    frames per second; Qwen3-VL writes each frame group's time into the prompt.
 
     Example:
         >>> from vlmask.builtin import make_processor
@@ -148,11 +168,14 @@ def build_prompt(
     if not prompt or not prompt.strip():
         raise VlmaskError("the prompt is empty: pass --prompt with some text")
     files = tuple(read_image(path) for path in images)
-    text, used_template = format_prompt(processor, prompt, len(files), chat_template)
+    clips = tuple(read_video(path) for path in videos)
+    text, used_template = format_prompt(processor, prompt, len(files), chat_template, len(clips))
     kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
     if files:
         kwargs["images"] = [f.image for f in files]
+    if clips:
+        kwargs.update(video_kwargs(clips, video_fps))
     inputs = dict(processor(**kwargs))
     inputs.pop("token_type_ids", None)
-    table = token_table(processor, inputs["input_ids"][0], inputs.get("image_grid_thw"))
-    return Prompt(prompt, text, used_template, files, inputs, table)
+    table = token_table(processor, inputs["input_ids"][0], inputs.get("image_grid_thw"), inputs.get("video_grid_thw"))
+    return Prompt(prompt, text, used_template, files, inputs, table, clips)

@@ -131,7 +131,7 @@ def parse_mask(spec: str, kinds: Sequence[str]) -> list[int]:
     if spec in ("text", "vision"):
         positions = [i for i, kind in enumerate(kinds) if kind == spec]
         if spec == "vision" and not positions:
-            raise VlmaskError("--mask vision needs vision tokens, but the prompt has none: pass an image")
+            raise VlmaskError("--mask vision needs vision tokens, but the prompt has none: pass an image or a video")
         if not positions:
             raise VlmaskError(f"--mask {spec} selects nothing: the prompt has no {spec} tokens")
         return positions

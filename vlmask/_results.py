@@ -16,9 +16,11 @@ import torch
 import xarray as xr
 
 from vlmask._errors import VlmaskError
+from vlmask._grid import grids
 from vlmask._metrics import LOGIT_METRICS, VECTOR_METRICS
+from vlmask._units import unit_coords
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DIMS = ("step", "token", "layer", "head", "metric")
 FORMATS = ("nc", "csv", "json")
 METRIC_VARIABLES = ("residual", "heads", *LOGIT_METRICS)
@@ -30,7 +32,7 @@ class SweepRecord:
 
     prompt: Any
     vl: Any
-    positions: list[int]
+    units: list[tuple[int, ...]]  # the positions blocked together, one entry per masked unit
     layers: list[int] | None
     mask: str
     vision_attention: str
@@ -41,6 +43,8 @@ class SweepRecord:
     logits: torch.Tensor  # (token, step, logit metric)
     masked_ids: torch.Tensor  # (token, step)
     intervention: dict[str, Any]
+    mask_unit: str = "token"
+    video_fps: float = 2.0
 
 
 def _versions() -> dict[str, str]:
@@ -58,7 +62,6 @@ def to_dataset(rec: SweepRecord) -> xr.Dataset:
     """Label a :class:`SweepRecord` as a Dataset with dims ``step, token, layer, head, metric``."""
     tokens = rec.prompt.tokens
     tokenizer = rec.vl.processor.tokenizer
-    pos = rec.positions
     step_text = [tokenizer.decode([i], skip_special_tokens=False) for i in rec.clean_ids]
     prompt_len = len(tokens)
     residual = rec.residual.permute(2, 0, 1, 3).numpy()
@@ -85,10 +88,8 @@ def to_dataset(rec: SweepRecord) -> xr.Dataset:
         "step_token": ("step", np.array(step_text, dtype=object)),
         "step_token_id": ("step", np.array(rec.clean_ids, dtype=np.int64)),
         "step_position": ("step", np.arange(len(rec.clean_ids)) + prompt_len - 1),
-        "token": np.array(pos, dtype=np.int64),
-        "token_text": ("token", np.array([tokens.text[p] for p in pos], dtype=object)),
-        "token_kind": ("token", np.array([tokens.kind[p] for p in pos], dtype=object)),
-        "token_image": ("token", np.array([tokens.image_index[p] for p in pos], dtype=np.int64)),
+        "token": np.array([unit[0] for unit in rec.units], dtype=np.int64),
+        **unit_coords(rec.units, tokens),
         "layer": np.arange(rec.vl.num_layers),
         "head": np.arange(rec.vl.num_heads),
         "metric": list(VECTOR_METRICS),
@@ -97,8 +98,17 @@ def to_dataset(rec: SweepRecord) -> xr.Dataset:
         "seq_text": ("seq", np.array(tokens.text, dtype=object)),
         "seq_kind": ("seq", np.array(tokens.kind, dtype=object)),
         "seq_image": ("seq", np.array(tokens.image_index, dtype=np.int64)),
+        **{
+            f"seq_{name}": ("seq", np.array(getattr(tokens, field), dtype=np.int64))
+            for name, field in (("video", "video_index"), ("t", "t"), ("row", "row"), ("col", "col"))
+        },
     }
-    images = rec.prompt.images
+    images, videos = rec.prompt.images, rec.prompt.videos
+    inputs = rec.prompt.inputs
+    vision_grids = grids(
+        *(inputs[k].tolist() if k in inputs else None for k in ("image_grid_thw", "video_grid_thw")),
+        rec.vl.processor.image_processor.merge_size,
+    )
     attrs = {
         "schema_version": SCHEMA_VERSION,
         "model": rec.vl.name,
@@ -108,15 +118,24 @@ def to_dataset(rec: SweepRecord) -> xr.Dataset:
         "chat_template": "on" if rec.prompt.chat_template else "off",
         "image_files": json.dumps([f.path for f in images]),
         "image_sha256": json.dumps([f.sha256 for f in images]),
+        "video_files": json.dumps([v.path for v in videos]),
+        "video_sha256": json.dumps([v.sha256 for v in videos]),
+        "video_frames": json.dumps([list(v.frame_names) for v in videos]),
+        "video_fps": float(rec.video_fps),
+        "video_frames_per_group": int(rec.vl.processor.video_processor.temporal_patch_size),
+        "vision_grids": json.dumps([g.to_dict() for g in vision_grids]),
         "vision_ranges": json.dumps(tokens.vision_ranges),
         "clean_continuation": tokenizer.decode(rec.clean_ids, skip_special_tokens=False),
         "num_tokens": len(rec.clean_ids),
         "mask": rec.mask,
+        "mask_unit": rec.mask_unit,
         "layers": json.dumps(rec.layers),
         "vision_attention": rec.vision_attention,
         "vision_attention_native": int(rec.vision_attention == "native"),
         "intervention": json.dumps({"each_token": rec.intervention["type"], "layers": rec.layers}),
-        "interventions": json.dumps([{"type": "BlockKeys", "positions": [p], "layers": rec.layers} for p in pos]),
+        "interventions": json.dumps(
+            [{"type": "BlockKeys", "positions": list(unit), "layers": rec.layers} for unit in rec.units]
+        ),
         "measured_position": "last position of each step's sequence (teacher-forced on the clean continuation)",
         "attn_implementation": rec.vl.attn_implementation,
         "dtype": str(rec.vl.dtype).removeprefix("torch."),

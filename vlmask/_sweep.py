@@ -29,9 +29,11 @@ from vlmask import _trace
 from vlmask._errors import VlmaskError
 from vlmask._inputs import Prompt, build_prompt
 from vlmask._masks import base_allowed, parse_mask
+from vlmask._memory import choose_batch_size, parse_size
 from vlmask._metrics import logit_metrics, vector_distances
 from vlmask._model import VLModel
 from vlmask._results import SweepRecord, to_dataset
+from vlmask._units import group_units
 
 log = logging.getLogger(__name__)
 
@@ -210,11 +212,15 @@ def sweep(
     images: Sequence[str | Path] = (),
     *,
     mask: str | Sequence[int] = "text",
+    mask_unit: str = "token",
+    videos: Sequence[str | Path] = (),
+    video_fps: float = 2.0,
     num_tokens: int = 1,
     layers: Sequence[int] | None = None,
     chat_template: str = "auto",
     vision_attention: str = "native",
-    batch_size: int = 8,
+    batch_size: int | None = None,
+    max_memory: int | str = "2GiB",
     progress: bool = True,
 ) -> xr.Dataset:
     """Block each chosen key position in turn and measure what changes.
@@ -222,7 +228,14 @@ def sweep(
     Every masked position ``p`` is blocked at ``layers`` (all if None): queries after
     ``p`` cannot attend to it. Measured at the last position of each of the
     ``num_tokens`` teacher-forced steps: decoder-layer outputs, per-head attention
-    outputs and the next-token distribution, against the clean run.
+    outputs and the next-token distribution, against the clean run. ``batch_size``
+    knockouts share a forward pass; None picks the largest batch whose estimated
+    memory fits ``max_memory`` (bytes, or text such as ``"2GiB"``).
+
+    ``mask_unit`` groups the masked vision tokens into units blocked together (one entry
+    of ``token`` each): ``token``, ``row``, ``column``, ``region:K`` (KxK merged tokens) or
+    ``image`` (a whole image or video frame group). ``videos`` are directories of frame
+    images (sorted by name), taken as sampled at ``video_fps``.
 
     Example:
         >>> import vlmask
@@ -233,12 +246,16 @@ def sweep(
     """
     if num_tokens < 1:
         raise VlmaskError(f"--num-tokens must be at least 1, got {num_tokens}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise VlmaskError(f"--batch-size must be at least 1, got {batch_size}")
-    built: Prompt = build_prompt(vl.processor, prompt, list(images), chat_template)
+    budget = parse_size(max_memory) if isinstance(max_memory, str) else int(max_memory)
+    built: Prompt = build_prompt(vl.processor, prompt, list(images), chat_template, list(videos), video_fps)
     kinds = built.tokens.kind
     positions = parse_mask(mask, kinds) if isinstance(mask, str) else sorted(set(mask))
-    knockouts = [BlockKeys((p,), layers=None if layers is None else tuple(layers)) for p in positions]
+    if not positions:
+        raise VlmaskError("no positions to mask: pass text, vision, all, or a list of positions")
+    units = group_units(positions, built.tokens, mask_unit)
+    knockouts = [BlockKeys(unit, layers=None if layers is None else tuple(layers)) for unit in units]
     for iv in knockouts:
         iv.check(len(kinds), vl.num_layers)
 
@@ -248,6 +265,11 @@ def sweep(
     ctx = context(vl, built, full_len, vision_attention)
     clean_ids, clean, decoder_inputs = ctx.clean_pass(prompt_ids, num_tokens)
     read = list(range(prompt_len - 1, full_len))
+    if batch_size is None:
+        recomputed = full_len - min(first_changed(knockouts[0], full_len, vl.num_layers), read[0])
+        bytes_per = vl.dtype.itemsize
+        batch_size = choose_batch_size(vl.text_config, full_len, recomputed, len(read), bytes_per, budget)
+        log.info("%d knockouts per pass (memory budget %d bytes)", batch_size, budget)
 
     residual, heads, logits, generated = [], [], [], []
     bar = tqdm(total=len(knockouts), desc="knockouts", unit="token", disable=not progress)
@@ -265,7 +287,7 @@ def sweep(
     record = SweepRecord(
         prompt=built,
         vl=vl,
-        positions=positions,
+        units=units,
         layers=None if layers is None else list(layers),
         mask=mask if isinstance(mask, str) else ",".join(map(str, positions)),
         vision_attention=vision_attention,
@@ -275,6 +297,8 @@ def sweep(
         heads=torch.cat(heads),
         logits=torch.cat(logits),
         masked_ids=torch.cat(generated),
-        intervention=knockouts[0].to_dict() if knockouts else NOTHING.to_dict(),
+        intervention=knockouts[0].to_dict(),
+        mask_unit=mask_unit,
+        video_fps=video_fps,
     )
     return to_dataset(record)

@@ -1,4 +1,4 @@
-"""The ``vlmask`` command line: ``vlmask run ...``.
+"""The ``vlmask`` command line: ``vlmask run ...`` and ``vlmask heatmap RESULT.nc ...``.
 
 User mistakes end in one line on stderr and exit status 2, with no output file left.
 """
@@ -15,11 +15,15 @@ import transformers
 import xarray as xr
 
 from vlmask._errors import VlmaskError
+from vlmask._heatmap import METRICS
 from vlmask._inputs import CHAT_TEMPLATE_MODES, read_image
 from vlmask._masks import VISION_ATTENTION, parse_indices
 from vlmask._model import DTYPES, load_model
-from vlmask._results import FORMATS, save_results, write_tables
+from vlmask._plot import plot_heatmap
+from vlmask._results import FORMATS, open_results, save_results, write_tables
 from vlmask._sweep import sweep
+from vlmask._units import UNITS, parse_unit
+from vlmask._video import read_video
 from vlmask.builtin import DEFAULT_MODEL_PATH
 
 log = logging.getLogger("vlmask")
@@ -31,9 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="block each chosen token in turn and measure what changes")
     run.add_argument("--model", help="hub id or checkpoint directory (default: the built-in toy model)")
     run.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
+    run.add_argument("--video", action="append", default=[], help="directory of frame images (sorted by name)")
+    run.add_argument("--video-fps", type=float, default=2.0, help="frames per second of --video frames (default 2)")
     run.add_argument("--prompt", required=True, help="the question or text")
     run.add_argument("--num-tokens", type=int, default=1, help="greedy clean continuation length = steps (default 1)")
     run.add_argument("--mask", default="text", help="text (default), vision, all, or positions like 18:24,30")
+    run.add_argument(
+        "--mask-unit", default="token", help=f"group vision tokens knocked out together: {', '.join(UNITS)}"
+    )
     run.add_argument("--layers", help="decoder layers where keys are blocked, like 0:4,7 (default: all)")
     run.add_argument("--chat-template", choices=CHAT_TEMPLATE_MODES, default="auto")
     run.add_argument(
@@ -45,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=sorted(DTYPES), help="default float32 on CPU, bfloat16 on CUDA")
     run.add_argument("--device", default="cpu")
     run.add_argument("--attn-implementation", choices=("sdpa", "eager"), default="sdpa")
-    run.add_argument("--batch-size", type=int, default=8, help="knockouts per forward pass (default 8)")
+    run.add_argument("--batch-size", type=int, help="knockouts per forward pass (default: from --max-memory)")
+    run.add_argument("--max-memory", default="2GiB", help="memory budget for a batch of knockouts (default 2GiB)")
     run.add_argument("--output", default="run", help="result name: writes OUTPUT_DIR/NAME.nc (default run)")
     run.add_argument("--output-dir", default="output")
     run.add_argument("--format", default="nc", help=f"comma-separated, some of {','.join(FORMATS)} (nc always)")
@@ -53,6 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--top", type=int, default=10, help="rows in the printed ranking (default 10)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    heat = commands.add_parser("heatmap", help="draw a result's vision-token knockouts over its images (PNG)")
+    heat.add_argument("result", help="a .nc file written by vlmask run")
+    heat.add_argument("--metric", default="logprob_drop", help=f"one of {', '.join(METRICS)} (default logprob_drop)")
+    heat.add_argument("--layer", help="decoder layer for residual:/heads: metrics, or final (default: the last)")
+    heat.add_argument("--step", type=int, default=0, help="generation step (default 0)")
+    heat.add_argument("-o", "--output", help="PNG file (default: RESULT with .png)")
+    heat.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
+    heat.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     return parser
 
 
@@ -73,22 +91,36 @@ def _targets(args: argparse.Namespace) -> tuple[Path, list[str]]:
 
 def _print_tokens(ds: xr.Dataset) -> None:
     print(f"model input ({ds.sizes['seq']} tokens, chat template {ds.attrs['chat_template']}):")
-    print(f"  {'pos':>4}  {'kind':<7} {'img':>3}  token")
+    print(f"  {'pos':>4}  {'kind':<7} {'img':>5} {'row':>3} {'col':>3}  token")
     for pos in ds["seq"].values:
         row = ds.sel(seq=pos)
-        image = int(row["seq_image"]) if int(row["seq_image"]) >= 0 else ""
-        print(f"  {pos:>4}  {row['seq_kind'].item()!s:<7} {image!s:>3}  {row['seq_text'].item()!r}")
+        image = _source(row) if row["seq_kind"].item() == "vision" else ""
+        cell = [int(row[f"seq_{c}"]) if row["seq_kind"].item() == "vision" else "" for c in ("row", "col")]
+        print(
+            f"  {pos:>4}  {row['seq_kind'].item()!s:<7} {image:>5} {cell[0]!s:>3} {cell[1]!s:>3}"
+            f"  {row['seq_text'].item()!r}"
+        )
     ranges = _vision_ranges(ds)
     if ranges:
-        for image, (start, end) in ranges:
-            print(f"vision tokens: positions {start}-{end - 1} ({end - start} tokens, image {image})")
+        for source, (start, end) in ranges:
+            print(f"vision tokens: positions {start}-{end - 1} ({end - start} tokens, {source})")
     else:
         print("vision tokens: none")
 
 
-def _vision_ranges(ds: xr.Dataset) -> list[tuple[int, tuple[int, int]]]:
+def _source(row: xr.Dataset) -> str:
+    """``0`` for image 0, ``v0:1`` for video 0's frame group 1."""
+    image = int(row["seq_image"])
+    return str(image) if image >= 0 else f"v{int(row['seq_video'])}:{int(row['seq_t'])}"
+
+
+def _vision_ranges(ds: xr.Dataset) -> list[tuple[str, tuple[int, int]]]:
     ranges = json.loads(ds.attrs["vision_ranges"])
-    return [(int(ds["seq_image"].values[start]), (start, end)) for start, end in ranges]
+    out = []
+    for start, end in ranges:
+        image, video, t = (int(ds[f"seq_{c}"].values[start]) for c in ("image", "video", "t"))
+        out.append((f"image {image}" if image >= 0 else f"video {video} frame group {t}", (start, end)))
+    return out
 
 
 def _print_ranking(ds: xr.Dataset, top: int) -> None:
@@ -112,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
         raise VlmaskError("the prompt is empty: pass --prompt with some text")
     for image in args.image:
         read_image(image)
+    for video in args.video:
+        read_video(video)
+    parse_unit(args.mask_unit)
     vl = load_model(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation)
     if vl.builtin:
         print(f"model: built-in toy checkpoint {DEFAULT_MODEL_PATH.name} (see its README.md); --model for a real one")
@@ -121,11 +156,15 @@ def run(args: argparse.Namespace) -> int:
         args.prompt,
         args.image,
         mask=args.mask,
+        mask_unit=args.mask_unit,
+        videos=args.video,
+        video_fps=args.video_fps,
         num_tokens=args.num_tokens,
         layers=layers,
         chat_template=args.chat_template,
         vision_attention=args.vision_attention,
         batch_size=args.batch_size,
+        max_memory=args.max_memory,
         progress=not args.no_progress,
     )
     path = save_results(ds, stem.with_suffix(".nc"), overwrite=args.overwrite)
@@ -137,6 +176,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def heatmap(args: argparse.Namespace) -> int:
+    path = Path(args.output) if args.output else Path(args.result).with_suffix(".png")
+    ds = open_results(args.result)
+    plot_heatmap(ds, path, args.metric, args.layer, args.step, overwrite=args.overwrite)
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vlmask`` command."""
     args = _parser().parse_args(argv)
@@ -145,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         transformers.utils.logging.set_verbosity_error()
     try:
-        return run(args)
+        return {"run": run, "heatmap": heatmap}[args.command](args)
     except VlmaskError as err:
         print(f"vlmask: error: {err}", file=sys.stderr)
         return 2
