@@ -41,7 +41,7 @@ def test_run_end_to_end_in_a_subprocess(tiny_dir, images, tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "vision tokens: positions 3-18 (16 tokens, image 0)" in out.stdout
-    assert "masked tokens by KL" in out.stdout
+    assert "masked units by KL" in out.stdout
     assert {p.name for p in tmp_path.iterdir()} == {"e2e.nc", "e2e.csv", "e2e.json"}
     ds = vlmask.open_results(tmp_path / "e2e.nc")
     assert ds.sizes["step"] == 2 and set(ds["token_kind"].values) == {"text"}

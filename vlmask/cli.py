@@ -123,16 +123,31 @@ def _vision_ranges(ds: xr.Dataset) -> list[tuple[str, tuple[int, int]]]:
     return out
 
 
+def _label(row: xr.Dataset) -> str:
+    """A masked unit as a person reads it: its text, or for vision tokens where it sits."""
+    if row["token_kind"].item() != "vision":
+        return repr(row["token_text"].item())
+    media = (
+        f"video {int(row['token_video'])} t{int(row['token_t'])}"
+        if int(row["token_video"]) >= 0
+        else (f"image {int(row['token_image'])}")
+    )
+    size = int(row["token_size"])
+    return f"{media} r{int(row['token_row'])} c{int(row['token_col'])}" + (f" ({size} tokens)" if size > 1 else "")
+
+
 def _print_ranking(ds: xr.Dataset, top: int) -> None:
     kl = ds["kl"].mean("step")
     order = kl.sortby(kl, ascending=False)["token"].values[:top]
     print(f"clean continuation: {ds.attrs['clean_continuation']!r}")
-    print(f"top {len(order)} of {ds.sizes['token']} masked tokens by KL(clean || masked), mean over steps:")
-    print(f"  {'pos':>4}  {'token':<16} {'kind':<7} {'KL':>9} {'logp drop':>9} {'dP %':>8}  masked continuation")
+    print(f"top {len(order)} of {ds.sizes['token']} masked units by KL(clean || masked), mean over steps:")
+    labels = {pos: _label(ds.sel(token=pos)) for pos in order}
+    width = max([16, *(len(label) for label in labels.values())])
+    print(f"  {'pos':>4}  {'token':<{width}} {'kind':<7} {'KL':>9} {'logp drop':>9} {'dP %':>8}  masked continuation")
     for pos in order:
         row = ds.sel(token=pos)
         print(
-            f"  {pos:>4}  {row['token_text'].item()!r:<16} {row['token_kind'].item():<7}"
+            f"  {pos:>4}  {labels[pos]:<{width}} {row['token_kind'].item():<7}"
             f" {float(row['kl'].mean()):>9.4f} {float(row['logprob_drop'].mean()):>9.4f}"
             f" {float(row['prob_change_pct'].mean()):>8.2f}  {row['masked_continuation'].item()!r}"
         )
