@@ -1,11 +1,40 @@
-"""Intervention objects: small frozen values that say what to do to attention.
+"""Intervention objects: small frozen values that say what to do to the model.
+
+- :class:`BlockKeys` — no later query reads these keys (attention knockout);
+- :class:`BlockEdges` — queries at ``targets`` do not read keys at ``sources``;
+- :class:`AblateHeads` — zero or mean-ablate heads' outputs at one layer;
+- :class:`PatchResidual` — overwrite a layer's output at some positions;
+- :class:`Compose` (or ``a & b``) — several at once.
+
+Each one validates itself when made, serialises with ``to_dict()`` / :func:`from_dict`,
+and follows the call contract of :class:`Intervention`.
 
 Example:
-    >>> from interventions import BlockKeys
+    >>> from interventions import AblateHeads, BlockKeys, from_dict
     >>> BlockKeys((18, 19), layers=(0, 1)).to_dict()
     {'type': 'BlockKeys', 'positions': [18, 19], 'layers': [0, 1]}
+    >>> both = BlockKeys((4,)) & AblateHeads(layer=2, heads=(5,))
+    >>> from_dict(both.to_dict()) == both
+    True
 """
 
-from interventions.block_keys import BlockKeys, from_dict
+import vlmask._errors  # noqa: F401  (load vlmask first: its engine imports these submodules directly)
+from interventions._common import HOOKS, Intervention
+from interventions.block_edges import BlockEdges
+from interventions.block_keys import BlockKeys
+from interventions.compose import Compose, compose
+from interventions.heads import AblateHeads
+from interventions.residual import PatchResidual
+from interventions.serial import from_dict
 
-__all__ = ["BlockKeys", "from_dict"]
+__all__ = [
+    "HOOKS",
+    "AblateHeads",
+    "BlockEdges",
+    "BlockKeys",
+    "Compose",
+    "Intervention",
+    "PatchResidual",
+    "compose",
+    "from_dict",
+]

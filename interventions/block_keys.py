@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from vlmask._errors import VlmaskError
-
-
-def _ints(values: Iterable[int], what: str) -> tuple[int, ...]:
-    out = []
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise VlmaskError(f"{what} must be non-negative integers, got {value!r}")
-        out.append(int(value))
-    return tuple(sorted(set(out)))
+from interventions._common import check_layers, check_positions, fields_of, ints, layers_or_none
+from interventions.compose import compose
 
 
 @dataclass(frozen=True)
@@ -39,13 +31,23 @@ class BlockKeys:
     layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "positions", _ints(self.positions, "BlockKeys positions"))
-        if self.layers is not None:
-            object.__setattr__(self, "layers", _ints(self.layers, "BlockKeys layers"))
+        object.__setattr__(self, "positions", ints(self.positions, "BlockKeys positions"))
+        object.__setattr__(self, "layers", layers_or_none(self.layers, "BlockKeys layers"))
+
+    def __and__(self, other: Any) -> Any:
+        return compose(self, other)
+
+    def hooks(self, layer: int) -> frozenset[str]:
+        """``{"attention"}`` at the layers where keys are blocked."""
+        return frozenset({"attention"}) if self.acts_on(layer) else frozenset()
 
     def acts_on(self, layer: int) -> bool:
         """Whether this intervention changes anything at decoder layer ``layer``."""
         return bool(self.positions) and (self.layers is None or layer in self.layers)
+
+    def attention_key(self, layer: int) -> Hashable | None:
+        """The same key at every layer where keys are blocked: the edges do not depend on the layer."""
+        return True if self.acts_on(layer) else None
 
     def blocked_edges(self, seq_len: int, layer: int) -> torch.Tensor:
         """Boolean ``(seq_len, seq_len)``: True where query q may not read key k at ``layer``."""
@@ -57,40 +59,34 @@ class BlockKeys:
         edges[:, keys] = later
         return edges
 
-    def check(self, seq_len: int, num_layers: int) -> None:
+    def first_changed(self, seq_len: int, num_layers: int) -> int:
+        """One past the first blocked key (``seq_len`` if nothing is blocked at any layer)."""
+        if not any(self.acts_on(layer) for layer in range(num_layers)):
+            return seq_len
+        keys = [p for p in self.positions if p < seq_len]
+        return min(keys[0] + 1, seq_len) if keys else seq_len
+
+    @property
+    def needs_head_means(self) -> bool:
+        return False
+
+    def check(
+        self, seq_len: int, num_layers: int, num_heads: int | None = None, hidden_size: int | None = None
+    ) -> None:
         """Raise :class:`VlmaskError` if a position or layer is out of range for this prompt and model."""
-        for p in self.positions:
-            if p >= seq_len:
-                raise VlmaskError(
-                    f"key position {p} is out of range: the prompt has {seq_len} tokens (0-{seq_len - 1})"
-                )
-        for layer in self.layers or ():
-            if layer >= num_layers:
-                raise VlmaskError(
-                    f"layer {layer} is out of range: the model has {num_layers} decoder layers (0-{num_layers - 1})"
-                )
+        check_positions(self.positions, seq_len)
+        check_layers(self.layers or (), num_layers)
 
     def to_dict(self) -> dict[str, Any]:
-        """A small JSON-ready dict; :func:`from_dict` rebuilds the value."""
+        """A small JSON-ready dict; :func:`interventions.from_dict` rebuilds the value."""
         return {
             "type": "BlockKeys",
             "positions": list(self.positions),
             "layers": None if self.layers is None else list(self.layers),
         }
 
-
-def from_dict(data: dict[str, Any]) -> BlockKeys:
-    """Rebuild an intervention from :meth:`to_dict` output.
-
-    Example:
-        >>> from_dict({"type": "BlockKeys", "positions": [3], "layers": None})
-        BlockKeys(positions=(3,), layers=None)
-    """
-    kinds = {"BlockKeys": BlockKeys}
-    kind = data.get("type")
-    if kind not in kinds:
-        raise VlmaskError(f"unknown intervention type {kind!r}: expected one of {sorted(kinds)}")
-    fields = {k: v for k, v in data.items() if k != "type"}
-    if fields.get("layers") is not None:
-        fields["layers"] = tuple(fields["layers"])
-    return kinds[kind](positions=tuple(fields.get("positions", ())), layers=fields.get("layers"))
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BlockKeys:
+        """Rebuild from :meth:`to_dict` output."""
+        fields = fields_of(data, "BlockKeys", ("positions",), ("layers",))
+        return cls(positions=fields["positions"], layers=fields.get("layers"))

@@ -93,3 +93,34 @@ def greedy(vl, inputs: dict, n: int, blocked: set[int] = frozenset()) -> list[in
         _, _, logits = reference_run(vl, extended(inputs, new), blocked)
         new.append(int(logits[-1].argmax()))
     return new
+
+
+def edited_run(vl, inputs: dict, masks: dict[int, torch.Tensor] | None = None, heads=None, outputs=None):
+    """Full forward (batch 1) with ``masks[layer]`` for self-attention, ``heads[layer](x)`` editing the
+    o_proj input ``(1, S, H*d)`` and ``outputs[layer](y)`` editing the layer output ``(1, S, D)``, by plain
+    hooks registered before the recording ones: residual (L,S,D), heads (L,S,H*d), logits (S,V) as seen after
+    the edits.
+    """
+    hf = vl.hf
+    seq_len = inputs["input_ids"].shape[1]
+    implementation = hf.model.language_model.config._attn_implementation
+    n = hf.config.text_config.num_hidden_layers
+    plain = hand_mask(seq_len, set(), implementation, hf.dtype)
+    masks = {i: (masks or {}).get(i, plain) for i in range(n)}
+    handles = []
+    for i, layer in enumerate(hf.model.language_model.layers):
+        if i in (heads or {}):
+            handles.append(
+                layer.self_attn.o_proj.register_forward_pre_hook(lambda m, args, f=heads[i]: (f(args[0].clone()),))
+            )
+        if i in (outputs or {}):
+            handles.append(layer.register_forward_hook(lambda m, args, out, f=outputs[i]: f(out.clone())))
+    try:
+        with torch.no_grad(), hooked(hf, masks) as seen:
+            logits = hf(**inputs).logits[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    residual = torch.stack([seen["residual"][i] for i in range(n)])
+    heads_seen = torch.stack([seen["heads"][i] for i in range(n)])
+    return residual.float(), heads_seen.float(), logits.float()

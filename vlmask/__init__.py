@@ -9,21 +9,35 @@ Example:
     >>> ds["logprob_drop"].sel(step=0).idxmax("token").item()  # the most-used vision token
 """
 
+from vlmask._batch import open_batch, run_batch
+from vlmask._capture import capture_residual, positions
+from vlmask._compare import compare, write_compare
 from vlmask._errors import VlmaskError
 from vlmask._heatmap import heatmap
+from vlmask._knockouts import interventions_of, windows
 from vlmask._model import VLModel, load_model
 from vlmask._plot import plot_heatmap
+from vlmask._report import write_report
 from vlmask._results import long_table, open_results, save_results
 from vlmask._sweep import sweep
 
 __all__ = [
     "VLModel",
     "VlmaskError",
+    "capture_residual",
+    "compare",
     "heatmap",
+    "interventions_of",
     "load_model",
     "long_table",
+    "open_batch",
     "open_results",
     "plot_heatmap",
+    "positions",
+    "run_batch",
     "save_results",
     "sweep",
+    "windows",
+    "write_compare",
+    "write_report",
 ]

@@ -113,6 +113,11 @@ def heatmap(
         >>> ds = vlmask.sweep(vl, "what is this ?", ["photo.png"], mask="vision")  # doctest: +SKIP
         >>> vlmask.heatmap(ds, "kl").sel(panel=0).plot()  # doctest: +SKIP
     """
+    if "token" not in ds.dims or "window" in ds.dims:
+        raise VlmaskError(
+            "a heatmap needs a token sweep at one set of layers: this result has dims"
+            f" {sorted(ds.dims)}; select one window first, like ds.sel(window=3)"
+        )
     values, where = unit_values(ds, metric, layer, step)
     vision = ds["token_kind"].values == "vision"
     if not vision.any():

@@ -18,9 +18,8 @@ import xarray as xr
 from vlmask._errors import VlmaskError
 from vlmask._grid import grids
 from vlmask._metrics import LOGIT_METRICS, VECTOR_METRICS
-from vlmask._units import unit_coords
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DIMS = ("step", "token", "layer", "head", "metric")
 FORMATS = ("nc", "csv", "json")
 METRIC_VARIABLES = ("residual", "heads", *LOGIT_METRICS)
@@ -32,18 +31,17 @@ class SweepRecord:
 
     prompt: Any
     vl: Any
-    units: list[tuple[int, ...]]  # the positions blocked together, one entry per masked unit
-    layers: list[int] | None
+    knockouts: Any  # vlmask._knockouts.Knockouts: what was knocked out, one row per entry x window
+    base: dict[str, Any] | None  # the base intervention applied to every pass, clean included
     mask: str
+    mask_unit: str
     vision_attention: str
     clean_ids: list[int]
     clean_top_logprob: torch.Tensor  # (step,)
-    residual: torch.Tensor  # (token, layer, step, metric)
-    heads: torch.Tensor  # (token, layer, step, head, metric)
-    logits: torch.Tensor  # (token, step, logit metric)
-    masked_ids: torch.Tensor  # (token, step)
-    intervention: dict[str, Any]
-    mask_unit: str = "token"
+    residual: torch.Tensor  # (knockout, layer, step, metric)
+    heads: torch.Tensor  # (knockout, layer, step, head, metric)
+    logits: torch.Tensor  # (knockout, step, logit metric)
+    masked_ids: torch.Tensor  # (knockout, step)
     video_fps: float = 2.0
 
 
@@ -59,28 +57,31 @@ def _versions() -> dict[str, str]:
 
 
 def to_dataset(rec: SweepRecord) -> xr.Dataset:
-    """Label a :class:`SweepRecord` as a Dataset with dims ``step, token, layer, head, metric``."""
+    """Label a :class:`SweepRecord`: dims ``step, token`` (or ``intervention``) ``[, window], layer, head, metric``."""
     tokens = rec.prompt.tokens
     tokenizer = rec.vl.processor.tokenizer
     step_text = [tokenizer.decode([i], skip_special_tokens=False) for i in rec.clean_ids]
     prompt_len = len(tokens)
-    residual = rec.residual.permute(2, 0, 1, 3).numpy()
-    heads = rec.heads.permute(2, 0, 1, 3, 4).numpy()
-    logits = rec.logits.permute(1, 0, 2).numpy()
+    ko = rec.knockouts
+    dims, shape = ko.dims, ko.shape
+
+    def entries(t: torch.Tensor, step_axis: int) -> np.ndarray:
+        """``(knockout, ...)`` as ``(step, *knockout dims, ...)``: the flat knockout rows unfolded."""
+        return np.moveaxis(t.numpy().reshape(*shape, *t.shape[1:]), step_axis, 0)
+
+    residual = entries(rec.residual, -2)
+    heads = entries(rec.heads, -3)
+    logits = entries(rec.logits, -2)
+    continuations = [tokenizer.decode(row, skip_special_tokens=False) for row in rec.masked_ids.tolist()]
     data = {
-        "residual": (("step", "token", "layer", "metric"), residual),
-        "heads": (("step", "token", "layer", "head", "metric"), heads),
+        "residual": (("step", *dims, "layer", "metric"), residual),
+        "heads": (("step", *dims, "layer", "head", "metric"), heads),
         **{
-            name: (("step", "token"), logits[..., i].astype(bool) if name == "top_changed" else logits[..., i])
+            name: (("step", *dims), logits[..., i].astype(bool) if name == "top_changed" else logits[..., i])
             for i, name in enumerate(LOGIT_METRICS)
         },
-        "masked_token_id": (("token", "step"), rec.masked_ids.numpy().astype(np.int64)),
-        "masked_continuation": (
-            ("token",),
-            np.array(
-                [tokenizer.decode(row, skip_special_tokens=False) for row in rec.masked_ids.tolist()], dtype=object
-            ),
-        ),
+        "masked_token_id": ((*dims, "step"), rec.masked_ids.numpy().astype(np.int64).reshape(*shape, -1)),
+        "masked_continuation": (dims, np.array(continuations, dtype=object).reshape(shape)),
         "clean_top_logprob": (("step",), rec.clean_top_logprob.numpy()),
     }
     coords = {
@@ -88,8 +89,7 @@ def to_dataset(rec: SweepRecord) -> xr.Dataset:
         "step_token": ("step", np.array(step_text, dtype=object)),
         "step_token_id": ("step", np.array(rec.clean_ids, dtype=np.int64)),
         "step_position": ("step", np.arange(len(rec.clean_ids)) + prompt_len - 1),
-        "token": np.array([unit[0] for unit in rec.units], dtype=np.int64),
-        **unit_coords(rec.units, tokens),
+        **ko.coords(tokens, rec.vl.num_layers),
         "layer": np.arange(rec.vl.num_layers),
         "head": np.arange(rec.vl.num_heads),
         "metric": list(VECTOR_METRICS),
@@ -129,13 +129,14 @@ def to_dataset(rec: SweepRecord) -> xr.Dataset:
         "num_tokens": len(rec.clean_ids),
         "mask": rec.mask,
         "mask_unit": rec.mask_unit,
-        "layers": json.dumps(rec.layers),
+        "layers": json.dumps(ko.layers),
+        "windows": json.dumps(None if ko.windows is None else {**ko.windows.to_dict(), "layers": ko.window_layers}),
         "vision_attention": rec.vision_attention,
         "vision_attention_native": int(rec.vision_attention == "native"),
-        "intervention": json.dumps({"each_token": rec.intervention["type"], "layers": rec.layers}),
-        "interventions": json.dumps(
-            [{"type": "BlockKeys", "positions": list(unit), "layers": rec.layers} for unit in rec.units]
-        ),
+        "over": ko.dim,
+        "intervention": json.dumps({"over": ko.dim, "dims": list(dims), "layers": ko.layers}),
+        "base": json.dumps(rec.base),
+        "interventions": json.dumps([v.to_dict() for v in ko.values]),
         "measured_position": "last position of each step's sequence (teacher-forced on the clean continuation)",
         "attn_implementation": rec.vl.attn_implementation,
         "dtype": str(rec.vl.dtype).removeprefix("torch."),
@@ -195,7 +196,9 @@ def long_table(ds: xr.Dataset) -> pd.DataFrame:
     """One row per step x token x layer [x head] x metric, for spreadsheets.
 
     Columns: ``step, step_token, token, token_text, token_kind, layer, head, variable,
-    metric, value``; ``layer`` and ``head`` are empty where they do not apply.
+    metric, value``; ``layer`` and ``head`` are empty where they do not apply. Intervention
+    sweeps add ``intervention, intervention_type`` (``token`` is empty), windowed ones
+    ``window, window_start, window_end``.
     """
     frames = []
     for name in METRIC_VARIABLES:
@@ -206,12 +209,14 @@ def long_table(ds: xr.Dataset) -> pd.DataFrame:
         frame["variable"] = "logits" if name in LOGIT_METRICS else name
         frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
+    extra = [c for c in ("intervention", "intervention_type", "window", "window_start", "window_end") if c in table]
     columns = [
         "step",
         "step_token",
         "token",
         "token_text",
         "token_kind",
+        *extra,
         "layer",
         "head",
         "variable",

@@ -6,14 +6,19 @@ What makes it fast, without changing any number:
 - teacher forcing makes the ``step`` dimension cheap: the clean continuation is generated
   first, then prompt + continuation is run once, and step ``s`` is read at position
   ``L-1+s`` (causality makes it equal to the last position of the sequence at step ``s``);
-- a knockout of key ``p`` changes nothing before position ``p + 1``: knockouts run on the
-  decoder only, from the first position their batch changes, on the clean pass's keys and
-  values for the prefix;
+- a knockout of key ``p`` changes nothing before position ``p + 1`` (each intervention says
+  where it starts changing things: ``first_changed``): knockouts run on the decoder only,
+  from the first position their batch changes, on the clean pass's keys and values for the
+  prefix;
 - knockouts run in batches, and only the metrics are kept.
+
+A ``base`` intervention changes the clean run itself: the clean pass runs with it (so the
+reused prefix is the base's), and every knockout runs as ``base & knockout``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,10 +29,11 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from interventions import BlockKeys
+from interventions.compose import Compose, compose
 from vlmask import _trace
 from vlmask._errors import VlmaskError
 from vlmask._inputs import Prompt, build_prompt
+from vlmask._knockouts import Windows, plan
 from vlmask._masks import base_allowed, parse_mask
 from vlmask._memory import choose_batch_size, parse_size
 from vlmask._metrics import logit_metrics, vector_distances
@@ -37,16 +43,12 @@ from vlmask._units import group_units
 
 log = logging.getLogger(__name__)
 
-NOTHING = BlockKeys(())
+NOTHING = Compose()
 
 
-def first_changed(intervention: BlockKeys, seq_len: int, num_layers: int) -> int:
-    """The first query position whose attention ``intervention`` changes (``seq_len`` if none)."""
-    rows = [
-        intervention.blocked_edges(seq_len, layer).any(1) for layer in range(num_layers) if intervention.acts_on(layer)
-    ]
-    hit = torch.stack(rows).any(0).nonzero() if rows else torch.empty(0)
-    return int(hit[0]) if len(hit) else seq_len
+def first_changed(intervention: Any, seq_len: int, num_layers: int) -> int:
+    """The first position whose computation ``intervention`` changes (``seq_len`` if none)."""
+    return intervention.first_changed(seq_len, num_layers)
 
 
 @dataclass(frozen=True)
@@ -57,26 +59,32 @@ class Context:
     extra: dict[str, torch.Tensor]
     encoder: dict[str, Any]
     base: torch.Tensor  # (seq, seq) edges the unmodified model allows
+    head_means: torch.Tensor | None = None  # (layer, head, head_dim), the unmodified model's, for mean ablation
 
-    def allowed(self, interventions: Sequence[BlockKeys], seq_len: int, start: int = 0) -> list[torch.Tensor]:
+    def allowed(self, interventions: Sequence[Any], seq_len: int, start: int = 0) -> list[torch.Tensor]:
         """Per layer, the ``(batch, seq_len - start, seq_len)`` edges left once each intervention cut its own.
 
-        Layers where the same interventions act share one tensor (an intervention cuts the
-        same edges at every layer it acts on), so memory does not grow with depth.
+        Layers where every intervention has the same ``attention_key`` share one tensor, so
+        memory does not grow with depth.
         """
         base = self.base[start:seq_len, :seq_len]
-        shared: dict[tuple[bool, ...], torch.Tensor] = {}
+        shared: dict[tuple[Any, ...], torch.Tensor] = {}
         per_layer = []
         for layer in range(self.vl.num_layers):
-            acting = tuple(iv.acts_on(layer) for iv in interventions)
-            if acting not in shared:
+            keys = tuple(iv.attention_key(layer) for iv in interventions)
+            if keys not in shared:
                 rows = [
-                    base & ~iv.blocked_edges(seq_len, layer)[start:] if on else base
-                    for iv, on in zip(interventions, acting, strict=True)
+                    base if key is None else base & ~iv.blocked_edges(seq_len, layer)[start:]
+                    for iv, key in zip(interventions, keys, strict=True)
                 ]
-                shared[acting] = torch.stack(rows)
-            per_layer.append(shared[acting])
+                shared[keys] = torch.stack(rows)
+            per_layer.append(shared[keys])
         return per_layer
+
+    def plan(self, interventions: Sequence[Any], seq_len: int, start: int = 0) -> _trace.Plan:
+        """What a pass over positions ``start..seq_len-1`` does, row ``i`` under ``interventions[i]``."""
+        rows = tuple(interventions)
+        return _trace.Plan(self.allowed(rows, seq_len, start), rows, start, self.head_means)
 
     def _extra(self, seq_len: int) -> dict[str, torch.Tensor]:
         """Per-prompt inputs for the prompt followed by generated text tokens, ``seq_len`` in all."""
@@ -89,7 +97,7 @@ class Context:
     def run(
         self,
         ids: torch.Tensor,
-        interventions: Sequence[BlockKeys],
+        interventions: Sequence[Any],
         read: list[int],
         *,
         internals: bool = True,
@@ -97,17 +105,33 @@ class Context:
     ) -> tuple[_trace.Readout, _trace.DecoderInputs | None]:
         """The whole model on ``ids (batch, seq)``, row ``i`` under ``interventions[i]``, reading ``read``."""
         seq_len = ids.shape[1]
-        allowed = self.allowed(interventions, seq_len)
-        return _trace.run_model(self.vl, ids, self._extra(seq_len), self.encoder, allowed, read, internals, capture)
+        todo = self.plan(interventions, seq_len)
+        return _trace.run_model(self.vl, ids, self._extra(seq_len), self.encoder, todo, read, internals, capture)
 
-    def run_fast(self, dec: _trace.DecoderInputs, interventions: Sequence[BlockKeys], read: list[int]):
-        """Like :meth:`run` on the captured sequence, recomputing only from the first position that changes."""
+    def run_fast(self, dec: _trace.DecoderInputs, interventions: Sequence[Any], read: list[int], start: int):
+        """Like :meth:`run` on the captured sequence, recomputing only positions ``start..``.
+
+        Positions before ``start`` must compute under ``interventions`` exactly as in the pass that made ``dec``.
+        """
         seq_len = dec.embeds.shape[1]
-        start = min([*(first_changed(iv, seq_len, self.vl.num_layers) for iv in interventions), *read])
-        return _trace.run_decoder(self.vl, dec, start, self.allowed(interventions, seq_len, start), read)[0]
+        start = min(start, *read)
+        return _trace.run_decoder(self.vl, dec, self.plan(interventions, seq_len, start), read)[0]
 
-    def clean_pass(self, prompt_ids: torch.Tensor, n: int) -> tuple[torch.Tensor, _trace.Readout, _trace.DecoderInputs]:
-        """Greedy clean continuation of exactly ``n`` tokens, read at each step's last position.
+    def with_head_means(self, prompt_ids: torch.Tensor) -> Context:
+        """This context, plus the unmodified model's head outputs averaged over the prompt's positions."""
+        self.vl.hf.model.rope_deltas = None
+        means: list[torch.Tensor] = []
+        todo = self.plan([NOTHING], prompt_ids.shape[1])
+        extra = self._extra(prompt_ids.shape[1])
+        last = [prompt_ids.shape[1] - 1]
+        _trace.run_model(self.vl, prompt_ids, extra, self.encoder, todo, last, internals=False, means=means)
+        stacked = torch.stack([m[0] for m in means]).unflatten(-1, (self.vl.num_heads, -1))
+        return dataclasses.replace(self, head_means=stacked)
+
+    def clean_pass(
+        self, prompt_ids: torch.Tensor, n: int, base: Any = NOTHING
+    ) -> tuple[torch.Tensor, _trace.Readout, _trace.DecoderInputs]:
+        """Greedy continuation of exactly ``n`` tokens under ``base``, read at each step's last position.
 
         The prompt runs through the whole model once (capturing the decoder's inputs and
         cache); each further step feeds one generated token to the decoder. Returns the
@@ -116,14 +140,13 @@ class Context:
         """
         self.vl.hf.model.rope_deltas = None  # transformers keeps M-RoPE offsets between calls; start afresh
         last = prompt_ids.shape[1] - 1
-        out, dec = self.run(prompt_ids, [NOTHING], [last], capture=True)
+        out, dec = self.run(prompt_ids, [base], [last], capture=True)
         readouts = [out]
         tokens = [int(out.logits[0, -1].argmax())]
         for _ in range(n - 1):
             dec = dec.append_text(self.vl, tokens[-1])
             pos = dec.embeds.shape[1] - 1
-            allowed = self.allowed([NOTHING], pos + 1, start=pos)
-            out, dec = _trace.run_decoder(self.vl, dec, pos, allowed, [pos], extend=True)
+            out, dec = _trace.run_decoder(self.vl, dec, self.plan([base], pos + 1, start=pos), [pos], extend=True)
             readouts.append(out)
             tokens.append(int(out.logits[0, -1].argmax()))
         clean = _trace.Readout(
@@ -163,7 +186,7 @@ def _masked_generation(
     prompt_ids: torch.Tensor,
     clean: torch.Tensor,
     forced_top: torch.Tensor,
-    interventions: Sequence[BlockKeys],
+    interventions: Sequence[Any],
 ) -> torch.Tensor:
     """Greedy continuations under each knockout, ``(batch, steps)``.
 
@@ -206,31 +229,59 @@ def _pin_unchanged(out: _trace.Readout, clean: _trace.Readout, firsts: list[int]
     return _trace.Readout(residual, heads, logits)
 
 
+def _knockouts(vl: VLModel, built: Prompt, mask: Any, mask_unit: str, over: Any, layers: Any) -> Any:
+    """The sweep's :class:`~vlmask._knockouts.Knockouts`: masked token units, or the values ``over``."""
+    if over is None:
+        kinds = built.tokens.kind
+        mask = "text" if mask is None else mask
+        positions = parse_mask(mask, kinds) if isinstance(mask, str) else sorted(set(mask))
+        if not positions:
+            raise VlmaskError("no positions to mask: pass text, vision, all, or a list of positions")
+        return plan(vl.num_layers, units=group_units(positions, built.tokens, mask_unit), layers=layers)
+    if mask is not None or mask_unit != "token":
+        raise VlmaskError(
+            "pass either mask=/mask_unit= (a sweep over tokens) or over= (a list of interventions), not both"
+        )
+    values = [over] if hasattr(over, "to_dict") else list(over)
+    return plan(vl.num_layers, over=[compose(v) for v in values], layers=layers)
+
+
 def sweep(
     vl: VLModel,
     prompt: str,
     images: Sequence[str | Path] = (),
     *,
-    mask: str | Sequence[int] = "text",
+    mask: str | Sequence[int] | None = None,
     mask_unit: str = "token",
+    over: Any = None,
+    base: Any = None,
     videos: Sequence[str | Path] = (),
     video_fps: float = 2.0,
     num_tokens: int = 1,
-    layers: Sequence[int] | None = None,
+    layers: Sequence[int] | Windows | None = None,
     chat_template: str = "auto",
     vision_attention: str = "native",
     batch_size: int | None = None,
     max_memory: int | str = "2GiB",
     progress: bool = True,
 ) -> xr.Dataset:
-    """Block each chosen key position in turn and measure what changes.
+    """Knock out each chosen token (or each intervention of ``over``) in turn and measure what changes.
 
-    Every masked position ``p`` is blocked at ``layers`` (all if None): queries after
-    ``p`` cannot attend to it. Measured at the last position of each of the
-    ``num_tokens`` teacher-forced steps: decoder-layer outputs, per-head attention
-    outputs and the next-token distribution, against the clean run. ``batch_size``
-    knockouts share a forward pass; None picks the largest batch whose estimated
-    memory fits ``max_memory`` (bytes, or text such as ``"2GiB"``).
+    By default every masked position ``p`` (``mask``, default ``"text"``) is blocked at
+    ``layers`` (all if None): queries after ``p`` cannot attend to it; results have a
+    ``token`` dimension. ``over`` instead takes a list of intervention values
+    (``BlockKeys``, ``BlockEdges``, ``AblateHeads``, ``PatchResidual``, ``Compose``), each
+    knocked out in turn: dimension ``intervention``. ``layers`` may be :func:`vlmask.windows`:
+    every knockout then runs at each window of layers (dimension ``window``, its coordinate
+    the centre layer); for ``over`` values, ``layers`` replaces their own ``layers``.
+    ``base`` is applied to the clean run and to every knockout alike (for example a head
+    ablation: which tokens matter with that head gone?), and every metric compares
+    ``base & knockout`` with ``base`` alone.
+
+    Measured at the last position of each of the ``num_tokens`` teacher-forced steps:
+    decoder-layer outputs, per-head attention outputs and the next-token distribution,
+    against the clean run. ``batch_size`` knockouts share a forward pass; None picks the
+    largest batch whose estimated memory fits ``max_memory`` (bytes, or text such as ``"2GiB"``).
 
     ``mask_unit`` groups the masked vision tokens into units blocked together (one entry
     of ``token`` each): ``token``, ``row``, ``column``, ``region:K`` (KxK merged tokens) or
@@ -250,33 +301,33 @@ def sweep(
         raise VlmaskError(f"--batch-size must be at least 1, got {batch_size}")
     budget = parse_size(max_memory) if isinstance(max_memory, str) else int(max_memory)
     built: Prompt = build_prompt(vl.processor, prompt, list(images), chat_template, list(videos), video_fps)
-    kinds = built.tokens.kind
-    positions = parse_mask(mask, kinds) if isinstance(mask, str) else sorted(set(mask))
-    if not positions:
-        raise VlmaskError("no positions to mask: pass text, vision, all, or a list of positions")
-    units = group_units(positions, built.tokens, mask_unit)
-    knockouts = [BlockKeys(unit, layers=None if layers is None else tuple(layers)) for unit in units]
-    for iv in knockouts:
-        iv.check(len(kinds), vl.num_layers)
+    knockouts = _knockouts(vl, built, mask, mask_unit, over, layers)
+    base = NOTHING if base is None else compose(base)
+    for iv in [base, *knockouts.values]:
+        iv.check(len(built.tokens), vl.num_layers, vl.num_heads, vl.text_config.hidden_size)
 
     prompt_ids = built.inputs["input_ids"]
     prompt_len = prompt_ids.shape[1]
     full_len = prompt_len + num_tokens - 1
     ctx = context(vl, built, full_len, vision_attention)
-    clean_ids, clean, decoder_inputs = ctx.clean_pass(prompt_ids, num_tokens)
+    if any(iv.needs_head_means for iv in [base, *knockouts.values]):
+        ctx = ctx.with_head_means(prompt_ids)
+    clean_ids, clean, decoder_inputs = ctx.clean_pass(prompt_ids, num_tokens, base)
     read = list(range(prompt_len - 1, full_len))
+    firsts = [first_changed(iv, full_len, vl.num_layers) for iv in knockouts.values]
+    rows = [compose(base, iv) for iv in knockouts.values]
     if batch_size is None:
-        recomputed = full_len - min(first_changed(knockouts[0], full_len, vl.num_layers), read[0])
+        recomputed = full_len - min(*firsts, read[0])
         bytes_per = vl.dtype.itemsize
         batch_size = choose_batch_size(vl.text_config, full_len, recomputed, len(read), bytes_per, budget)
         log.info("%d knockouts per pass (memory budget %d bytes)", batch_size, budget)
 
     residual, heads, logits, generated = [], [], [], []
-    bar = tqdm(total=len(knockouts), desc="knockouts", unit="token", disable=not progress)
-    for start in range(0, len(knockouts), batch_size):
-        chunk = knockouts[start : start + batch_size]
-        out = ctx.run_fast(decoder_inputs, chunk, read)
-        out = _pin_unchanged(out, clean, [first_changed(iv, full_len, vl.num_layers) for iv in chunk], read)
+    bar = tqdm(total=len(rows), desc="knockouts", unit="knockout", disable=not progress)
+    for start in range(0, len(rows), batch_size):
+        chunk, chunk_firsts = rows[start : start + batch_size], firsts[start : start + batch_size]
+        out = ctx.run_fast(decoder_inputs, chunk, read, min(chunk_firsts))
+        out = _pin_unchanged(out, clean, chunk_firsts, read)
         residual.append(vector_distances(clean.residual, out.residual))
         heads.append(vector_distances(clean.heads, out.heads))
         logits.append(logit_metrics(clean.logits, out.logits))
@@ -284,12 +335,17 @@ def sweep(
         bar.update(len(chunk))
     bar.close()
 
+    mask_text = ""
+    if knockouts.dim == "token":
+        mask = "text" if mask is None else mask
+        mask_text = mask if isinstance(mask, str) else ",".join(map(str, sorted(set(mask))))
     record = SweepRecord(
         prompt=built,
         vl=vl,
-        units=units,
-        layers=None if layers is None else list(layers),
-        mask=mask if isinstance(mask, str) else ",".join(map(str, positions)),
+        knockouts=knockouts,
+        base=None if base == NOTHING else base.to_dict(),
+        mask=mask_text,
+        mask_unit=mask_unit if knockouts.dim == "token" else "",
         vision_attention=vision_attention,
         clean_ids=clean_ids.tolist(),
         clean_top_logprob=torch.log_softmax(clean.logits[0], -1).max(-1).values,
@@ -297,8 +353,6 @@ def sweep(
         heads=torch.cat(heads),
         logits=torch.cat(logits),
         masked_ids=torch.cat(generated),
-        intervention=knockouts[0].to_dict(),
-        mask_unit=mask_unit,
         video_fps=video_fps,
     )
     return to_dataset(record)

@@ -1,9 +1,11 @@
 """The nnsight traces: the model runs with a chosen attention mask at each decoder layer,
 and the read positions' layer outputs, head outputs and logits come back.
 
-This is the only place vlmask intervenes on the model. The edit is on what reaches each
-decoder layer's self-attention (its ``attention_mask`` argument); attention itself is
-the model's own code.
+This is the only place vlmask intervenes on the model. At each decoder layer, in the order
+the model runs them, it edits: what reaches self-attention (its ``attention_mask``
+argument), the ``o_proj`` input (each head's output), and the layer's output (the residual
+stream) — the hook points of the ``interventions`` contract. Attention itself is the
+model's own code.
 
 Two ways in:
 
@@ -84,6 +86,43 @@ def repeat_encoder_outputs(outputs: dict[str, Any], batch: int) -> dict[str, Any
     return repeated
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What one pass does to the model.
+
+    ``allowed[layer] (batch, query, key)`` are the attention edges left at each layer;
+    ``rows[i]`` is batch row ``i``'s intervention, asked for its activation edits;
+    ``start`` is the absolute position of the first computed query; ``head_means
+    (layer, head, head_dim)`` the unmodified model's mean head outputs, where mean
+    ablation needs them.
+    """
+
+    allowed: list[torch.Tensor]
+    rows: tuple[Any, ...]
+    start: int = 0
+    head_means: torch.Tensor | None = None
+
+    def editing(self, layer: int, hook: str) -> list[tuple[int, Any]]:
+        """``(row, intervention)`` for the rows that edit ``hook`` at ``layer``."""
+        return [(row, iv) for row, iv in enumerate(self.rows) if hook in iv.hooks(layer)]
+
+    def edit_heads(self, layer: int, x: torch.Tensor, num_heads: int) -> torch.Tensor:
+        """The ``o_proj`` input ``x (batch, pos, head * head_dim)`` after each row's ``edit_heads``."""
+        means = None if self.head_means is None else self.head_means[layer]
+        out = x.clone()
+        for row, iv in self.editing(layer, "heads"):
+            heads = x[row].unflatten(-1, (num_heads, -1))
+            out[row] = iv.edit_heads(layer, heads, self.start, means).flatten(-2)
+        return out
+
+    def edit_residual(self, layer: int, y: torch.Tensor) -> torch.Tensor:
+        """The layer output ``y (batch, pos, hidden)`` after each row's ``edit_residual``."""
+        out = y.clone()
+        for row, iv in self.editing(layer, "residual"):
+            out[row] = iv.edit_residual(layer, y[row], self.start)
+        return out
+
+
 def _masks(vl: Any, allowed: list[torch.Tensor]) -> list[torch.Tensor]:
     """Attention masks in the implementation's format; layers sharing an ``allowed`` tensor share a mask."""
     converted: dict[int, torch.Tensor] = {}
@@ -93,18 +132,45 @@ def _masks(vl: Any, allowed: list[torch.Tensor]) -> list[torch.Tensor]:
     return [converted[id(a)] for a in allowed]
 
 
-def _intervene(vl: Any, masks: list[torch.Tensor], index: torch.Tensor, residual: list | None, heads: list) -> None:
-    """Inside a trace: hand each layer's self-attention its mask; save what the read positions saw.
+def _intervene(
+    vl: Any,
+    plan: Plan,
+    masks: list[torch.Tensor],
+    index: torch.Tensor,
+    residual: list | None,
+    heads: list,
+    means: list | None = None,
+) -> None:
+    """Inside a trace, at each layer in execution order: hand self-attention its mask, edit the
+    head outputs (the ``o_proj`` input) and the layer output for the rows whose interventions
+    ask, and save what the read positions saw (after the edits).
 
-    The lists are made before the trace (values made inside a trace survive only if saved).
+    ``means``, if given, collects each layer's head outputs averaged over every computed
+    position, in float32 (what mean ablation uses, taken from an unmodified run).
+    The masks and lists are made before the trace (values made inside a trace survive only if saved).
     """
-    for layer, mask in zip(vl.traced.model.language_model.layers, masks, strict=True):
+    for i, (layer, mask) in enumerate(zip(vl.traced.model.language_model.layers, masks, strict=True)):
         args, kwargs = layer.self_attn.inputs
         kwargs["attention_mask"] = mask
         layer.self_attn.inputs = (args, kwargs)
-        if residual is not None:
-            heads.append(layer.self_attn.o_proj.input[:, index].float().cpu().save())
-            residual.append(layer.output[:, index].float().cpu().save())
+        edit = bool(plan.editing(i, "heads"))
+        if edit or residual is not None or means is not None:
+            x = layer.self_attn.o_proj.input
+            if edit:
+                x = plan.edit_heads(i, x, vl.num_heads)
+                layer.self_attn.o_proj.input = x
+            if residual is not None:
+                heads.append(x[:, index].float().cpu().save())
+            if means is not None:
+                means.append(x.float().mean(1).cpu().save())
+        edit = bool(plan.editing(i, "residual"))
+        if edit or residual is not None:
+            y = layer.output
+            if edit:
+                y = plan.edit_residual(i, y)
+                layer.output = y
+            if residual is not None:
+                residual.append(y[:, index].float().cpu().save())
 
 
 def _readout(vl: Any, residual: list | None, heads: list, logits: torch.Tensor) -> Readout:
@@ -123,15 +189,17 @@ def run_model(
     input_ids: torch.Tensor,
     extra: dict[str, torch.Tensor],
     encoder_outputs: dict[str, Any],
-    allowed: list[torch.Tensor],
+    plan: Plan,
     read: list[int],
     internals: bool = True,
     capture: bool = False,
+    means: list | None = None,
 ) -> tuple[Readout, DecoderInputs | None]:
-    """Run the whole model on ``input_ids (batch, seq)`` with ``allowed[layer] (batch, seq, seq)`` masks.
+    """Run the whole model on ``input_ids (batch, seq)`` under ``plan`` (``allowed[layer] (batch, seq, seq)``).
 
     ``extra`` holds per-prompt inputs (``mm_token_type_ids``, grids) for batch 1; they are
     repeated here. With ``capture`` (batch 1), also return the decoder's inputs and cache.
+    ``means``, a list, receives each layer's head outputs averaged over all positions.
     """
     batch = input_ids.shape[0]
     device = vl.device
@@ -144,12 +212,12 @@ def run_model(
             kwargs[key] = extra[key].repeat(batch, 1).to(device)
     if encoder_outputs:
         kwargs["mm_encoder_outputs"] = repeat_encoder_outputs(encoder_outputs, batch)
-    masks = _masks(vl, allowed)
+    masks = _masks(vl, plan.allowed)
     residual, heads = ([], []) if internals else (None, [])
     with torch.inference_mode(), vl.traced.trace(**kwargs):
         if capture:
             decoder_kwargs = vl.traced.model.language_model.inputs[1].save()
-        _intervene(vl, masks, index, residual, heads)
+        _intervene(vl, plan, masks, index, residual, heads, means)
         output = vl.traced.output.save()
     readout = _readout(vl, residual, heads, output.logits.float().cpu())
     if not capture:
@@ -167,14 +235,15 @@ def run_model(
 
 
 def run_decoder(
-    vl: Any, dec: DecoderInputs, start: int, allowed: list[torch.Tensor], read: list[int], extend: bool = False
+    vl: Any, dec: DecoderInputs, plan: Plan, read: list[int], extend: bool = False
 ) -> tuple[Readout, DecoderInputs | None]:
-    """Recompute positions ``start..`` of a captured sequence under ``allowed[layer] (batch, seq - start, seq)``.
+    """Recompute positions ``plan.start..`` of a captured sequence (``allowed[layer] (batch, seq - start, seq)``).
 
     Positions before ``start`` are taken from the captured cache; ``read`` positions must be >= ``start``.
     With ``extend`` (batch 1), also return ``dec`` with the keys and values of the new positions.
     """
-    batch = allowed[0].shape[0]
+    start = plan.start
+    batch = plan.allowed[0].shape[0]
     device = vl.device
     cache = None
     if start or extend:
@@ -188,7 +257,7 @@ def run_decoder(
         before = int(dec.visual_mask[:, :start].sum())
         deepstack = [level[before:].repeat(batch, 1) for level in dec.deepstack]
     index = torch.tensor([r - start for r in read], device=device)
-    masks = _masks(vl, allowed)
+    masks = _masks(vl, plan.allowed)
 
     def decode(embeds: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         hidden = vl.hf.model.language_model(
@@ -206,7 +275,7 @@ def run_decoder(
     positions = None if dec.position_ids is None else dec.position_ids[:, :, start:].expand(-1, batch, -1)
     residual, heads = [], []
     with torch.inference_mode(), vl.traced.trace(embeds, positions, fn=decode):
-        _intervene(vl, masks, index, residual, heads)
+        _intervene(vl, plan, masks, index, residual, heads)
         logits = vl.traced.lm_head.output.float().cpu().save()
     readout = _readout(vl, residual, heads, logits)
     if not extend:

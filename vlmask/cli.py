@@ -1,4 +1,4 @@
-"""The ``vlmask`` command line: ``vlmask run ...`` and ``vlmask heatmap RESULT.nc ...``.
+"""The ``vlmask`` command line: ``vlmask run``, ``heatmap``, ``report``, ``compare`` and ``batch``.
 
 User mistakes end in one line on stderr and exit status 2, with no output file left.
 """
@@ -14,12 +14,15 @@ from pathlib import Path
 import transformers
 import xarray as xr
 
+from vlmask._batch import Outcome, parse_shard, run_batch
+from vlmask._compare import write_compare
 from vlmask._errors import VlmaskError
 from vlmask._heatmap import METRICS
 from vlmask._inputs import CHAT_TEMPLATE_MODES, read_image
 from vlmask._masks import VISION_ATTENTION, parse_indices
 from vlmask._model import DTYPES, load_model
 from vlmask._plot import plot_heatmap
+from vlmask._report import write_report
 from vlmask._results import FORMATS, open_results, save_results, write_tables
 from vlmask._sweep import sweep
 from vlmask._units import UNITS, parse_unit
@@ -62,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace existing result files")
     run.add_argument("--top", type=int, default=10, help="rows in the printed ranking (default 10)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--report", action="store_true", help="also write NAME.html, the interactive report")
     run.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     heat = commands.add_parser("heatmap", help="draw a result's vision-token knockouts over its images (PNG)")
     heat.add_argument("result", help="a .nc file written by vlmask run")
@@ -71,6 +75,23 @@ def _parser() -> argparse.ArgumentParser:
     heat.add_argument("-o", "--output", help="PNG file (default: RESULT with .png)")
     heat.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
     heat.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    report = commands.add_parser("report", help="write a result's interactive HTML report (one offline file)")
+    report.add_argument("result", help="a .nc file written by vlmask run")
+    report.add_argument("-o", "--output", help="HTML file (default: RESULT with .html)")
+    report.add_argument("--overwrite", action="store_true", help="replace an existing HTML file")
+    report.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    compare = commands.add_parser("compare", help="compare two results token by token (e.g. with and without image)")
+    compare.add_argument("a", help="first .nc result (A)")
+    compare.add_argument("b", help="second .nc result (B)")
+    compare.add_argument("-o", "--output", default="compare.html", help="HTML file (default compare.html)")
+    compare.add_argument("--overwrite", action="store_true", help="replace an existing HTML file")
+    compare.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    many = commands.add_parser("batch", help="run the sweeps listed in a YAML file, one result each (resumable)")
+    many.add_argument("config", help="YAML file of items: name, prompt, image(s), mask, num_tokens, model, ...")
+    many.add_argument("--shard", default="0/1", help="run shard i of n: the items whose index %% n == i (like 0/4)")
+    many.add_argument("--output-dir", help="where NAME.nc are written (default: the file's output_dir, else output)")
+    many.add_argument("--no-progress", action="store_true", help="no progress bar")
+    many.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     return parser
 
 
@@ -82,7 +103,7 @@ def _targets(args: argparse.Namespace) -> tuple[Path, list[str]]:
     if not args.output or Path(args.output).name != args.output:
         raise VlmaskError(f"--output {args.output!r} must be a plain name; use --output-dir for the folder")
     stem = Path(args.output_dir) / args.output
-    for fmt in ["nc", *formats]:
+    for fmt in ["nc", *formats, *(["html"] if args.report else [])]:
         path = stem.with_suffix(f".{fmt}")
         if path.exists() and not args.overwrite:
             raise VlmaskError(f"output '{path}' already exists: choose another --output or pass --overwrite")
@@ -184,6 +205,8 @@ def run(args: argparse.Namespace) -> int:
     )
     path = save_results(ds, stem.with_suffix(".nc"), overwrite=args.overwrite)
     written = [path, *write_tables(ds, stem, formats, overwrite=args.overwrite)]
+    if args.report:
+        written.append(write_report(ds, stem.with_suffix(".html"), overwrite=args.overwrite))
     _print_tokens(ds)
     _print_ranking(ds, args.top)
     for out in written:
@@ -199,6 +222,43 @@ def heatmap(args: argparse.Namespace) -> int:
     return 0
 
 
+def report(args: argparse.Namespace) -> int:
+    path = Path(args.output) if args.output else Path(args.result).with_suffix(".html")
+    write_report(open_results(args.result), path, overwrite=args.overwrite)
+    print(f"wrote {path}")
+    return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    a, b = open_results(args.a), open_results(args.b)
+    names = (Path(args.a).stem, Path(args.b).stem)
+    if names[0] == names[1]:
+        names = ("A", "B")
+    write_compare(a, b, args.output, names=names, overwrite=args.overwrite)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def batch(args: argparse.Namespace) -> int:
+    """Exit status 1 if any item failed (each failure is printed with its error), else 0."""
+
+    def show(outcome: Outcome) -> None:
+        if outcome.status == "failed":
+            print(f"failed  {outcome.name}: {outcome.error}", file=sys.stderr)
+        else:
+            took = f" ({outcome.seconds:.1f} s)" if outcome.status == "done" else " (up to date)"
+            print(f"{outcome.status:<7} {outcome.name} -> {outcome.path}{took}")
+
+    shard = parse_shard(args.shard)
+    outcomes = run_batch(args.config, args.output_dir, shard=shard, progress=not args.no_progress, report=show)
+    counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "skipped", "failed")}
+    print(
+        f"shard {args.shard}: {len(outcomes)} items, {counts['done']} done, {counts['skipped']} up to date,"
+        f" {counts['failed']} failed"
+    )
+    return 1 if counts["failed"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vlmask`` command."""
     args = _parser().parse_args(argv)
@@ -207,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         transformers.utils.logging.set_verbosity_error()
     try:
-        return {"run": run, "heatmap": heatmap}[args.command](args)
+        commands = {"run": run, "heatmap": heatmap, "report": report, "compare": compare, "batch": batch}
+        return commands[args.command](args)
     except VlmaskError as err:
         print(f"vlmask: error: {err}", file=sys.stderr)
         return 2
