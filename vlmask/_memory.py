@@ -66,3 +66,30 @@ def choose_batch_size(config: Any, seq_len: int, recomputed: int, reads: int, dt
     """
     per_row = bytes_per_knockout(config, seq_len, recomputed, reads, dtype_bytes)
     return max(1, min(MAX_BATCH, budget // per_row))
+
+
+def plan_batches(starts: list[int], seq_len: int, batch_size: int, waste: float = 1.25) -> list[slice]:
+    """Cut knockouts, in order, into batches that recompute little they need not.
+
+    A batch recomputes from its earliest start, so a knockout joins the current batch only
+    while that costs at most ``waste`` times its own recompute (and the batch has room).
+
+    Example:
+        >>> plan_batches([1, 200, 201, 202], seq_len=222, batch_size=8)
+        [slice(0, 1, None), slice(1, 4, None)]
+    """
+    batches: list[slice] = []
+    first, lowest = 0, None
+    for k, start in enumerate(starts):
+        if lowest is not None:
+            merged = min(lowest, start)
+            fits = k - first < batch_size and seq_len - merged <= waste * (seq_len - start)
+            if fits and seq_len - merged <= waste * (seq_len - lowest):
+                lowest = merged
+                continue
+            batches.append(slice(first, k))
+            first = k
+        lowest = start
+    if starts:
+        batches.append(slice(first, len(starts)))
+    return batches

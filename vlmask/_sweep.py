@@ -35,7 +35,7 @@ from vlmask._errors import VlmaskError
 from vlmask._inputs import Prompt, build_prompt
 from vlmask._knockouts import Windows, plan
 from vlmask._masks import base_allowed, parse_mask
-from vlmask._memory import choose_batch_size, parse_size
+from vlmask._memory import choose_batch_size, parse_size, plan_batches
 from vlmask._metrics import logit_metrics, vector_distances
 from vlmask._model import VLModel
 from vlmask._results import SweepRecord, to_dataset
@@ -324,8 +324,8 @@ def sweep(
 
     residual, heads, logits, generated = [], [], [], []
     bar = tqdm(total=len(rows), desc="knockouts", unit="knockout", disable=not progress)
-    for start in range(0, len(rows), batch_size):
-        chunk, chunk_firsts = rows[start : start + batch_size], firsts[start : start + batch_size]
+    for batch in plan_batches([min(f, read[0]) for f in firsts], full_len, batch_size):
+        chunk, chunk_firsts = rows[batch], firsts[batch]
         out = ctx.run_fast(decoder_inputs, chunk, read, min(chunk_firsts))
         out = _pin_unchanged(out, clean, chunk_firsts, read)
         residual.append(vector_distances(clean.residual, out.residual))

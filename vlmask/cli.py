@@ -185,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
     parse_unit(args.mask_unit)
     vl = load_model(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation)
     if vl.builtin:
-        print(f"model: built-in toy checkpoint {DEFAULT_MODEL_PATH.name} (see its README.md); --model for a real one")
+        card = (DEFAULT_MODEL_PATH / "README.md").read_text().splitlines()[0].lstrip("# ")
+        print(f"model: built-in {DEFAULT_MODEL_PATH.name}: {card} (pass --model for a real one)")
     layers = None if args.layers is None else parse_indices(args.layers, vl.num_layers, "layer")
     ds = sweep(
         vl,

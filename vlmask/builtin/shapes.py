@@ -53,14 +53,17 @@ CELL = IMAGE_SIZE // GRID  # 32 pixels: one merged vision token per cell
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 230),
-    "yellow": (235, 200, 20),
+    "red": (225, 55, 50),
+    "green": (50, 175, 105),
+    "blue": (55, 95, 180),
+    "purple": (145, 45, 140),
 }
-COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
+"""The palette. Every colour has the same channel sum (330), so "how much ink is in this
+patch" is a linear function of the pixels whatever the colour: shape outlines are as
+easy to see as colours."""
+COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 QUESTION_KINDS = ("color", "shape", "count")
-KIND_WEIGHTS = (0.45, 0.45, 0.10)
+KIND_WEIGHTS = (0.55, 0.35, 0.10)
 """How often :func:`sample_scene` asks each kind of question."""
 
 FUNCTION_WORDS = ("what", "is", "the")
@@ -88,7 +91,7 @@ class Item:
     color: str
     row: int
     col: int
-    size: int = 26
+    size: int = 28
     dx: int = 0
     dy: int = 0
 
@@ -121,7 +124,7 @@ def render(items: Iterable[Item]) -> Image.Image:
 
     Example:
         >>> render([Item("circle", "red", 0, 0)]).getpixel((16, 16))
-        (220, 40, 40)
+        (225, 55, 50)
     """
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), "white")
     draw = ImageDraw.Draw(image)
@@ -168,26 +171,29 @@ def all_texts() -> list[str]:
     return texts + list(COLORS) + list(SHAPES) + list(COUNT_WORDS.values())
 
 
-def sample_items(rng: np.random.Generator) -> tuple[Item, ...]:
-    """Two to four shapes with distinct types, colours and cells, random sizes and offsets."""
-    n = int(rng.integers(2, 5))
+def sample_items(rng: np.random.Generator, counts: Sequence[int] = (2, 3, 4)) -> tuple[Item, ...]:
+    """``n`` shapes (``n`` drawn from ``counts``) with distinct types, colours and cells.
+
+    Every shape is drawn 28 pixels wide, centred in its 32-pixel cell.
+    """
+    n = int(counts[int(rng.integers(len(counts)))])
+    if not 1 <= n <= len(SHAPES):
+        raise ValueError(f"a scene holds 1 to {len(SHAPES)} shapes, not {n}")
     shapes = rng.permutation(len(SHAPES))[:n]
     colors = rng.permutation(len(COLORS))[:n]
     cells = rng.permutation(GRID * GRID)[:n]
     names = list(COLORS)
-    items = []
-    for s, c, cell in zip(shapes, colors, cells):
-        size = int(rng.integers(20, 29))
-        slack = (CELL - 2 - size) // 2
-        dx, dy = (int(v) for v in rng.integers(-slack, slack + 1, size=2))
-        items.append(Item(SHAPES[s], names[c], int(cell) // GRID, int(cell) % GRID, size, dx, dy))
-    return tuple(items)
+    return tuple(
+        Item(SHAPES[s], names[c], int(cell) // GRID, int(cell) % GRID)
+        for s, c, cell in zip(shapes, colors, cells, strict=False)
+    )
 
 
-def sample_scene(rng: np.random.Generator, kind: str | None = None) -> Scene:
+def sample_scene(rng: np.random.Generator, kind: str | None = None, counts: Sequence[int] = (2, 3, 4)) -> Scene:
     """A random scene with a question of ``kind`` (``"color"``, ``"shape"``, ``"count"``; random if None).
 
-    Deterministic for a given generator state.
+    The scene holds ``n`` shapes, ``n`` drawn from ``counts`` (the world is 2 to 4; training
+    also shows single shapes). Deterministic for a given generator state.
 
     Example:
         >>> import numpy as np
@@ -196,7 +202,7 @@ def sample_scene(rng: np.random.Generator, kind: str | None = None) -> Scene:
         >>> (a.question, a.answer, a.target) == (b.question, b.answer, b.target)
         True
     """
-    items = sample_items(rng)
+    items = sample_items(rng, counts)
     if kind is None:
         kind = QUESTION_KINDS[int(rng.choice(len(QUESTION_KINDS), p=KIND_WEIGHTS))]
     if kind == "count":
@@ -285,7 +291,7 @@ def predict(model, processor, scenes: Sequence[Scene], batch_size: int = 100) ->
 def accuracy(model, processor, scenes: Sequence[Scene]) -> float:
     """Fraction of ``scenes`` whose predicted answer is right."""
     preds = predict(model, processor, scenes)
-    return sum(p == s.answer for p, s in zip(preds, scenes)) / len(scenes)
+    return sum(p == s.answer for p, s in zip(preds, scenes, strict=False)) / len(scenes)
 
 
 # ----------------------------------------------------------------------------- training
@@ -295,20 +301,42 @@ def accuracy(model, processor, scenes: Sequence[Scene]) -> float:
 class TrainConfig:
     """Everything that decides the trained weights."""
 
-    steps: int = 2000
-    batch_size: int = 48
+    steps: int = 1500
+    batch_size: int = 32
     lr: float = 2e-3
-    warmup: int = 100
+    warmup: int = 50
+    single_steps: int = 150
+    decay: float = 0.4
+    aux_weight: float = 0.5
     weight_decay: float = 0.01
     seed: int = TRAIN_SEED
     hidden_size: int = 128
     layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2
+    heads: int = 8
+    kv_heads: int = 4
     vision_hidden: int = 64
     vision_depth: int = 2
     threads: int = 2
     log_every: int = 100
+
+
+def _cell_loss(logits, scenes: Sequence[Scene], vocab: dict[str, int]):
+    """Auxiliary loss: at the vision token of each shape, the colour and shape words.
+
+    The output at a shape's vision token should put half its probability on the colour
+    word and half on the shape word (cross-entropy against both; empty cells are not
+    scored). This makes each cell's token carry what is in that cell, so the model
+    answers by finding the asked-about shape's token rather than by some diffuse route.
+    """
+    import torch
+
+    targets = torch.full((len(scenes), NUM_VISION_TOKENS, 2), -1, dtype=torch.long)
+    for b, scene in enumerate(scenes):
+        for item in scene.items:
+            targets[b, item.row * GRID + item.col] = torch.tensor([vocab[item.color], vocab[item.shape]])
+    filled = targets[..., 0] >= 0
+    logp = logits[:, VISION_START : VISION_START + NUM_VISION_TOKENS].float().log_softmax(-1)
+    return -logp.gather(-1, targets.clamp(min=0)).sum(-1)[filled].mean()
 
 
 def train(config: TrainConfig, out: str | Path = DEFAULT_MODEL_PATH) -> dict[str, Any]:
@@ -344,17 +372,25 @@ def train(config: TrainConfig, out: str | Path = DEFAULT_MODEL_PATH) -> dict[str
     )
 
     def lr_at(step: int) -> float:
+        # warm up, hold, then a cosine decay over the last ``decay`` fraction of training
         if step < config.warmup:
             return (step + 1) / config.warmup
-        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+        start = int(config.steps * (1 - config.decay))
+        if step < start:
+            return 1.0
+        progress = (step - start) / max(1, config.steps - start)
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    vocab = processor.tokenizer.get_vocab()
     start = time.time()
     running = running_acc = None
     bar = tqdm(range(config.steps), desc="train", mininterval=5)
     for step in bar:
-        scenes = [sample_scene(rng) for _ in range(config.batch_size)]
+        # curriculum: single shapes first (learn to read colour and shape off a vision
+        # token), then 1-4 shapes (learn to find the asked-about one)
+        counts = (1,) if step < config.single_steps else (1, 2, 3, 4)
+        scenes = [sample_scene(rng, counts=counts) for _ in range(config.batch_size)]
         inputs = encode(processor, scenes, with_answer=True)
         logits = model(**inputs).logits
         # loss on the answer (predicted at the prompt's last token) and on <|im_end|> after it
@@ -362,6 +398,8 @@ def train(config: TrainConfig, out: str | Path = DEFAULT_MODEL_PATH) -> dict[str
         loss = torch.nn.functional.cross_entropy(
             logits[:, -3:-1].reshape(-1, logits.shape[-1]).float(), ids[:, -2:].reshape(-1)
         )
+        if config.aux_weight > 0:
+            loss = loss + config.aux_weight * _cell_loss(logits, scenes, vocab)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -386,26 +424,52 @@ def train(config: TrainConfig, out: str | Path = DEFAULT_MODEL_PATH) -> dict[str
 # ----------------------------------------------------------------------------- knockout ground truth
 
 
-def block_keys_mask(seq_len: int, blocked: Iterable[int], dtype, batch: int = 1):
-    """Additive ``(batch, 1, seq, seq)`` mask: causal, and no query after ``p`` reads key ``p``."""
+def block_keys_mask(seq_len: int, blocked: Iterable[int], dtype):
+    """Additive ``(seq, seq)`` mask: causal, and no query after ``p`` reads key ``p`` for ``p`` in ``blocked``.
+
+    Example:
+        >>> import torch
+        >>> (block_keys_mask(3, [1], torch.float32) == 0).int().tolist()
+        [[1, 0, 0], [1, 1, 0], [1, 0, 1]]
+    """
     import torch
 
     allowed = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
     for p in blocked:
         allowed[p + 1 :, p] = False
-    mask = torch.zeros(seq_len, seq_len, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-    return mask[None, None].expand(batch, 1, seq_len, seq_len)
+    return torch.zeros(seq_len, seq_len, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def knockout_logprobs(model, inputs, blocked: Sequence[int]):
-    """Log-probabilities at the last position with keys ``blocked`` cut at every layer.
+def repeat_inputs(inputs, k: int) -> dict[str, Any]:
+    """A one-prompt batch of processor ``inputs`` repeated ``k`` times (images included)."""
+    import torch
 
-    Plain PyTorch (forward pre-hooks on each decoder ``self_attn``); ``model`` must use eager attention.
+    if inputs["input_ids"].shape[0] != 1:
+        raise ValueError("repeat_inputs takes a batch of one prompt")
+    out = {}
+    for key, value in inputs.items():
+        if key == "pixel_values":  # flattened patches of the one image
+            out[key] = value.repeat(k, 1)
+        elif torch.is_tensor(value):
+            out[key] = value.repeat(k, *([1] * (value.ndim - 1)))
+        else:
+            out[key] = value
+    return out
+
+
+def knockout_logprobs(model, inputs, blocked: Sequence[Sequence[int]]):
+    """Last-position log-probabilities of one prompt, once per set of key positions in ``blocked``.
+
+    Row ``i`` is the run in which no query reads a key in ``blocked[i]`` from a later
+    position, at every decoder layer (``[]`` is the clean run). Plain PyTorch: forward
+    pre-hooks on each decoder ``self_attn`` swap in a 4D additive mask, so ``model`` must
+    use eager attention. Returns a float tensor ``(len(blocked), vocab)``.
     """
     import torch
 
-    batch, seq_len = inputs["input_ids"].shape
-    mask = block_keys_mask(seq_len, blocked, model.dtype, batch)
+    seq_len = inputs["input_ids"].shape[1]
+    batch = repeat_inputs(inputs, len(blocked))
+    mask = torch.stack([block_keys_mask(seq_len, b, model.dtype) for b in blocked])[:, None]
 
     def hook(_module, args, kwargs):
         kwargs["attention_mask"] = mask
@@ -416,49 +480,52 @@ def knockout_logprobs(model, inputs, blocked: Sequence[int]):
     ]
     try:
         with torch.no_grad():
-            return model(**inputs).logits[:, -1].float().log_softmax(-1)
+            return model(**batch).logits[:, -1].float().log_softmax(-1)
     finally:
         for h in handles:
             h.remove()
 
 
 def knockout_report(model, processor, n: int = 100, seed: int = KNOCKOUT_SEED) -> dict[str, float]:
-    """Check the ground truth the engine's tests rely on, on ``n`` colour/shape scenes.
+    """Check the ground truth the engine's tests rely on, on ``n`` colour/shape scenes (half each).
 
     * ``target_token_top``: fraction of scenes where blocking the asked-about shape's vision
       token drops the answer's log-probability more than blocking any other vision token.
     * ``content_word_top_kl`` / ``content_word_top_drop``: fraction where blocking the
-      question's content word changes the answer distribution (KL from clean) / drops the
-      answer's log-probability more than blocking any of "what", "is", "the".
+      question's content word changes the answer distribution more (KL from the clean
+      distribution) / drops the answer's log-probability more than blocking any one of
+      "what", "is", "the".
+    * ``clean_accuracy``: how many of these scenes the clean model answers right.
     """
     import torch
 
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng, ("color", "shape")[i % 2]) for i in range(n)]
-    target_wins = kl_wins = drop_wins = 0
+    target_wins = kl_wins = drop_wins = right = 0
     for scene in tqdm_iter(scenes, "knockout"):
         inputs = encode(processor, [scene])
         tokens = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
+        words = scene.question.split()
+        q_positions = {w: QUESTION_START + i for i, w in enumerate(words)}
+        if tokens[QUESTION_START : QUESTION_START + len(words)] != words:
+            raise ValueError(f"unexpected prompt layout: {tokens}")
+        probe_words = [scene.content[0], *FUNCTION_WORDS]
+        blocked = (
+            [[]] + [[VISION_START + k] for k in range(NUM_VISION_TOKENS)] + [[q_positions[w]] for w in probe_words]
+        )
+        lp = knockout_logprobs(model, inputs, blocked)
         ans = processor.tokenizer.convert_tokens_to_ids(scene.answer)
-        clean = knockout_logprobs(model, inputs, [])[0]
-        drops = []
-        for k in range(NUM_VISION_TOKENS):
-            drops.append(float(clean[ans] - knockout_logprobs(model, inputs, [VISION_START + k])[0, ans]))
-        target_wins += int(np.argmax(drops) == scene.target_token)
-        q_positions = {w: QUESTION_START + i for i, w in enumerate(scene.question.split())}
-        assert all(tokens[p] == w for w, p in q_positions.items())
-
-        def effect(word: str) -> tuple[float, float]:
-            lp = knockout_logprobs(model, inputs, [q_positions[word]])[0]
-            kl = float(torch.sum(clean.exp() * (clean - lp)))
-            return kl, float(clean[ans] - lp[ans])
-
-        content = effect(scene.content[0])
-        others = [effect(w) for w in FUNCTION_WORDS]
-        kl_wins += int(all(content[0] > o[0] for o in others))
-        drop_wins += int(all(content[1] > o[1] for o in others))
+        clean, vision, word_runs = lp[0], lp[1 : 1 + NUM_VISION_TOKENS], lp[1 + NUM_VISION_TOKENS :]
+        right += int(int(clean.argmax()) == ans)
+        drops = clean[ans] - vision[:, ans]
+        target_wins += int(int(drops.argmax()) == scene.target_token)
+        kl = torch.sum(clean.exp() * (clean - word_runs), dim=-1)
+        word_drop = clean[ans] - word_runs[:, ans]
+        kl_wins += int(bool((kl[0] > kl[1:]).all()))
+        drop_wins += int(bool((word_drop[0] > word_drop[1:]).all()))
     return {
         "n": n,
+        "clean_accuracy": right / n,
         "target_token_top": target_wins / n,
         "content_word_top_kl": kl_wins / n,
         "content_word_top_drop": drop_wins / n,
@@ -481,23 +548,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_train = sub.add_parser("train", help="train the default checkpoint from scratch")
     p_train.add_argument("--out", default=str(DEFAULT_MODEL_PATH))
     defaults = TrainConfig()
-    for name in (
-        "steps",
-        "batch_size",
-        "seed",
-        "hidden_size",
-        "layers",
-        "heads",
-        "kv_heads",
-        "vision_hidden",
-        "vision_depth",
-        "threads",
-        "warmup",
-        "log_every",
-    ):
-        p_train.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
-    p_train.add_argument("--lr", type=float, default=defaults.lr)
-    p_train.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    for name in TrainConfig.__dataclass_fields__:
+        kind = type(getattr(defaults, name))
+        p_train.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name))
     p_train.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation after training")
     p_eval = sub.add_parser("evaluate", help="held-out accuracy on fresh scenes")
     p_eval.add_argument("--model", default=str(DEFAULT_MODEL_PATH))
@@ -528,10 +581,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         scenes = sample_scenes(args.n, args.seed)
         preds = predict(model, processor, scenes)
         for kind in QUESTION_KINDS:
-            pairs = [(p, s) for p, s in zip(preds, scenes) if s.kind == kind]
+            pairs = [(p, s) for p, s in zip(preds, scenes, strict=False) if s.kind == kind]
             if pairs:
                 logger.info("%s: %d/%d right", kind, sum(p == s.answer for p, s in pairs), len(pairs))
-        acc = sum(p == s.answer for p, s in zip(preds, scenes)) / len(scenes)
+        acc = sum(p == s.answer for p, s in zip(preds, scenes, strict=False)) / len(scenes)
         logger.info("held-out accuracy on %d scenes (seed %d): %.4f", args.n, args.seed, acc)
     elif args.command == "knockout":
         model, processor = load(args.model, attn_implementation="eager")
