@@ -13,7 +13,6 @@ import base64
 import hashlib
 import json
 import math
-import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from vlmask._errors import VlmaskError
+from vlmask._results import atomic_write
 
 ASSETS = resources.files("vlmask") / "templates"
 _ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
@@ -111,12 +111,4 @@ def write_page(html: str, path: str | Path, *, overwrite: bool = False) -> Path:
         raise VlmaskError(f"report output '{path}' must end in .html")
     if path.exists() and not overwrite:
         raise VlmaskError(f"output '{path}' already exists: choose another -o or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(html, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_text(html, encoding="utf-8"))

@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from PIL import Image
 
 from vlmask._errors import VlmaskError
 from vlmask._heatmap import cell_colors, heatmap, paint
+from vlmask._results import atomic_write
 from vlmask._video import frame_paths, video_hash
 
 log = logging.getLogger(__name__)
@@ -130,13 +130,6 @@ def plot_heatmap(
         f" unit {heat.attrs['mask_unit']}",
         fontsize=10,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     log.info("wrote heatmap %s", path)
     return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -153,6 +154,23 @@ def to_dataset(rec: SweepRecord) -> xr.Dataset:
     return ds
 
 
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    An interrupted or failed write leaves neither a partial ``path`` nor the temporary file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def save_results(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``ds`` to netCDF atomically (a temporary file, then a rename).
 
@@ -163,16 +181,7 @@ def save_results(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -
     path = Path(path)
     if path.exists() and not overwrite:
         raise VlmaskError(f"output '{path}' already exists: choose another --output or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        ds.to_netcdf(tmp, engine="netcdf4")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: ds.to_netcdf(tmp, engine="netcdf4"))
 
 
 def open_results(path: str | Path) -> xr.Dataset:
@@ -243,11 +252,9 @@ def write_tables(ds: xr.Dataset, stem: str | Path, formats: list[str], *, overwr
         if path.exists() and not overwrite:
             raise VlmaskError(f"output '{path}' already exists: choose another --output or pass --overwrite")
         table = long_table(ds) if table is None else table
-        tmp = path.with_name(f".{path.name}.tmp")
         if fmt == "csv":
-            table.to_csv(tmp, index=False)
+            atomic_write(path, lambda tmp, table=table: table.to_csv(tmp, index=False))
         else:
-            table.to_json(tmp, orient="records")
-        os.replace(tmp, path)
+            atomic_write(path, lambda tmp, table=table: table.to_json(tmp, orient="records"))
         written.append(path)
     return written
