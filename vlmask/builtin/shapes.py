@@ -138,6 +138,13 @@ def render(items: Iterable[Item]) -> Image.Image:
         x0 = item.col * CELL + (CELL - s) // 2 + item.dx
         y0 = item.row * CELL + (CELL - s) // 2 + item.dy
         x1, y1 = x0 + s - 1, y0 + s - 1
+        if not (
+            item.col * CELL <= x0
+            and x1 < (item.col + 1) * CELL
+            and item.row * CELL <= y0
+            and y1 < (item.row + 1) * CELL
+        ):
+            raise ValueError(f"shape does not fit in its {CELL}x{CELL} cell: {item}")
         if item.shape == "circle":
             draw.ellipse((x0, y0, x1, y1), fill=fill)
         elif item.shape == "square":

@@ -1,0 +1,113 @@
+"""The shipped shapes-world checkpoint: it loads offline, answers right, and its ground truth holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vlmask.builtin import DEFAULT_MODEL_PATH, shapes
+
+EXAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
+TEST_SEED = 31337  # differs from shapes.TRAIN_SEED, EVAL_SEED and KNOCKOUT_SEED
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    model, processor = shapes.load(DEFAULT_MODEL_PATH, attn_implementation="eager")
+    return model, processor
+
+
+def _fingerprint(scene: shapes.Scene):
+    return scene.question, scene.answer, scene.target, scene.content, scene.kind, scene.items, scene.image.tobytes()
+
+
+def test_sampler_is_deterministic_for_a_seed():
+    a = [_fingerprint(s) for s in shapes.sample_scenes(30, seed=5)]
+    b = [_fingerprint(s) for s in shapes.sample_scenes(30, seed=5)]
+    c = [_fingerprint(s) for s in shapes.sample_scenes(30, seed=6)]
+    assert a == b
+    assert a != c
+
+
+def test_scenes_have_unique_answers_and_the_grid_layout():
+    for scene in shapes.sample_scenes(200, seed=TEST_SEED):
+        items = scene.items
+        assert 2 <= len(items) <= 4
+        assert len({i.shape for i in items}) == len({i.color for i in items}) == len({(i.row, i.col) for i in items})
+        assert len({i.shape for i in items}) == len(items)
+        assert scene.image.size == (128, 128)
+        assert scene.question.endswith(" ?") and scene.question == scene.question.lower()
+        assert len(scene.question.split()) == 6
+        if scene.kind == "count":
+            assert scene.target is None and scene.answer == shapes.COUNT_WORDS[len(items)]
+            continue
+        (item,) = [i for i in items if (i.row, i.col) == scene.target]
+        assert scene.target_token == 4 * item.row + item.col
+        if scene.kind == "color":
+            assert scene.content == (item.shape,) and scene.answer == item.color
+        else:
+            assert scene.content == (item.color,) and scene.answer == item.shape
+        assert scene.content[0] in scene.question.split()
+        # the shape's colour fills the centre of its 32x32 cell, and only that cell
+        cx, cy = 32 * item.col + 16, 32 * item.row + 16
+        assert scene.image.getpixel((cx, cy + 6)) == shapes.COLORS[item.color]
+
+
+def test_checkpoint_is_small_and_offline():
+    files = [p for p in DEFAULT_MODEL_PATH.iterdir() if p.is_file()]
+    names = {p.name for p in files}
+    assert "config.json" in names and "model.safetensors" in names and "README.md" in names
+    assert sum(p.stat().st_size for p in files) <= 20 * 1024 * 1024
+
+
+def test_prompt_layout_matches_the_constants(loaded):
+    _, processor = loaded
+    scene = shapes.example_scene()
+    inputs = shapes.encode(processor, [scene])
+    tokens = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
+    vision = [i for i, t in enumerate(tokens) if t == "<|image_pad|>"]
+    assert vision == list(range(shapes.VISION_START, shapes.VISION_START + 16))
+    question = tokens[shapes.QUESTION_START : shapes.QUESTION_START + 6]
+    assert question == scene.question.split()
+    assert tokens[-1] == "assistant"
+
+
+def test_heldout_accuracy(loaded):
+    model, processor = loaded
+    scenes = shapes.sample_scenes(100, seed=TEST_SEED)
+    assert shapes.accuracy(model, processor, scenes) >= 0.98
+
+
+def test_example_image_and_its_answer(loaded):
+    from PIL import Image
+
+    model, processor = loaded
+    assert EXAMPLE_IMAGE.is_file()
+    scene = shapes.example_scene()
+    with Image.open(EXAMPLE_IMAGE) as image:
+        image = image.convert("RGB")
+        assert image.size == (128, 128)
+        assert np.array_equal(np.asarray(image), np.asarray(scene.image))
+    assert (scene.question, scene.answer, scene.target, scene.target_token) == (
+        "what color is the circle ?",
+        "red",
+        (0, 1),
+        1,
+    )
+    assert shapes.predict(model, processor, [scene]) == ["red"]
+    # generation starts with the answer word and then closes the turn
+    inputs = shapes.encode(processor, [scene])
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    new = processor.tokenizer.convert_ids_to_tokens(out[0, inputs["input_ids"].shape[1] :].tolist())
+    assert new == ["red", "<|im_end|>"]
+
+
+def test_knockout_ground_truth_on_a_few_scenes(loaded):
+    model, processor = loaded
+    report = shapes.knockout_report(model, processor, n=20, seed=TEST_SEED)
+    assert report["target_token_top"] >= 0.9
+    assert report["content_word_top_kl"] >= 0.9
