@@ -111,3 +111,50 @@ def test_knockout_ground_truth_on_a_few_scenes(loaded):
     report = shapes.knockout_report(model, processor, n=20, seed=TEST_SEED)
     assert report["target_token_top"] >= 0.9
     assert report["content_word_top_kl"] >= 0.9
+
+
+def test_vlmask_finds_the_planted_ground_truth(tmp_path):
+    """Through vlmask's own engine and default model: the asked-about cell and the content word matter most."""
+    import vlmask
+
+    vl = vlmask.load_model()
+    assert vl.builtin
+    scenes = [s for s in shapes.sample_scenes(60, seed=TEST_SEED + 1) if s.kind != "count"][:40]
+    cell_hits = word_hits = 0
+    for i, scene in enumerate(scenes):
+        path = tmp_path / f"scene{i}.png"
+        scene.image.save(path)
+        ds = vlmask.sweep(vl, scene.question, [path], mask="vision", progress=False)
+        top = ds.sel(token=int(ds["logprob_drop"].sel(step=0).idxmax("token")))
+        cell_hits += (int(top["token_row"]), int(top["token_col"])) == scene.target
+        words = vlmask.sweep(vl, scene.question, [path], mask="text", progress=False)
+        kl = dict(zip(words["token_text"].values.tolist(), words["kl"].sel(step=0).values.tolist(), strict=True))
+        word_hits += kl[scene.content[0]] > max(kl[w] for w in shapes.FUNCTION_WORDS)
+    assert cell_hits >= 0.9 * len(scenes), f"{cell_hits}/{len(scenes)}"
+    assert word_hits >= 0.9 * len(scenes), f"{word_hits}/{len(scenes)}"
+
+
+def test_readme_first_command_ranks_the_circle_cell_first(tmp_path, capsys):
+    from vlmask.cli import main
+
+    args = [
+        "run",
+        "--image",
+        str(EXAMPLE_IMAGE),
+        "--prompt",
+        "what color is the circle ?",
+        "--mask",
+        "vision",
+        "--num-tokens",
+        "2",
+        "--output",
+        "quickstart",
+        "--output-dir",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    ranking = out.split("masked continuation\n", 1)[1].splitlines()
+    assert "image 0 r0 c1" in ranking[0]  # the red circle's cell (examples/shapes.png)
+    assert "clean continuation: 'red" in out
