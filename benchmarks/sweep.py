@@ -13,8 +13,9 @@ Methods, each run in its own process (so peak memory is its own), after a short 
 - vlmask: ``vlmask.sweep`` as shipped.
 
 Every method's KL and log-prob drop must agree with naive to 1e-4, or the run fails.
-"ideal" prices the work that cannot be avoided (the clean pass plus, for each knockout,
-the positions after the blocked one) at the clean pass's cost per position.
+"ideal" prices the work that cannot be avoided: one clean pass of the whole model, plus, for
+each knockout, the positions after the blocked one, each at the language decoder's cost per
+position in the clean pass (the vision encoder need not run again).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from PIL import Image
 from transformers import Qwen3VLForConditionalGeneration
 
 import vlmask
+from benchmarks.hooks import plain_hooks
 from vlmask._inputs import build_prompt
 from vlmask._masks import parse_mask
 from vlmask.builtin import make_processor, tiny_config, words_of
@@ -42,10 +44,10 @@ from vlmask.builtin import make_processor, tiny_config, words_of
 QUESTION = "what is the color of the object in the middle of this picture and what is its shape ?"
 FILLER = [f"w{i}" for i in range(100)]
 SCENARIOS = {
-    "S1": {"image": True, "mask": "text", "steps": 1, "words": 0},
+    "S1": {"image": True, "mask": "prompt", "steps": 1, "words": 0},
     "S2": {"image": True, "mask": "vision", "steps": 1, "words": 0},
     "S3": {"image": False, "mask": "all", "steps": 1, "words": 505},
-    "S4": {"image": True, "mask": "text", "steps": 8, "words": 0},
+    "S4": {"image": True, "mask": "prompt", "steps": 8, "words": 0},
 }
 SIZES = {
     "small": {
@@ -69,7 +71,8 @@ SIZES = {
         "vocab": 151936,
     },
 }
-METHODS = ("naive", "naive-nnsight", "vlmask")
+METHODS = ("naive", "naive-nnsight", "hooks", "vlmask")
+QUICK = 20.0  # seconds: a method whose first run is quicker runs 3 times and reports the median
 
 
 def build_model(root: Path, size: str) -> None:
@@ -108,19 +111,42 @@ def _with_types(inputs: dict, ids: torch.Tensor) -> dict:
     return out
 
 
-def _knockout_loop(vl, prompt, images, mask, steps, masked_logits) -> dict:
-    """Shared skeleton of both naive methods: every step, the clean pass and one pass per token."""
+def _positions(vl, prompt, images, mask) -> list[int]:
+    built = build_prompt(vl.processor, prompt, images)
+    return parse_mask(mask, built.tokens.kind, built.prompt_positions)
+
+
+def sampled(positions: list[int], sample: int | None) -> list[int]:
+    """``sample`` positions spread evenly over ``positions`` (all of them if None or more)."""
+    if not sample or sample >= len(positions):
+        return positions
+    return (
+        [positions[round(k * (len(positions) - 1) / (sample - 1))] for k in range(sample)]
+        if sample > 1
+        else [positions[0]]
+    )
+
+
+def _knockout_loop(vl, prompt, images, mask, steps, masked_logits, sample=None) -> dict:
+    """Shared skeleton of both naive methods: every step, the clean pass and one pass per token.
+
+    With ``sample``, only that many knockouts (spread evenly) run: a naive pass costs the
+    same whichever token it blocks, so the worker scales the time up to all of them.
+    """
     built = build_prompt(vl.processor, prompt, images)
     inputs = {k: v.to(vl.device) for k, v in built.inputs.items() if k != "attention_mask"}
-    positions = parse_mask(mask, built.tokens.kind)
+    positions = sampled(parse_mask(mask, built.tokens.kind, built.prompt_positions), sample)
     ids = inputs["input_ids"]
     kl = torch.zeros(len(positions), steps)
     drop = torch.zeros(len(positions), steps)
     vl.hf.model.rope_deltas = None
+    clean_seconds = 0.0
     with torch.inference_mode():
         for step in range(steps):
             full = _with_types(inputs, ids)
+            tic = time.perf_counter()
             clean_logits = vl.hf(**full).logits[0, -1].float()
+            clean_seconds += time.perf_counter() - tic
             clean = torch.log_softmax(clean_logits, -1)
             top = int(clean.argmax())
             for row, p in enumerate(positions):
@@ -130,7 +156,8 @@ def _knockout_loop(vl, prompt, images, mask, steps, masked_logits) -> dict:
                 kl[row, step] = (clean.exp() * (clean - masked)).sum()
                 drop[row, step] = clean[top] - masked[top]
             ids = torch.cat([ids, clean_logits.argmax().view(1, 1)], 1)
-    return {"kl": kl.tolist(), "logprob_drop": drop.tolist()}
+    out = {"kl": kl.tolist(), "logprob_drop": drop.tolist(), "positions": positions}
+    return {**out, "clean_seconds": clean_seconds}
 
 
 def _hooked_logits(vl, full: dict, allowed: torch.Tensor) -> torch.Tensor:
@@ -167,23 +194,41 @@ def _traced_logits(vl, full: dict, allowed: torch.Tensor) -> torch.Tensor:
 
 def _vlmask(vl, prompt, images, mask, steps, batch_size) -> dict:
     ds = vlmask.sweep(vl, prompt, images, mask=mask, num_tokens=steps, batch_size=batch_size, progress=False)
-    return {name: ds[name].transpose("token", "step").values.tolist() for name in ("kl", "logprob_drop")}
+    out = {name: ds[name].transpose("token", "step").values.tolist() for name in ("kl", "logprob_drop")}
+    return {**out, "positions": ds["token"].values.tolist()}
 
 
-def _clean_forward(vl, prompt, images, steps) -> float:
-    """Seconds for one full forward of the whole final sequence (vision encoder included)."""
+def _hooks(vl, prompt, images, mask, steps, batch_size) -> dict:
+    with plain_hooks():
+        return _vlmask(vl, prompt, images, mask, steps, batch_size)
+
+
+def _clean_forward(vl, prompt, images, steps) -> tuple[float, float]:
+    """Seconds for one forward of the whole final sequence: the whole model (vision encoder
+    included), and the language decoder alone (what a recomputed position costs)."""
     built = build_prompt(vl.processor, prompt, images)
     inputs = {k: v.to(vl.device) for k, v in built.inputs.items() if k != "attention_mask"}
     extra = torch.zeros(1, steps - 1, dtype=inputs["input_ids"].dtype, device=vl.device)
     full = _with_types(inputs, torch.cat([inputs["input_ids"], extra], 1))
+    seen: dict = {}
+    decoder = vl.hf.model.language_model
+    hook = decoder.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
     with torch.inference_mode():
+        vl.hf.model.rope_deltas = None
         vl.hf(**full)
-        _sync(vl)
-        start = time.perf_counter()
-        for _ in range(3):
-            vl.hf(**full)
-        _sync(vl)
-    return (time.perf_counter() - start) / 3
+        hook.remove()
+        decoder_only = {k: seen[k] for k in ("inputs_embeds", "position_ids", "visual_pos_masks") if k in seen}
+        decoder_only["deepstack_visual_embeds"] = seen.get("deepstack_visual_embeds")
+        times = []
+        for fn in (lambda: vl.hf(**full), lambda: vl.hf.lm_head(decoder(**decoder_only).last_hidden_state)):
+            fn()
+            _sync(vl)
+            start = time.perf_counter()
+            for _ in range(3):
+                fn()
+            _sync(vl)
+            times.append((time.perf_counter() - start) / 3)
+    return times[0], times[1]
 
 
 def _sync(vl) -> None:
@@ -197,10 +242,15 @@ def worker(args: argparse.Namespace) -> None:
     sc = SCENARIOS[args.scenario]
     images = [args.image] if sc["image"] else []
     prompt = prompt_of(args.scenario)
+    sample = args.naive_sample
+    mask = sc["mask"]
+    if args.limit:  # the first ``limit`` of the scenario's knockouts
+        mask = ",".join(map(str, _positions(vl, prompt, images, mask)[: args.limit]))
     run = {
-        "naive": lambda: _knockout_loop(vl, prompt, images, sc["mask"], sc["steps"], _hooked_logits),
-        "naive-nnsight": lambda: _knockout_loop(vl, prompt, images, sc["mask"], sc["steps"], _traced_logits),
-        "vlmask": lambda: _vlmask(vl, prompt, images, sc["mask"], sc["steps"], args.batch_size),
+        "naive": lambda: _knockout_loop(vl, prompt, images, mask, sc["steps"], _hooked_logits, sample),
+        "naive-nnsight": lambda: _knockout_loop(vl, prompt, images, mask, sc["steps"], _traced_logits, sample),
+        "hooks": lambda: _hooks(vl, prompt, images, mask, sc["steps"], args.batch_size),
+        "vlmask": lambda: _vlmask(vl, prompt, images, mask, sc["steps"], args.batch_size),
     }[args.method]
     _knockout_loop(vl, "w1 w2", [], "0", 1, _traced_logits)  # warm-up: first-call costs of torch and nnsight
     vlmask.sweep(vl, "w1 w2 w3", [], mask="all", num_tokens=2, progress=False)
@@ -208,20 +258,27 @@ def worker(args: argparse.Namespace) -> None:
     if vl.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     base_gpu = torch.cuda.memory_allocated() if vl.device.type == "cuda" else 0
-    _sync(vl)
-    start = time.perf_counter()
-    result = run()
-    _sync(vl)
-    seconds = time.perf_counter() - start
+    times = []
+    while not times or (sum(times) < QUICK and len(times) < 3):  # quick methods: the median of 3 runs
+        _sync(vl)
+        start = time.perf_counter()
+        result = run()
+        _sync(vl)
+        times.append(time.perf_counter() - start)
+    seconds = float(np.median(times))
     if vl.device.type == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base_gpu) / 2**20
     else:
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     built = build_prompt(vl.processor, prompt, images)
-    positions = parse_mask(sc["mask"], built.tokens.kind)
+    positions = _positions(vl, prompt, images, mask)
     seq = len(built.tokens) + sc["steps"] - 1
+    measured = len(result["positions"])
+    clean = result.pop("clean_seconds", 0.0)  # naive's clean passes run once whatever the sample
     out = {
-        "seconds": seconds,
+        "seconds": clean + (seconds - clean) * len(positions) / measured,
+        "measured_knockouts": measured,
+        "runs": len(times),
         "peak_extra_mib": peak,
         **result,
         "tokens": len(built.tokens),
@@ -230,11 +287,13 @@ def worker(args: argparse.Namespace) -> None:
         "seq": seq,
     }
     if args.method == "vlmask":
-        out["clean_forward_s"] = _clean_forward(vl, prompt, images, sc["steps"])
+        out["clean_forward_s"], out["clean_decoder_s"] = _clean_forward(vl, prompt, images, sc["steps"])
     print("RESULT " + json.dumps(out))
 
 
-def _spawn(method: str, scenario: str, model: Path, image: Path, args: argparse.Namespace) -> dict:
+def _spawn(
+    method: str, scenario: str, model: Path, image: Path, args: argparse.Namespace, limit: int | None = None
+) -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -252,11 +311,55 @@ def _spawn(method: str, scenario: str, model: Path, image: Path, args: argparse.
     ]
     if args.batch_size:
         cmd += ["--batch-size", str(args.batch_size)]
+    if args.naive_sample:
+        cmd += ["--naive-sample", str(args.naive_sample)]
+    if limit:
+        cmd += ["--limit", str(limit)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode or not lines:
         raise SystemExit(f"{method} on {scenario} failed:\n{out.stderr[-3000:]}")
     return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def _disagreement(res: dict, naive: dict) -> float:
+    """Largest KL / log-prob-drop difference from naive, over the knockouts both measured."""
+    rows = {p: k for k, p in enumerate(res["positions"])}
+    common = [(rows[p], k) for k, p in enumerate(naive["positions"]) if p in rows]
+    if not common:
+        raise SystemExit("no knockout measured by both methods")
+    ours, theirs = [r for r, _ in common], [k for _, k in common]
+    return max(
+        float(np.abs(np.array(res[name])[ours] - np.array(naive[name])[theirs]).max())
+        for name in ("kl", "logprob_drop")
+    )
+
+
+def memory_study(model: Path, image: Path, args: argparse.Namespace) -> None:
+    """Peak memory of vlmask on S2's vision knockouts: batch sizes 1-32 at 196 knockouts, then 24-196 knockouts at 8."""
+    runs = [(b, None) for b in (1, 4, 8, 16, 32)] + [(8, n) for n in (24, 48, 96)]
+    rows = []
+    for batch, limit in runs:
+        args.batch_size = batch
+        res = _spawn("vlmask", "S2", model, image, args, limit)
+        rows.append(
+            {
+                "batch_size": batch,
+                "knockouts": res["knockouts"],
+                "seconds": round(res["seconds"], 2),
+                "peak_extra_mib": round(res["peak_extra_mib"], 1),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"{'batch':>6}{'knockouts':>10}{'seconds':>9}{'peak MiB':>10}")
+    for r in rows:
+        print(f"{r['batch_size']:>6}{r['knockouts']:>10}{r['seconds']:>9.2f}{r['peak_extra_mib']:>10.1f}")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": _machine(args), "size": args.size, "memory": rows}, indent=2))
+
+
+def _machine(args: argparse.Namespace) -> str:
+    return f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads, {args.device}"
 
 
 def main() -> None:
@@ -266,7 +369,18 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument(
+        "--naive-sample",
+        type=int,
+        help="naive methods run only this many knockouts (spread evenly) and their time is scaled to all",
+    )
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--memory-study",
+        action="store_true",
+        help="instead: vlmask's peak memory on S2 as the batch size grows, and as the knockouts grow at one batch size",
+    )
+    parser.add_argument("--limit", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--image", help=argparse.SUPPRESS)
@@ -285,11 +399,14 @@ def main() -> None:
         build_model(model, args.size)
         pixels = np.random.default_rng(0).integers(0, 255, (448, 448, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(image)
+        if args.memory_study:
+            memory_study(model, image, args)
+            return
         for scenario in args.scenario or sorted(SCENARIOS):
             results = {m: _spawn(m, scenario, model, image, args) for m in methods}
             naive = results["naive"]
             for method, res in results.items():
-                err = max(float(np.abs(np.array(res[k]) - np.array(naive[k])).max()) for k in ("kl", "logprob_drop"))
+                err = _disagreement(res, naive)
                 if err > 1e-4:
                     raise SystemExit(f"{scenario}: {method} disagrees with naive by {err:.2e}")
                 res["max_abs_diff_vs_naive"] = err
@@ -305,27 +422,33 @@ def main() -> None:
                 row[f"{method}_s"] = round(res["seconds"], 3)
                 row[f"{method}_peak_mib"] = round(res["peak_extra_mib"], 1)
                 row[f"{method}_speedup"] = round(naive["seconds"] / res["seconds"], 2)
+                if res["measured_knockouts"] != res["knockouts"]:
+                    row[f"{method}_measured_knockouts"] = res["measured_knockouts"]
             if fast:
-                per_position = fast["clean_forward_s"] / fast["seq"]
+                per_position = fast["clean_decoder_s"] / fast["seq"]
                 ideal = fast["clean_forward_s"] + fast["recomputed"] * per_position
                 row["ideal_s"] = round(ideal, 3)
                 row["ideal_speedup"] = round(naive["seconds"] / ideal, 2)
                 row["vlmask_efficiency"] = round(ideal / fast["seconds"], 3)
+            if fast and "hooks" in results:
+                row["nnsight_overhead"] = round(fast["seconds"] / results["hooks"]["seconds"] - 1, 3)
             rows.append(row)
             print(json.dumps(row), flush=True)
     report = {
-        "machine": f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads, {args.device}",
+        "machine": _machine(args),
         "size": args.size,
         "torch": torch.__version__,
         "results": rows,
     }
     header = f"{'':<4}{'tokens':>7}{'KOs':>5}{'steps':>6}" + "".join(f"{m + ' s':>16}" for m in methods)
-    print(header + f"{'ideal s':>9}{'vlmask vs naive':>17}{'vs ideal':>10}")
+    print(header + f"{'ideal s':>9}{'vlmask vs naive':>17}{'vs ideal':>10}{'nnsight cost':>14}")
     for r in rows:
         line = f"{r['scenario']:<4}{r['tokens']:>7}{r['knockouts']:>5}{r['steps']:>6}"
         line += "".join(f"{r[m + '_s']:>16.2f}" for m in methods)
         if "ideal_s" in r:
             line += f"{r['ideal_s']:>9.2f}{r['vlmask_speedup']:>16.1f}x{r['vlmask_efficiency']:>9.0%}"
+        if "nnsight_overhead" in r:
+            line += f"{r['nnsight_overhead']:>+14.0%}"
         print(line)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -6,6 +6,7 @@ import pytest
 
 from vlmask import VlmaskError
 from vlmask._inputs import build_prompt, read_image
+from vlmask._masks import parse_mask
 
 
 def test_128px_image_gives_16_contiguous_vision_tokens(tiny, images):
@@ -78,3 +79,19 @@ def test_image_hash_is_recorded(tiny, images):
 
     built = build_prompt(tiny.processor, "test", [images["square"]])
     assert built.images[0].sha256 == hashlib.sha256(images["square"].read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+@pytest.mark.parametrize("pictures", [0, 2])
+def test_prompt_positions_are_the_prompts_words_only(tiny, images, mode, pictures):
+    chosen = [images["square"], images["wide"]][:pictures]
+    built = build_prompt(tiny.processor, "what is in this image ?", chosen, chat_template=mode)
+    words = [built.tokens.text[p] for p in built.prompt_positions]
+    assert words == ["what", "is", "in", "this", "image", "?"]
+    # the template's own text tokens are not the prompt's, even when they spell the same word
+    user = build_prompt(tiny.processor, "user", chosen, chat_template=mode)
+    assert [user.tokens.text[p] for p in user.prompt_positions] == ["user"]
+    after = user.tokens.text[user.prompt_positions[0] + 1 :]
+    assert after == (("<|im_end|>", "<|im_start|>", "assistant") if mode == "auto" else ())
+    assert parse_mask("prompt", built.tokens.kind, built.prompt_positions) == list(built.prompt_positions)
+    assert parse_mask("text", built.tokens.kind) != list(built.prompt_positions) or mode == "off"

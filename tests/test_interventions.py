@@ -230,8 +230,9 @@ def test_base_and_knockout_equal_the_composed_reference(tiny, images, built, whi
         for step in range(steps):
             pos, row = n - 1 + step, ds.sel(token=p, step=step)
             l2 = (masked[0][:, pos] - clean[0][:, pos]).norm(dim=-1)
+            scale = float(clean[0][:, pos].norm(dim=-1).max())  # float32 rounding of the residual itself
             torch.testing.assert_close(
-                torch.from_numpy(row["residual"].sel(metric="l2").values), l2, atol=1e-5, rtol=1e-4
+                torch.from_numpy(row["residual"].sel(metric="l2").values), l2, atol=max(1e-5, 1e-6 * scale), rtol=1e-4
             )
             assert float(row["kl"]) == pytest.approx(_kl(clean[2][pos], masked[2][pos]), abs=1e-5)
     base_back, knockouts = vlmask.interventions_of(ds)
@@ -292,7 +293,7 @@ def test_layer_windows_add_a_window_dimension(tiny, images, built):
     for centre, layers in ((0, [0, 1]), (1, [0, 1, 2]), (2, [1, 2])):
         alone = vlmask.sweep(tiny, PROMPT, [images["square"]], mask=chosen, layers=layers, progress=False)
         for name in ("residual", "kl", "logprob_drop"):
-            np.testing.assert_allclose(ds[name].sel(window=centre).values, alone[name].values, atol=1e-6, rtol=1e-5)
+            np.testing.assert_allclose(ds[name].sel(window=centre).values, alone[name].values, atol=1e-5, rtol=1e-5)
     _, knockouts = vlmask.interventions_of(ds)
     assert knockouts.sel(token=chosen[1], window=2).item() == BlockKeys((chosen[1],), layers=(1, 2))
     assert {"window", "window_start", "window_end"} <= set(vlmask.long_table(ds).columns)

@@ -176,10 +176,23 @@ def test_masked_generation_equals_naive_greedy(tiny, images):
 def test_batch_size_does_not_change_results(tiny, images):
     a = vlmask.sweep(tiny, PROMPT, [images["square"]], mask="all", num_tokens=2, batch_size=1, progress=False)
     b = vlmask.sweep(tiny, PROMPT, [images["square"]], mask="all", num_tokens=2, batch_size=7, progress=False)
+    c = vlmask.sweep(tiny, PROMPT, [images["square"]], mask="all", num_tokens=2, max_memory="1KiB", progress=False)
     for name in ("residual", "heads", "kl"):
-        torch.testing.assert_close(
-            torch.from_numpy(a[name].values), torch.from_numpy(b[name].values), atol=1e-6, rtol=1e-5
-        )
+        for other in (b, c):
+            torch.testing.assert_close(
+                torch.from_numpy(a[name].values), torch.from_numpy(other[name].values), atol=1e-5, rtol=1e-5
+            )
+
+
+def test_passes_follow_the_batch_size_and_the_memory_budget():
+    from vlmask._memory import plan_batches
+
+    starts = [1, 5, 20, 21, 22]
+    assert plan_batches(starts, 25, None, lambda p, r: True) == [slice(0, 5)]
+    assert plan_batches(starts, 25, 2, lambda p, r: True) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    # recomputed positions 24, 20, 5, 4, 3: 24 + 20 do not fit in 30, 20 + 5 + 4 do, one more does not
+    assert plan_batches(starts, 25, None, lambda p, r: p <= 30) == [slice(0, 1), slice(1, 4), slice(4, 5)]
+    assert plan_batches(starts, 25, None, lambda p, r: False) == [slice(k, k + 1) for k in range(5)]
 
 
 def test_blocking_the_measured_position_itself_changes_nothing_at_that_step(tiny, images):

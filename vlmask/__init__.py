@@ -5,8 +5,10 @@ Attention knockout on Qwen3-VL through nnsight, with results as a labeled xarray
 Example:
     >>> import vlmask
     >>> vl = vlmask.load_model()  # the built-in toy checkpoint; or "Qwen/Qwen3-VL-2B-Instruct"
-    >>> ds = vlmask.sweep(vl, "what color is the circle ?", ["examples/shapes.png"], mask="vision")
-    >>> ds["logprob_drop"].sel(step=0).idxmax("token").item()  # the most-used vision token
+    >>> ds = vlmask.sweep(vl, "what color is the circle ?", ["examples/shapes.png"], mask="vision", progress=False)
+    >>> best = ds["logprob_drop"].sel(step=0).idxmax("token")  # the most-used vision token
+    >>> int(best), int(ds["token_row"].sel(token=best)), int(ds["token_col"].sel(token=best))  # the circle's cell
+    (4, 0, 1)
 """
 
 from vlmask._batch import open_batch, run_batch

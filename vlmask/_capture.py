@@ -42,7 +42,7 @@ def positions(
         >>> circle = vlmask.positions(vl, "what color is the circle ?", word="circle")
     """
     built = build_prompt(vl.processor, prompt, list(images), chat_template, list(videos), video_fps)
-    chosen = parse_mask(which, built.tokens.kind)
+    chosen = parse_mask(which, built.tokens.kind, built.prompt_positions)
     if word is None:
         return chosen
     found = [p for p in chosen if built.tokens.text[p].strip() == word.strip()]

@@ -58,7 +58,7 @@ SWEEP_KEYS = (
 ITEM_KEYS = ("name", *SWEEP_KEYS, *MODEL_KEYS)
 TOP_KEYS = ("items", "defaults", "output_dir")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-WORDS = ("text", "vision", "all")
+WORDS = ("text", "prompt", "vision", "all")
 
 
 @dataclass(frozen=True)
@@ -140,13 +140,15 @@ def _check(key: str, value: Any, base_dir: Path, item: dict[str, Any]) -> Any:
         if isinstance(value, list):
             return [int(p) for p in parse_indices(",".join(map(str, value)), 10**9)]
         if not isinstance(value, str):
-            raise VlmaskError(f"mask must be text, vision, all, positions like '18:24,30' or a list, got {value!r}")
+            raise VlmaskError(
+                f"mask must be text, prompt, vision, all, positions like '18:24,30' or a list, got {value!r}"
+            )
         if value.strip() not in WORDS:
             try:
                 parse_indices(value, 10**9)
             except VlmaskError as err:
                 raise VlmaskError(
-                    f"mask {value!r} is not understood ({err}): use text, vision, all or positions"
+                    f"mask {value!r} is not understood ({err}): use text, prompt, vision, all or positions"
                 ) from None
         if value.strip() == "vision" and not any(k in item for k in ("image", "images", "video", "videos")):
             raise VlmaskError("mask vision needs an image or a video, but the item has none")

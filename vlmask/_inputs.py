@@ -68,6 +68,7 @@ class Prompt:
     inputs: dict[str, torch.Tensor]
     tokens: TokenTable
     videos: tuple[VideoFile, ...] = ()
+    prompt_positions: tuple[int, ...] = ()  # the text tokens written by the user's prompt, not by the template
 
 
 def read_image(path: str | Path) -> ImageFile:
@@ -146,6 +147,33 @@ def format_prompt(
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), True
 
 
+def _prompt_span(processor: Any, text: str, prompt: str, num_images: int, chat_template: str, num_videos: int):
+    """Where ``prompt`` lies in the formatted ``text``: ``(start, end)`` characters, or None if the template changed it.
+
+    The template's own text is what two different prompts format to alike.
+    """
+    a, b = (format_prompt(processor, s, num_images, chat_template, num_videos)[0] for s in ("\x01", "\x02"))
+    start = next(k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    end = start + len(prompt)
+    return (start, end) if text[start:end] == prompt and len(text) - end == len(a) - start - 1 else None
+
+
+def prompt_positions(
+    processor: Any, text: str, span: tuple[int, int] | None, input_ids: torch.Tensor
+) -> tuple[int, ...]:
+    """Positions of ``input_ids`` (vision placeholders expanded) whose text lies in ``span`` of ``text``.
+
+    ``text`` is tokenized unexpanded: the template after the prompt has no vision
+    placeholder, so counting from the end gives the same positions in the expanded ids.
+    """
+    if span is None:
+        return ()
+    offsets = processor.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+    inside = [k for k, (a, b) in enumerate(offsets) if a < span[1] and b > span[0]]
+    shift = len(input_ids) - len(offsets)
+    return tuple(k + shift for k in inside)
+
+
 def build_prompt(
     processor: Any,
     prompt: str,
@@ -178,4 +206,7 @@ def build_prompt(
     inputs = dict(processor(**kwargs))
     inputs.pop("token_type_ids", None)
     table = token_table(processor, inputs["input_ids"][0], inputs.get("image_grid_thw"), inputs.get("video_grid_thw"))
-    return Prompt(prompt, text, used_template, files, inputs, table, clips)
+    span = _prompt_span(processor, text, prompt, len(files), chat_template, len(clips))
+    own = prompt_positions(processor, text, span, inputs["input_ids"][0])
+    own = tuple(p for p in own if table.kind[p] == "text")
+    return Prompt(prompt, text, used_template, files, inputs, table, clips, own)

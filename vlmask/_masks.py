@@ -113,11 +113,12 @@ def parse_indices(spec: str, n: int, what: str = "key position") -> list[int]:
     return sorted(chosen)
 
 
-def parse_mask(spec: str, kinds: Sequence[str]) -> list[int]:
+def parse_mask(spec: str, kinds: Sequence[str], prompt: Sequence[int] = ()) -> list[int]:
     """The prompt positions that ``spec`` names, given each position's kind.
 
-    ``spec`` is ``text`` (every text token), ``vision``, ``all``, or a comma-separated
-    list of positions and half-open ranges ``start:end``.
+    ``spec`` is ``text`` (every text token, the chat template's included), ``prompt``
+    (the text tokens of the user's prompt, positions ``prompt``), ``vision``, ``all``, or a
+    comma-separated list of positions and half-open ranges ``start:end``.
 
     Example:
         >>> parse_mask("text", ["special", "text", "vision", "text"])
@@ -128,6 +129,10 @@ def parse_mask(spec: str, kinds: Sequence[str]) -> list[int]:
         vlmask._errors.VlmaskError: key position 30 is out of range: the prompt has 4 tokens (0-3)
     """
     spec = spec.strip()
+    if spec == "prompt":
+        if not prompt:
+            raise VlmaskError("--mask prompt selects nothing: the prompt's text could not be found among its tokens")
+        return sorted(prompt)
     if spec in ("text", "vision"):
         positions = [i for i, kind in enumerate(kinds) if kind == spec]
         if spec == "vision" and not positions:
@@ -141,4 +146,6 @@ def parse_mask(spec: str, kinds: Sequence[str]) -> list[int]:
         return parse_indices(spec, len(kinds))
     except VlmaskError as err:
         message = str(err).replace(f"there are {len(kinds)} ", f"the prompt has {len(kinds)} tokens ")
-        raise VlmaskError(message + ("" if "out of range" in message else "; or use text, vision, all")) from None
+        raise VlmaskError(
+            message + ("" if "out of range" in message else "; or use text, prompt, vision, all")
+        ) from None

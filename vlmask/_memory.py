@@ -1,13 +1,13 @@
-"""Choose how many knockouts share a forward pass, from a memory budget."""
+"""Choose which knockouts share a packed forward pass, from a memory budget."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from vlmask._errors import VlmaskError
 
-MAX_BATCH = 64
 UNITS = {
     "": 1,
     "b": 1,
@@ -40,56 +40,45 @@ def parse_size(text: str) -> int:
         raise VlmaskError(f"memory size {text!r} is not understood: write e.g. 2GiB, 512MB or 1e9 (bytes)") from None
 
 
-def bytes_per_knockout(config: Any, seq_len: int, recomputed: int, reads: int, dtype_bytes: int) -> int:
-    """A generous estimate of the memory one knockout row of a batch needs.
+def pass_bytes(config: Any, seq_len: int, positions: int, rows: int, reads: int, dtype_bytes: int) -> int:
+    """A generous estimate of the memory of one packed decoder pass.
 
-    Counts the copied key/value prefix, one layer's activations over the recomputed
-    positions, the attention scores and mask, and the float32 logits and readouts kept.
+    ``positions`` recomputed positions (all rows together) attend to ``seq_len`` cached keys
+    plus themselves. Counts one layer's activations, the attention scores and masks, the
+    cache the pass appends to, and the float32 logits and readouts kept for ``rows`` rows.
     """
-    head_dim = getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
-    kv = 2 * config.num_hidden_layers * seq_len * config.num_key_value_heads * head_dim * dtype_bytes
-    activations = recomputed * (8 * config.hidden_size + 3 * config.intermediate_size) * dtype_bytes
-    scores = config.num_attention_heads * recomputed * seq_len * (4 + dtype_bytes)
-    kept = reads * (config.vocab_size + 2 * config.num_hidden_layers * config.hidden_size) * 4 * 2
-    return kv + activations + scores + kept
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    keys = seq_len + positions
+    activations = positions * (8 * config.hidden_size + 3 * config.intermediate_size) * dtype_bytes
+    scores = config.num_attention_heads * positions * keys * (4 + dtype_bytes)
+    masks = 2 * positions * keys * dtype_bytes
+    cache = 2 * 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * keys * dtype_bytes
+    kept = rows * reads * (config.vocab_size + 2 * config.num_hidden_layers * config.hidden_size) * 4 * 2
+    return activations + scores + masks + cache + kept
 
 
-def choose_batch_size(config: Any, seq_len: int, recomputed: int, reads: int, dtype_bytes: int, budget: int) -> int:
-    """The largest batch (1-64) whose estimated memory fits in ``budget`` bytes.
+def plan_batches(
+    starts: list[int], seq_len: int, batch_size: int | None, fits: Callable[[int, int], bool]
+) -> list[slice]:
+    """Cut knockouts, in order, into packed passes.
+
+    A knockout starting at ``start`` recomputes ``seq_len - start`` positions; a pass takes
+    knockouts while there are at most ``batch_size`` (None: no limit) and ``fits(positions,
+    rows)`` says their memory fits. A knockout that does not fit alone still gets a pass.
 
     Example:
-        >>> from types import SimpleNamespace
-        >>> cfg = SimpleNamespace(hidden_size=512, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
-        ...                       num_hidden_layers=8, intermediate_size=1024, vocab_size=1000)
-        >>> choose_batch_size(cfg, seq_len=222, recomputed=22, reads=1, dtype_bytes=4, budget=2**30)
-        64
-    """
-    per_row = bytes_per_knockout(config, seq_len, recomputed, reads, dtype_bytes)
-    return max(1, min(MAX_BATCH, budget // per_row))
-
-
-def plan_batches(starts: list[int], seq_len: int, batch_size: int, waste: float = 1.25) -> list[slice]:
-    """Cut knockouts, in order, into batches that recompute little they need not.
-
-    A batch recomputes from its earliest start, so a knockout joins the current batch only
-    while that costs at most ``waste`` times its own recompute (and the batch has room).
-
-    Example:
-        >>> plan_batches([1, 200, 201, 202], seq_len=222, batch_size=8)
+        >>> plan_batches([1, 200, 201, 202], seq_len=222, batch_size=None, fits=lambda p, r: p <= 230)
         [slice(0, 1, None), slice(1, 4, None)]
     """
     batches: list[slice] = []
-    first, lowest = 0, None
+    first, positions = 0, 0
     for k, start in enumerate(starts):
-        if lowest is not None:
-            merged = min(lowest, start)
-            fits = k - first < batch_size and seq_len - merged <= waste * (seq_len - start)
-            if fits and seq_len - merged <= waste * (seq_len - lowest):
-                lowest = merged
-                continue
+        more = seq_len - start
+        full = batch_size is not None and k - first >= batch_size
+        if k > first and (full or not fits(positions + more, k - first + 1)):
             batches.append(slice(first, k))
-            first = k
-        lowest = start
+            first, positions = k, 0
+        positions += more
     if starts:
         batches.append(slice(first, len(starts)))
     return batches

@@ -8,9 +8,10 @@ What makes it fast, without changing any number:
   ``L-1+s`` (causality makes it equal to the last position of the sequence at step ``s``);
 - a knockout of key ``p`` changes nothing before position ``p + 1`` (each intervention says
   where it starts changing things: ``first_changed``): knockouts run on the decoder only,
-  from the first position their batch changes, on the clean pass's keys and values for the
-  prefix;
-- knockouts run in batches, and only the metrics are kept.
+  each from the first position it changes, on the clean pass's keys and values before it;
+- knockouts run in packed passes: the positions each knockout recomputes are laid end to
+  end in one sequence, whose attention mask keeps the knockouts apart, so a pass computes
+  no position that a knockout does not need; only the metrics are kept.
 
 A ``base`` intervention changes the clean run itself: the clean pass runs with it (so the
 reused prefix is the base's), and every knockout runs as ``base & knockout``.
@@ -35,7 +36,7 @@ from vlmask._errors import VlmaskError
 from vlmask._inputs import Prompt, build_prompt
 from vlmask._knockouts import Windows, plan
 from vlmask._masks import base_allowed, parse_mask
-from vlmask._memory import choose_batch_size, parse_size, plan_batches
+from vlmask._memory import parse_size, pass_bytes, plan_batches
 from vlmask._metrics import logit_metrics, vector_distances
 from vlmask._model import VLModel
 from vlmask._results import SweepRecord, to_dataset
@@ -81,10 +82,16 @@ class Context:
             per_layer.append(shared[keys])
         return per_layer
 
-    def plan(self, interventions: Sequence[Any], seq_len: int, start: int = 0) -> _trace.Plan:
-        """What a pass over positions ``start..seq_len-1`` does, row ``i`` under ``interventions[i]``."""
+    def plan(
+        self, interventions: Sequence[Any], seq_len: int, start: int = 0, starts: Sequence[int] = ()
+    ) -> _trace.Plan:
+        """What a pass over positions ``start..seq_len-1`` does, row ``i`` under ``interventions[i]``.
+
+        ``starts`` makes it a packed decoder pass: row ``i`` computes positions ``starts[i]..``.
+        """
         rows = tuple(interventions)
-        return _trace.Plan(self.allowed(rows, seq_len, start), rows, start, self.head_means)
+        start = min(starts) if starts else start
+        return _trace.Plan(self.allowed(rows, seq_len, start), rows, start, self.head_means, tuple(starts))
 
     def _extra(self, seq_len: int) -> dict[str, torch.Tensor]:
         """Per-prompt inputs for the prompt followed by generated text tokens, ``seq_len`` in all."""
@@ -108,14 +115,16 @@ class Context:
         todo = self.plan(interventions, seq_len)
         return _trace.run_model(self.vl, ids, self._extra(seq_len), self.encoder, todo, read, internals, capture)
 
-    def run_fast(self, dec: _trace.DecoderInputs, interventions: Sequence[Any], read: list[int], start: int):
-        """Like :meth:`run` on the captured sequence, recomputing only positions ``start..``.
+    def run_fast(
+        self, dec: _trace.DecoderInputs, interventions: Sequence[Any], read: list[int], starts: Sequence[int]
+    ) -> _trace.Readout:
+        """Like :meth:`run` on the captured sequence, row ``i`` recomputing only positions ``starts[i]..``.
 
-        Positions before ``start`` must compute under ``interventions`` exactly as in the pass that made ``dec``.
+        Positions before ``starts[i]`` must compute under ``interventions[i]`` exactly as in the pass that made ``dec``.
         """
         seq_len = dec.embeds.shape[1]
-        start = min(start, *read)
-        return _trace.run_decoder(self.vl, dec, self.plan(interventions, seq_len, start), read)[0]
+        starts = [min(first, *read) for first in starts]
+        return _trace.run_decoder(self.vl, dec, self.plan(interventions, seq_len, starts=starts), read)[0]
 
     def with_head_means(self, prompt_ids: torch.Tensor) -> Context:
         """This context, plus the unmodified model's head outputs averaged over the prompt's positions."""
@@ -146,7 +155,7 @@ class Context:
         for _ in range(n - 1):
             dec = dec.append_text(self.vl, tokens[-1])
             pos = dec.embeds.shape[1] - 1
-            out, dec = _trace.run_decoder(self.vl, dec, self.plan([base], pos + 1, start=pos), [pos], extend=True)
+            out, dec = _trace.run_decoder(self.vl, dec, self.plan([base], pos + 1, starts=[pos]), [pos], extend=True)
             readouts.append(out)
             tokens.append(int(out.logits[0, -1].argmax()))
         clean = _trace.Readout(
@@ -234,9 +243,9 @@ def _knockouts(vl: VLModel, built: Prompt, mask: Any, mask_unit: str, over: Any,
     if over is None:
         kinds = built.tokens.kind
         mask = "text" if mask is None else mask
-        positions = parse_mask(mask, kinds) if isinstance(mask, str) else sorted(set(mask))
+        positions = parse_mask(mask, kinds, built.prompt_positions) if isinstance(mask, str) else sorted(set(mask))
         if not positions:
-            raise VlmaskError("no positions to mask: pass text, vision, all, or a list of positions")
+            raise VlmaskError("no positions to mask: pass text, prompt, vision, all, or a list of positions")
         return plan(vl.num_layers, units=group_units(positions, built.tokens, mask_unit), layers=layers)
     if mask is not None or mask_unit != "token":
         raise VlmaskError(
@@ -280,8 +289,9 @@ def sweep(
 
     Measured at the last position of each of the ``num_tokens`` teacher-forced steps:
     decoder-layer outputs, per-head attention outputs and the next-token distribution,
-    against the clean run. ``batch_size`` knockouts share a forward pass; None picks the
-    largest batch whose estimated memory fits ``max_memory`` (bytes, or text such as ``"2GiB"``).
+    against the clean run. Knockouts share packed forward passes of at most ``batch_size``
+    knockouts (None: no limit) whose estimated memory fits ``max_memory`` (bytes, or text
+    such as ``"2GiB"``).
 
     ``mask_unit`` groups the masked vision tokens into units blocked together (one entry
     of ``token`` each): ``token``, ``row``, ``column``, ``region:K`` (KxK merged tokens) or
@@ -316,17 +326,16 @@ def sweep(
     read = list(range(prompt_len - 1, full_len))
     firsts = [first_changed(iv, full_len, vl.num_layers) for iv in knockouts.values]
     rows = [compose(base, iv) for iv in knockouts.values]
-    if batch_size is None:
-        recomputed = full_len - min(*firsts, read[0])
-        bytes_per = vl.dtype.itemsize
-        batch_size = choose_batch_size(vl.text_config, full_len, recomputed, len(read), bytes_per, budget)
-        log.info("%d knockouts per pass (memory budget %d bytes)", batch_size, budget)
+    starts = [min(f, read[0]) for f in firsts]
+
+    def fits(positions: int, count: int) -> bool:
+        return pass_bytes(vl.text_config, full_len, positions, count, len(read), vl.dtype.itemsize) <= budget
 
     residual, heads, logits, generated = [], [], [], []
     bar = tqdm(total=len(rows), desc="knockouts", unit="knockout", disable=not progress)
-    for batch in plan_batches([min(f, read[0]) for f in firsts], full_len, batch_size):
+    for batch in plan_batches(starts, full_len, batch_size, fits):
         chunk, chunk_firsts = rows[batch], firsts[batch]
-        out = ctx.run_fast(decoder_inputs, chunk, read, min(chunk_firsts))
+        out = ctx.run_fast(decoder_inputs, chunk, read, chunk_firsts)
         out = _pin_unchanged(out, clean, chunk_firsts, read)
         residual.append(vector_distances(clean.residual, out.residual))
         heads.append(vector_distances(clean.heads, out.heads))

@@ -11,13 +11,15 @@ Two ways in:
 
 - :func:`run_model` runs the whole model (top-level forward) and can capture what reaches
   the language decoder, including its key/value cache;
-- :func:`run_decoder` runs only the decoder on captured inputs, from position ``start`` on,
-  reusing the captured keys and values of the positions before it. A knockout of key ``p``
-  changes nothing before ``p + 1``, so that prefix need not be recomputed.
+- :func:`run_decoder` runs only the decoder on captured inputs: each knockout recomputes
+  only the positions it changes (a knockout of key ``p`` changes nothing before ``p + 1``),
+  on the captured keys and values of the positions before them, and all the knockouts'
+  recomputed positions are packed into one sequence whose attention mask keeps them apart.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,17 +92,37 @@ def repeat_encoder_outputs(outputs: dict[str, Any], batch: int) -> dict[str, Any
 class Plan:
     """What one pass does to the model.
 
-    ``allowed[layer] (batch, query, key)`` are the attention edges left at each layer;
-    ``rows[i]`` is batch row ``i``'s intervention, asked for its activation edits;
-    ``start`` is the absolute position of the first computed query; ``head_means
-    (layer, head, head_dim)`` the unmodified model's mean head outputs, where mean
-    ablation needs them.
+    ``allowed[layer] (batch, query, key)`` are the attention edges left at each layer, for
+    queries ``start..``; ``rows[i]`` is row ``i``'s intervention, asked for its activation
+    edits; ``head_means (layer, head, head_dim)`` the unmodified model's mean head outputs,
+    where mean ablation needs them.
+
+    A pass over the whole model gives each row its own batch row. A decoder pass is
+    *packed* (``starts`` given): row ``i`` computes only positions ``starts[i]..`` and the
+    rows' positions are laid end to end in one sequence, so no position is computed that a
+    row does not need.
     """
 
     allowed: list[torch.Tensor]
     rows: tuple[Any, ...]
     start: int = 0
     head_means: torch.Tensor | None = None
+    starts: tuple[int, ...] = ()
+
+    @property
+    def seq_len(self) -> int:
+        return self.allowed[0].shape[-1]
+
+    @property
+    def pieces(self) -> list[tuple[int, slice, int]]:
+        """Per row: its batch row, its slice of that row's computed positions, and its first position."""
+        if not self.starts:
+            return [(i, slice(None), self.start) for i in range(len(self.rows))]
+        out, offset = [], 0
+        for first in self.starts:
+            out.append((0, slice(offset, offset + self.seq_len - first), first))
+            offset += self.seq_len - first
+        return out
 
     def editing(self, layer: int, hook: str) -> list[tuple[int, Any]]:
         """``(row, intervention)`` for the rows that edit ``hook`` at ``layer``."""
@@ -110,25 +132,58 @@ class Plan:
         """The ``o_proj`` input ``x (batch, pos, head * head_dim)`` after each row's ``edit_heads``."""
         means = None if self.head_means is None else self.head_means[layer]
         out = x.clone()
+        pieces = self.pieces
         for row, iv in self.editing(layer, "heads"):
-            heads = x[row].unflatten(-1, (num_heads, -1))
-            out[row] = iv.edit_heads(layer, heads, self.start, means).flatten(-2)
+            b, span, first = pieces[row]
+            heads = x[b, span].unflatten(-1, (num_heads, -1))
+            out[b, span] = iv.edit_heads(layer, heads, first, means).flatten(-2)
         return out
 
     def edit_residual(self, layer: int, y: torch.Tensor) -> torch.Tensor:
         """The layer output ``y (batch, pos, hidden)`` after each row's ``edit_residual``."""
         out = y.clone()
+        pieces = self.pieces
         for row, iv in self.editing(layer, "residual"):
-            out[row] = iv.edit_residual(layer, y[row], self.start)
+            b, span, first = pieces[row]
+            out[b, span] = iv.edit_residual(layer, y[b, span], first)
         return out
 
 
-def _masks(vl: Any, allowed: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Attention masks in the implementation's format; layers sharing an ``allowed`` tensor share a mask."""
+def packed_allowed(allowed: torch.Tensor, start: int, starts: Sequence[int], cached: int) -> torch.Tensor:
+    """Edges ``(1, packed, cached + packed)`` of a packed pass, from each row's ``allowed (row, seq - start, seq)``.
+
+    Keys are the ``cached`` clean positions, then the packed positions. Row ``i``'s query
+    at position ``q`` sees clean keys before ``starts[i]`` and its own recomputed keys
+    ``starts[i]..q``, as ``allowed`` says; never another row's.
+
+    Example:
+        >>> allowed = torch.ones(2, 2, 3, dtype=torch.bool).tril(1)  # queries 1-2 of 3 positions, causal
+        >>> packed_allowed(allowed, 1, [1, 2], cached=3).int().tolist()
+        [[[1, 0, 0, 1, 0, 0], [1, 0, 0, 1, 1, 0], [1, 1, 0, 0, 0, 1]]]
+    """
+    seq = allowed.shape[-1]
+    total = sum(seq - first for first in starts)
+    out = torch.zeros(total, cached + total, dtype=torch.bool)
+    offset = 0
+    for row, first in enumerate(starts):
+        n = seq - first
+        edges = allowed[row, first - start :]
+        out[offset : offset + n, :first] = edges[:, :first]
+        out[offset : offset + n, cached + offset : cached + offset + n] = edges[:, first:]
+        offset += n
+    return out[None]
+
+
+def _masks(vl: Any, allowed: list[torch.Tensor], pack: Any = None) -> list[torch.Tensor]:
+    """Attention masks in the implementation's format; layers sharing an ``allowed`` tensor share a mask.
+
+    ``pack``, if given, turns each ``allowed`` into its packed form first.
+    """
     converted: dict[int, torch.Tensor] = {}
     for a in allowed:
         if id(a) not in converted:
-            converted[id(a)] = attention_mask(a, vl.attn_implementation, vl.dtype).to(vl.device)
+            edges = a if pack is None else pack(a)
+            converted[id(a)] = attention_mask(edges, vl.attn_implementation, vl.dtype).to(vl.device)
     return [converted[id(a)] for a in allowed]
 
 
@@ -184,6 +239,35 @@ def _readout(vl: Any, residual: list | None, heads: list, logits: torch.Tensor) 
     )
 
 
+def model_kwargs(
+    vl: Any, input_ids: torch.Tensor, extra: dict[str, torch.Tensor], encoder_outputs: dict[str, Any], index, capture
+) -> dict[str, Any]:
+    """The top-level forward's arguments for ``input_ids (batch, seq)``, the per-prompt ``extra`` repeated."""
+    batch = input_ids.shape[0]
+    device = vl.device
+    kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "use_cache": capture, "logits_to_keep": index}
+    if "mm_token_type_ids" in extra:
+        kwargs["mm_token_type_ids"] = extra["mm_token_type_ids"].expand(batch, -1).to(device)
+    for key in ("image_grid_thw", "video_grid_thw"):
+        if key in extra:
+            kwargs[key] = extra[key].repeat(batch, 1).to(device)
+    if encoder_outputs:
+        kwargs["mm_encoder_outputs"] = repeat_encoder_outputs(encoder_outputs, batch)
+    return kwargs
+
+
+def captured(decoder_kwargs: dict[str, Any], cache: Any) -> DecoderInputs:
+    """The decoder's inputs (its forward's keyword arguments) and the cache the pass filled."""
+    return DecoderInputs(
+        embeds=decoder_kwargs["inputs_embeds"],
+        position_ids=decoder_kwargs["position_ids"],
+        visual_mask=decoder_kwargs.get("visual_pos_masks"),
+        deepstack=decoder_kwargs.get("deepstack_visual_embeds"),
+        keys=[layer.keys for layer in cache.layers],
+        values=[layer.values for layer in cache.layers],
+    )
+
+
 def run_model(
     vl: Any,
     input_ids: torch.Tensor,
@@ -201,17 +285,8 @@ def run_model(
     repeated here. With ``capture`` (batch 1), also return the decoder's inputs and cache.
     ``means``, a list, receives each layer's head outputs averaged over all positions.
     """
-    batch = input_ids.shape[0]
-    device = vl.device
-    index = torch.tensor(read, device=device)
-    kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "use_cache": capture, "logits_to_keep": index}
-    if "mm_token_type_ids" in extra:
-        kwargs["mm_token_type_ids"] = extra["mm_token_type_ids"].expand(batch, -1).to(device)
-    for key in ("image_grid_thw", "video_grid_thw"):
-        if key in extra:
-            kwargs[key] = extra[key].repeat(batch, 1).to(device)
-    if encoder_outputs:
-        kwargs["mm_encoder_outputs"] = repeat_encoder_outputs(encoder_outputs, batch)
+    index = torch.tensor(read, device=vl.device)
+    kwargs = model_kwargs(vl, input_ids, extra, encoder_outputs, index, capture)
     masks = _masks(vl, plan.allowed)
     residual, heads = ([], []) if internals else (None, [])
     with torch.inference_mode(), vl.traced.trace(**kwargs):
@@ -220,66 +295,98 @@ def run_model(
         _intervene(vl, plan, masks, index, residual, heads, means)
         output = vl.traced.output.save()
     readout = _readout(vl, residual, heads, output.logits.float().cpu())
-    if not capture:
-        return readout, None
-    cache = output.cache
-    captured = DecoderInputs(
-        embeds=decoder_kwargs["inputs_embeds"],
-        position_ids=decoder_kwargs["position_ids"],
-        visual_mask=decoder_kwargs.get("visual_pos_masks"),
-        deepstack=decoder_kwargs.get("deepstack_visual_embeds"),
-        keys=[layer.keys for layer in cache.layers],
-        values=[layer.values for layer in cache.layers],
-    )
-    return readout, captured
+    return readout, captured(decoder_kwargs, output.cache) if capture else None
 
 
-def run_decoder(
-    vl: Any, dec: DecoderInputs, plan: Plan, read: list[int], extend: bool = False
-) -> tuple[Readout, DecoderInputs | None]:
-    """Recompute positions ``plan.start..`` of a captured sequence (``allowed[layer] (batch, seq - start, seq)``).
+@dataclass(frozen=True)
+class DecoderCall:
+    """A packed decoder pass over a captured sequence: ``decode(embeds, positions)`` gives the
+    logits at ``index`` (read positions, in packed order) and appends the packed keys and
+    values to ``cache`` (which starts with the clean ones); ``masks`` go to self-attention."""
 
-    Positions before ``start`` are taken from the captured cache; ``read`` positions must be >= ``start``.
-    With ``extend`` (batch 1), also return ``dec`` with the keys and values of the new positions.
-    """
-    start = plan.start
-    batch = plan.allowed[0].shape[0]
-    device = vl.device
-    cache = None
-    if start or extend:
-        cache = DynamicCache(config=vl.text_config)
-        for i, (k, v) in enumerate(zip(dec.keys, dec.values, strict=True)):
-            if start:
-                cache.update(k[:, :, :start].expand(batch, -1, -1, -1), v[:, :, :start].expand(batch, -1, -1, -1), i)
+    decode: Any
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    index: torch.Tensor
+    cache: Any
+    masks: list[torch.Tensor]
+
+
+def _packed(x: torch.Tensor, starts: Sequence[int], dim: int) -> torch.Tensor:
+    """``x`` at positions ``first..`` for each of ``starts``, laid end to end along ``dim``."""
+    return torch.cat([x.narrow(dim, first, x.shape[dim] - first) for first in starts], dim=dim)
+
+
+def decoder_call(vl: Any, dec: DecoderInputs, plan: Plan, read: list[int]) -> DecoderCall:
+    """Set up the packed pass of :func:`run_decoder`: clean cache, packed inputs, positions, DeepStack, masks."""
+    starts = plan.starts or (plan.start,) * len(plan.rows)
+    seq = plan.seq_len
+    cached = dec.keys[0].shape[2]
+    if min(starts) > cached:
+        raise ValueError(f"a packed pass starts at {min(starts)}, after the {cached} cached positions")
+    cache = DynamicCache(config=vl.text_config)
+    for i, (k, v) in enumerate(zip(dec.keys, dec.values, strict=True)):
+        cache.update(k, v, i)
+    embeds = _packed(dec.embeds[:, :seq], starts, 1)
+    if dec.position_ids is None:  # text only: every rotary axis is the position itself
+        positions = _packed(torch.arange(seq, device=embeds.device)[None], starts, 1)
+    else:
+        positions = _packed(dec.position_ids[..., :seq], starts, -1)
     visual_mask, deepstack = None, None
-    if dec.visual_mask is not None and dec.visual_mask[:, start:].any():
-        visual_mask = dec.visual_mask[:, start:].expand(batch, -1)
-        before = int(dec.visual_mask[:, :start].sum())
-        deepstack = [level[before:].repeat(batch, 1) for level in dec.deepstack]
-    index = torch.tensor([r - start for r in read], device=device)
-    masks = _masks(vl, plan.allowed)
+    if dec.visual_mask is not None:
+        visual_mask = _packed(dec.visual_mask[:, :seq], starts, 1)
+        if visual_mask.any():
+            before = [int(dec.visual_mask[0, :first].sum()) for first in starts]
+            deepstack = [torch.cat([level[b:] for b in before]) for level in dec.deepstack]
+        else:
+            visual_mask = None
+    index = torch.tensor([piece.start + r - first for _, piece, first in plan.pieces for r in read], device=vl.device)
 
-    def decode(embeds: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    def decode(embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = vl.hf.model.language_model(
             inputs_embeds=embeds,
             position_ids=positions,
             cache=cache,
-            use_cache=cache is not None,
+            use_cache=True,
             visual_pos_masks=visual_mask,
             deepstack_visual_embeds=deepstack,
         ).last_hidden_state
         return vl.hf.lm_head(hidden[:, index])
 
-    embeds = dec.embeds[:, start:].expand(batch, -1, -1)
-    # Text-only prompts: the model numbers positions itself, counting the cached prefix.
-    positions = None if dec.position_ids is None else dec.position_ids[:, :, start:].expand(-1, batch, -1)
-    residual, heads = [], []
-    with torch.inference_mode(), vl.traced.trace(embeds, positions, fn=decode):
-        _intervene(vl, plan, masks, index, residual, heads)
-        logits = vl.traced.lm_head.output.float().cpu().save()
-    readout = _readout(vl, residual, heads, logits)
-    if not extend:
-        return readout, None
+    masks = _masks(vl, plan.allowed, lambda a: packed_allowed(a, plan.start, starts, cached))
+    return DecoderCall(decode, embeds, positions, index, cache, masks)
+
+
+def unpacked(readout: Readout, rows: int) -> Readout:
+    """A packed pass's readout (batch 1, rows' reads end to end) as one batch row per row."""
+    if readout.residual.numel():
+        residual = rearrange(readout.residual, "1 l (k p) d -> k l p d", k=rows)
+        heads = rearrange(readout.heads, "1 l (k p) h d -> k l p h d", k=rows)
+    else:
+        residual = heads = torch.empty(rows, 0)
+    return Readout(residual, heads, rearrange(readout.logits, "1 (k p) v -> k p v", k=rows))
+
+
+def extended(dec: DecoderInputs, cache: Any) -> DecoderInputs:
+    """``dec`` with the keys and values a one-row pass added to ``cache``."""
     keys = [layer.keys for layer in cache.layers]
     values = [layer.values for layer in cache.layers]
-    return readout, DecoderInputs(dec.embeds, dec.position_ids, dec.visual_mask, dec.deepstack, keys, values)
+    return DecoderInputs(dec.embeds, dec.position_ids, dec.visual_mask, dec.deepstack, keys, values)
+
+
+def run_decoder(
+    vl: Any, dec: DecoderInputs, plan: Plan, read: list[int], extend: bool = False
+) -> tuple[Readout, DecoderInputs | None]:
+    """Recompute, for each row ``i``, positions ``plan.starts[i]..`` of a captured sequence, in one packed pass.
+
+    Positions before a row's start are the captured (clean) keys and values; ``read``
+    positions must be >= every start. With ``extend`` (one row starting right after the
+    captured cache), also return ``dec`` with the keys and values of the new positions.
+    """
+    call = decoder_call(vl, dec, plan, read)
+    residual, heads = [], []
+    with torch.inference_mode(), vl.traced.trace(call.embeds, call.positions, fn=call.decode):
+        _intervene(vl, plan, call.masks, call.index, residual, heads)
+        logits = vl.traced.lm_head.output.float().cpu().save()
+    readout = unpacked(_readout(vl, residual, heads, logits), len(plan.rows))
+    return readout, extended(dec, call.cache) if extend else None

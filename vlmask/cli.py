@@ -42,7 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--video-fps", type=float, default=2.0, help="frames per second of --video frames (default 2)")
     run.add_argument("--prompt", required=True, help="the question or text")
     run.add_argument("--num-tokens", type=int, default=1, help="greedy clean continuation length = steps (default 1)")
-    run.add_argument("--mask", default="text", help="text (default), vision, all, or positions like 18:24,30")
+    run.add_argument(
+        "--mask",
+        default="text",
+        help="text (default, the template's too), prompt (your words only), vision, all, or positions like 18:24,30",
+    )
     run.add_argument(
         "--mask-unit", default="token", help=f"group vision tokens knocked out together: {', '.join(UNITS)}"
     )
@@ -57,8 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=sorted(DTYPES), help="default float32 on CPU, bfloat16 on CUDA")
     run.add_argument("--device", default="cpu")
     run.add_argument("--attn-implementation", choices=("sdpa", "eager"), default="sdpa")
-    run.add_argument("--batch-size", type=int, help="knockouts per forward pass (default: from --max-memory)")
-    run.add_argument("--max-memory", default="2GiB", help="memory budget for a batch of knockouts (default 2GiB)")
+    run.add_argument(
+        "--batch-size", type=int, help="at most this many knockouts per packed pass (default: as --max-memory allows)"
+    )
+    run.add_argument(
+        "--max-memory", default="2GiB", help="memory budget of one packed pass of knockouts (default 2GiB)"
+    )
     run.add_argument("--output", default="run", help="result name: writes OUTPUT_DIR/NAME.nc (default run)")
     run.add_argument("--output-dir", default="output")
     run.add_argument("--format", default="nc", help=f"comma-separated, some of {','.join(FORMATS)} (nc always)")
