@@ -20,7 +20,7 @@ from vlmask import _trace
 def _hooks(vl: Any, plan: _trace.Plan, masks: list, index: torch.Tensor, residual, heads, means=None) -> list:
     """What ``_trace._intervene`` does inside a trace, as hooks on each decoder layer."""
     handles = []
-    for i, (layer, mask) in enumerate(zip(vl.hf.model.language_model.layers, masks, strict=True)):
+    for i, (layer, mask) in enumerate(zip(vl.decoder.layers, masks, strict=True)):
 
         def attention(module, args, kwargs, mask=mask):
             return args, {**kwargs, "attention_mask": mask}
@@ -64,12 +64,11 @@ def run_model(vl, input_ids, extra, encoder_outputs, plan, read, internals=True,
     residual, heads = ([], []) if internals else (None, [])
     seen: dict[str, Any] = {}
     handles = _hooks(vl, plan, _trace._masks(vl, plan.allowed), index, residual, heads, means)
-    decoder = vl.hf.model.language_model
-    handles.append(decoder.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True))
+    handles.append(vl.decoder.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True))
     with torch.inference_mode(), _installed(handles):
         output = vl.hf(**kwargs)
     readout = _trace._readout(vl, residual, heads, output.logits.float().cpu())
-    return readout, _trace.captured(seen, output.cache) if capture else None
+    return readout, _trace.captured(vl, seen, output.cache) if capture else None
 
 
 def run_decoder(vl, dec, plan, read, extend=False):

@@ -62,3 +62,12 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "wide": _picture(root / "wide.png", (192, 96), 2),
         "other": _picture(root / "other.png", (128, 128), 3),
     }
+
+
+def family_models(name: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[VLModel, VLModel]:
+    """Family ``name``'s tiny random checkpoint, loaded by ``vlmask.load_model`` with sdpa and with eager."""
+    import vlmask
+    from tests.families import save_tiny
+
+    path = save_tiny(name, tmp_path_factory.mktemp(name), words_of(PROMPTS))
+    return vlmask.load_model(path), vlmask.load_model(path, attn_implementation="eager")

@@ -30,12 +30,18 @@ def hand_mask(
     return torch.where(allowed, torch.tensor(0.0, dtype=dtype), torch.tensor(torch.finfo(dtype).min, dtype=dtype))
 
 
+def decoder_of(hf):
+    """The language decoder, found by its own attribute path (not through vlmask's families)."""
+    model = hf.model
+    return model.language_model if hasattr(model, "language_model") else model
+
+
 @contextmanager
 def hooked(hf, masks: dict[int, torch.Tensor]):
     """Give layer ``i``'s self-attention ``masks[i]``; collect layer outputs and o_proj inputs."""
     seen = {"residual": {}, "heads": {}}
     handles = []
-    for i, layer in enumerate(hf.model.language_model.layers):
+    for i, layer in enumerate(decoder_of(hf).layers):
         if i in masks:
 
             def pre(module, args, kwargs, mask=masks[i]):
@@ -63,9 +69,9 @@ def reference_run(vl, inputs: dict, blocked: set[int], layers=None, bidirectiona
     """Full forward of ``inputs`` (batch 1) with ``blocked`` keys: residual (L,S,D), heads (L,S,H*d), logits (S,V)."""
     hf = vl.hf
     seq_len = inputs["input_ids"].shape[1]
-    implementation = hf.model.language_model.config._attn_implementation
+    implementation = decoder_of(hf).config._attn_implementation
     mask = hand_mask(seq_len, blocked, implementation, hf.dtype, list(bidirectional))
-    n = hf.config.text_config.num_hidden_layers
+    n = decoder_of(hf).config.num_hidden_layers
     plain = hand_mask(seq_len, set(), implementation, hf.dtype, list(bidirectional))
     masks = {i: mask if layers is None or i in layers else plain for i in range(n)}
     with torch.no_grad(), hooked(hf, masks) as seen:
@@ -103,12 +109,12 @@ def edited_run(vl, inputs: dict, masks: dict[int, torch.Tensor] | None = None, h
     """
     hf = vl.hf
     seq_len = inputs["input_ids"].shape[1]
-    implementation = hf.model.language_model.config._attn_implementation
-    n = hf.config.text_config.num_hidden_layers
+    implementation = decoder_of(hf).config._attn_implementation
+    n = decoder_of(hf).config.num_hidden_layers
     plain = hand_mask(seq_len, set(), implementation, hf.dtype)
     masks = {i: (masks or {}).get(i, plain) for i in range(n)}
     handles = []
-    for i, layer in enumerate(hf.model.language_model.layers):
+    for i, layer in enumerate(decoder_of(hf).layers):
         if i in (heads or {}):
             handles.append(
                 layer.self_attn.o_proj.register_forward_pre_hook(lambda m, args, f=heads[i]: (f(args[0].clone()),))

@@ -80,6 +80,6 @@ def capture_residual(
     check_positions(wanted, len(built.tokens), "position")
     check_layers((layer,), vl.num_layers)
     ids = built.inputs["input_ids"]
-    vl.hf.model.rope_deltas = None  # transformers keeps M-RoPE offsets between calls; start afresh
+    vl.family.reset(vl.hf)
     out, _ = context(vl, built, ids.shape[1], vision_attention).run(ids, [NOTHING], wanted)
     return out.residual[0, layer]

@@ -95,6 +95,16 @@ def read_image(path: str | Path) -> ImageFile:
     return ImageFile(path=str(path), sha256=hashlib.sha256(data).hexdigest(), image=image)
 
 
+def tokenizer_of(processor: Any) -> Any:
+    """The tokenizer inside a multimodal processor, or the processor itself for a text-only model."""
+    return getattr(processor, "tokenizer", processor)
+
+
+def reads_images(processor: Any) -> bool:
+    """Whether ``processor`` takes images (a vision-language processor, not a bare tokenizer)."""
+    return hasattr(processor, "image_processor")
+
+
 def _special_ids(tokenizer: Any) -> set[int]:
     ids = set(tokenizer.all_special_ids)
     ids.update(i for i, token in tokenizer.added_tokens_decoder.items() if getattr(token, "special", False))
@@ -108,18 +118,19 @@ def token_table(
     video_grid_thw: torch.Tensor | None = None,
 ) -> TokenTable:
     """Label each position of ``input_ids`` (1D) as text, vision or special, with its image/video and grid cell."""
-    tokenizer = processor.tokenizer
+    tokenizer = tokenizer_of(processor)
     ids = [int(i) for i in input_ids.tolist()]
-    vision_ids = {processor.image_token_id, processor.video_token_id}
+    image_id, video_id = getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None)
+    vision_ids = {image_id, video_id} - {None}
     special = _special_ids(tokenizer) - vision_ids - {tokenizer.unk_token_id}
     kinds = ["vision" if i in vision_ids else "special" if i in special else "text" for i in ids]
     cells = vision_coordinates(
         ids,
-        processor.image_token_id,
-        processor.video_token_id,
+        image_id,
+        video_id,
         None if image_grid_thw is None else image_grid_thw.tolist(),
         None if video_grid_thw is None else video_grid_thw.tolist(),
-        processor.image_processor.merge_size,
+        getattr(getattr(processor, "image_processor", None), "merge_size", 1),
     )
     texts = [tokenizer.decode([token_id], skip_special_tokens=False) for token_id in ids]
     return TokenTable(tuple(ids), tuple(texts), tuple(kinds), cells.image, cells.video, cells.t, cells.row, cells.col)
@@ -139,10 +150,16 @@ def format_prompt(
     if chat_template == "on" and not has_template:
         raise VlmaskError("--chat-template on, but this processor has no chat template: use auto or off")
     if chat_template == "off" or not has_template:
-        start, end = processor.vision_start_token, processor.vision_end_token
+        if not num_images + num_videos:
+            return prompt, False
+        start = getattr(processor, "vision_start_token", "<|vision_start|>")  # Qwen2-VL's processor names neither
+        end = getattr(processor, "vision_end_token", "<|vision_end|>")
         videos = (start + processor.video_token + end) * num_videos
         return (start + processor.image_token + end) * num_images + videos + prompt, False
-    content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos + [{"type": "text", "text": prompt}]
+    content: Any = prompt  # text only: plain content, which every chat template takes
+    if num_images + num_videos:
+        parts = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos
+        content = [*parts, {"type": "text", "text": prompt}]
     messages = [{"role": "user", "content": content}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), True
 
@@ -168,7 +185,7 @@ def prompt_positions(
     """
     if span is None:
         return ()
-    offsets = processor.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+    offsets = tokenizer_of(processor)(text, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
     inside = [k for k, (a, b) in enumerate(offsets) if a < span[1] and b > span[0]]
     shift = len(input_ids) - len(offsets)
     return tuple(k + shift for k in inside)
@@ -195,10 +212,16 @@ def build_prompt(
     """
     if not prompt or not prompt.strip():
         raise VlmaskError("the prompt is empty: pass --prompt with some text")
+    if (images or videos) and not reads_images(processor):
+        raise VlmaskError(
+            f"this model reads text only, but {len(images)} image(s) and {len(videos)} video(s) were given: "
+            "drop --image/--video, or load a vision-language model"
+        )
     files = tuple(read_image(path) for path in images)
     clips = tuple(read_video(path) for path in videos)
     text, used_template = format_prompt(processor, prompt, len(files), chat_template, len(clips))
-    kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
+    # A chat template writes any begin-of-text token itself; a raw prompt gets the tokenizer's own.
+    kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": not used_template}
     if files:
         kwargs["images"] = [f.image for f in files]
     if clips:

@@ -1,21 +1,23 @@
-"""Load a Qwen3-VL checkpoint (hub id or directory) and wrap it for nnsight tracing."""
+"""Load a checkpoint of a supported family (hub id or directory) and wrap it for nnsight tracing."""
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import huggingface_hub
 import torch
 from nnsight import NNsight
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoProcessor
 
 from vlmask._errors import VlmaskError
 from vlmask._masks import check_attention_implementation
 from vlmask.builtin import DEFAULT_MODEL_PATH
+from vlmask.families import Family, family_of
+from vlmask.families.qwen3_vl import Qwen3VL
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +33,12 @@ class VLModel:
     traced: NNsight
     name: str
     builtin: bool
+    family: Family = field(default_factory=Qwen3VL)
 
     @property
     def decoder(self) -> Any:
-        """The language decoder (``Qwen3VLTextModel``)."""
-        return self.hf.model.language_model
+        """The language decoder (``Qwen3VLTextModel``, ``LlamaModel``, ...)."""
+        return self.family.decoder(self.hf)
 
     @property
     def text_config(self) -> Any:
@@ -96,8 +99,9 @@ def load_model(
 ) -> VLModel:
     """Load a checkpoint with ``from_pretrained`` and wrap it with nnsight.
 
-    ``model`` is a hub id (``Qwen/Qwen3-VL-2B-Instruct``) or a local directory; None
-    loads the checkpoint shipped with vlmask. ``attn_implementation`` must be ``sdpa``
+    ``model`` is a hub id (``Qwen/Qwen3-VL-2B-Instruct``, ``Qwen/Qwen2.5-VL-3B-Instruct``,
+    ``Qwen/Qwen3-0.6B``, ...: see :data:`vlmask.families.FAMILIES`) or a local directory;
+    None loads the checkpoint shipped with vlmask. ``attn_implementation`` must be ``sdpa``
     or ``eager``: FlashAttention treats the mask as padding only and cannot block a key.
 
     Example:
@@ -114,19 +118,14 @@ def load_model(
     if not builtin:
         _check_reachable(source)
     try:
+        family = family_of(AutoConfig.from_pretrained(source))
         processor = AutoProcessor.from_pretrained(source)
-        hf = AutoModelForImageTextToText.from_pretrained(
-            source, dtype=torch_dtype, attn_implementation=attn_implementation
-        )
+        hf = family.auto_class().from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation)
     except (OSError, ValueError, KeyError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         kind = "local directory" if Path(source).exists() else "local directory or reachable hub id"
         raise VlmaskError(f"model {source!r} could not be loaded as a {kind}: {reason}") from None
     hf = hf.to(device).eval()
-    if not hasattr(getattr(hf, "model", None), "language_model"):
-        raise VlmaskError(
-            f"model {source!r} is a {type(hf).__name__}; vlmask supports Qwen3-VL (Qwen3VLForConditionalGeneration)"
-        )
-    check_attention_implementation(hf.model.language_model.config._attn_implementation)
-    log.info("loaded %s (%s, %s, %s attention)", source, torch_dtype, device, attn_implementation)
-    return VLModel(hf=hf, processor=processor, traced=NNsight(hf), name=source, builtin=builtin)
+    check_attention_implementation(family.decoder(hf).config._attn_implementation)
+    log.info("loaded %s (%s, %s, %s, %s attention)", source, family.name, torch_dtype, device, attn_implementation)
+    return VLModel(hf=hf, processor=processor, traced=NNsight(hf), name=source, builtin=builtin, family=family)

@@ -18,6 +18,7 @@ import xarray as xr
 
 from vlmask._errors import VlmaskError
 from vlmask._grid import grids
+from vlmask._inputs import tokenizer_of
 from vlmask._metrics import LOGIT_METRICS, VECTOR_METRICS
 
 SCHEMA_VERSION = 3
@@ -60,7 +61,7 @@ def _versions() -> dict[str, str]:
 def to_dataset(rec: SweepRecord) -> xr.Dataset:
     """Label a :class:`SweepRecord`: dims ``step, token`` (or ``intervention``) ``[, window], layer, head, metric``."""
     tokens = rec.prompt.tokens
-    tokenizer = rec.vl.processor.tokenizer
+    tokenizer = tokenizer_of(rec.vl.processor)
     step_text = [tokenizer.decode([i], skip_special_tokens=False) for i in rec.clean_ids]
     prompt_len = len(tokens)
     ko = rec.knockouts
@@ -108,11 +109,12 @@ def to_dataset(rec: SweepRecord) -> xr.Dataset:
     inputs = rec.prompt.inputs
     vision_grids = grids(
         *(inputs[k].tolist() if k in inputs else None for k in ("image_grid_thw", "video_grid_thw")),
-        rec.vl.processor.image_processor.merge_size,
+        getattr(getattr(rec.vl.processor, "image_processor", None), "merge_size", 1),
     )
     attrs = {
         "schema_version": SCHEMA_VERSION,
         "model": rec.vl.name,
+        "model_family": rec.vl.family.name,
         "builtin_model": int(rec.vl.builtin),
         "prompt": rec.prompt.prompt,
         "model_input_text": rec.prompt.text,
@@ -123,7 +125,9 @@ def to_dataset(rec: SweepRecord) -> xr.Dataset:
         "video_sha256": json.dumps([v.sha256 for v in videos]),
         "video_frames": json.dumps([list(v.frame_names) for v in videos]),
         "video_fps": float(rec.video_fps),
-        "video_frames_per_group": int(rec.vl.processor.video_processor.temporal_patch_size),
+        "video_frames_per_group": int(
+            getattr(getattr(rec.vl.processor, "video_processor", None), "temporal_patch_size", 0)
+        ),
         "vision_grids": json.dumps([g.to_dict() for g in vision_grids]),
         "vision_ranges": json.dumps(tokens.vision_ranges),
         "clean_continuation": tokenizer.decode(rec.clean_ids, skip_special_tokens=False),

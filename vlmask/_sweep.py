@@ -128,7 +128,7 @@ class Context:
 
     def with_head_means(self, prompt_ids: torch.Tensor) -> Context:
         """This context, plus the unmodified model's head outputs averaged over the prompt's positions."""
-        self.vl.hf.model.rope_deltas = None
+        self.vl.family.reset(self.vl.hf)
         means: list[torch.Tensor] = []
         todo = self.plan([NOTHING], prompt_ids.shape[1])
         extra = self._extra(prompt_ids.shape[1])
@@ -147,7 +147,7 @@ class Context:
         tokens, the readout at positions ``L-1 .. L+n-2``, and the decoder inputs of the
         prompt plus the first ``n - 1`` tokens (the teacher-forced sequence).
         """
-        self.vl.hf.model.rope_deltas = None  # transformers keeps M-RoPE offsets between calls; start afresh
+        self.vl.family.reset(self.vl.hf)
         last = prompt_ids.shape[1] - 1
         out, dec = self.run(prompt_ids, [base], [last], capture=True)
         readouts = [out]
@@ -170,24 +170,9 @@ class Context:
 def context(vl: VLModel, built: Prompt, max_len: int, vision_attention: str = "native") -> Context:
     """Everything the passes over ``built`` share, for sequences up to ``max_len`` tokens."""
     inputs = built.inputs
-    extra = {k: inputs[k] for k in ("mm_token_type_ids", "image_grid_thw", "video_grid_thw") if k in inputs}
+    extra = {k: inputs[k] for k in vl.family.extra_keys if k in inputs}
     base = base_allowed(max_len, built.tokens.vision_ranges, vision_attention)
-    return Context(vl, extra, _encode_vision(vl, inputs), base)
-
-
-def _encode_vision(vl: VLModel, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Run the vision encoder once; every pass of the sweep reuses its output."""
-    outputs = {}
-    with torch.inference_mode():
-        if "pixel_values" in inputs:
-            outputs["image"] = vl.hf.model.get_image_features(
-                inputs["pixel_values"].to(vl.device), inputs["image_grid_thw"].to(vl.device), return_dict=True
-            )
-        if "pixel_values_videos" in inputs:
-            outputs["video"] = vl.hf.model.get_video_features(
-                inputs["pixel_values_videos"].to(vl.device), inputs["video_grid_thw"].to(vl.device), return_dict=True
-            )
-    return outputs
+    return Context(vl, extra, vl.family.encode_vision(vl.hf, inputs), base)
 
 
 def _masked_generation(

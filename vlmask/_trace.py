@@ -47,45 +47,31 @@ class Readout:
 class DecoderInputs:
     """What reached the language decoder for one sequence (batch 1), as the model computed it.
 
-    ``keys``/``values`` hold each layer's cache ``(1, kv_heads, seq, head_dim)``;
-    ``deepstack`` the visual features the model adds at vision positions after the first
-    decoder layers, in vision-position order.
+    ``position_ids`` are the model's own (M-RoPE rows for vision-language models; None when
+    the decoder numbers positions itself); ``keys``/``values`` hold each layer's cache
+    ``(1, kv_heads, seq, head_dim)``; ``extra`` what else the family's decoder was given
+    (Qwen3-VL: the vision positions and DeepStack features).
     """
 
     embeds: torch.Tensor
-    position_ids: torch.Tensor
-    visual_mask: torch.Tensor | None
-    deepstack: list[torch.Tensor] | None
+    position_ids: torch.Tensor | None
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    extra: dict[str, Any]
 
     def append_text(self, vl: Any, token: int) -> DecoderInputs:
         """These inputs followed by one generated text token (its keys and values still to compute).
 
-        Its embedding comes from the model's own table; its M-RoPE position is the last
-        position plus one on every axis, as in transformers' cached decoding.
+        Its embedding comes from the model's own table; its position is the last position
+        plus one on every rotary axis, as in transformers' cached decoding.
         """
         ids = torch.tensor([[token]], device=self.embeds.device)
-        embed = vl.hf.model.language_model.embed_tokens(ids).to(self.embeds.dtype)
+        embed = vl.decoder.embed_tokens(ids).to(self.embeds.dtype)
         positions = None
         if self.position_ids is not None:
-            positions = torch.cat([self.position_ids, self.position_ids[:, :, -1:] + 1], dim=-1)
-        visual = None
-        if self.visual_mask is not None:
-            visual = torch.cat([self.visual_mask, self.visual_mask.new_zeros(1, 1)], dim=1)
+            positions = torch.cat([self.position_ids, self.position_ids[..., -1:] + 1], dim=-1)
         embeds = torch.cat([self.embeds, embed], dim=1)
-        return DecoderInputs(embeds, positions, visual, self.deepstack, self.keys, self.values)
-
-
-def repeat_encoder_outputs(outputs: dict[str, Any], batch: int) -> dict[str, Any]:
-    """Vision encoder outputs for ``batch`` copies of the same prompt (the encoder runs once)."""
-    repeated = {}
-    for modality, out in outputs.items():
-        copy = type(out)(**dict(out.items()))
-        copy.pooler_output = tuple(out.pooler_output) * batch
-        copy.deepstack_features = [tuple(level) * batch for level in out.deepstack_features]
-        repeated[modality] = copy
-    return repeated
+        return DecoderInputs(embeds, positions, self.keys, self.values, vl.family.appended(self.extra))
 
 
 @dataclass(frozen=True)
@@ -204,7 +190,7 @@ def _intervene(
     position, in float32 (what mean ablation uses, taken from an unmodified run).
     The masks and lists are made before the trace (values made inside a trace survive only if saved).
     """
-    for i, (layer, mask) in enumerate(zip(vl.traced.model.language_model.layers, masks, strict=True)):
+    for i, (layer, mask) in enumerate(zip(vl.family.decoder(vl.traced).layers, masks, strict=True)):
         args, kwargs = layer.self_attn.inputs
         kwargs["attention_mask"] = mask
         layer.self_attn.inputs = (args, kwargs)
@@ -246,25 +232,28 @@ def model_kwargs(
     batch = input_ids.shape[0]
     device = vl.device
     kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "use_cache": capture, "logits_to_keep": index}
-    if "mm_token_type_ids" in extra:
-        kwargs["mm_token_type_ids"] = extra["mm_token_type_ids"].expand(batch, -1).to(device)
-    for key in ("image_grid_thw", "video_grid_thw"):
-        if key in extra:
-            kwargs[key] = extra[key].repeat(batch, 1).to(device)
+    for key, value in extra.items():
+        if key == "mm_token_type_ids":  # one row per sequence
+            kwargs[key] = value.expand(batch, -1).to(device)
+        else:  # one entry per image or video
+            kwargs[key] = value.repeat(batch, *[1] * (value.ndim - 1)).to(device)
     if encoder_outputs:
-        kwargs["mm_encoder_outputs"] = repeat_encoder_outputs(encoder_outputs, batch)
+        kwargs["mm_encoder_outputs"] = vl.family.repeat_encoder_outputs(encoder_outputs, batch)
     return kwargs
 
 
-def captured(decoder_kwargs: dict[str, Any], cache: Any) -> DecoderInputs:
+def captured(vl: Any, decoder_kwargs: dict[str, Any], cache: Any) -> DecoderInputs:
     """The decoder's inputs (its forward's keyword arguments) and the cache the pass filled."""
+    embeds = decoder_kwargs.get("inputs_embeds")
+    if embeds is None:  # a text-only model hands its decoder token ids
+        with torch.inference_mode():
+            embeds = vl.decoder.embed_tokens(decoder_kwargs["input_ids"])
     return DecoderInputs(
-        embeds=decoder_kwargs["inputs_embeds"],
-        position_ids=decoder_kwargs["position_ids"],
-        visual_mask=decoder_kwargs.get("visual_pos_masks"),
-        deepstack=decoder_kwargs.get("deepstack_visual_embeds"),
+        embeds=embeds,
+        position_ids=decoder_kwargs.get("position_ids"),
         keys=[layer.keys for layer in cache.layers],
         values=[layer.values for layer in cache.layers],
+        extra=vl.family.captured(decoder_kwargs),
     )
 
 
@@ -291,11 +280,11 @@ def run_model(
     residual, heads = ([], []) if internals else (None, [])
     with torch.inference_mode(), vl.traced.trace(**kwargs):
         if capture:
-            decoder_kwargs = vl.traced.model.language_model.inputs[1].save()
+            decoder_kwargs = vl.family.decoder(vl.traced).inputs[1].save()
         _intervene(vl, plan, masks, index, residual, heads, means)
         output = vl.traced.output.save()
     readout = _readout(vl, residual, heads, output.logits.float().cpu())
-    return readout, captured(decoder_kwargs, output.cache) if capture else None
+    return readout, captured(vl, decoder_kwargs, output.cache) if capture else None
 
 
 @dataclass(frozen=True)
@@ -328,28 +317,16 @@ def decoder_call(vl: Any, dec: DecoderInputs, plan: Plan, read: list[int]) -> De
     for i, (k, v) in enumerate(zip(dec.keys, dec.values, strict=True)):
         cache.update(k, v, i)
     embeds = _packed(dec.embeds[:, :seq], starts, 1)
-    if dec.position_ids is None:  # text only: every rotary axis is the position itself
+    if dec.position_ids is None:  # the decoder numbers positions itself: every rotary axis is the position
         positions = _packed(torch.arange(seq, device=embeds.device)[None], starts, 1)
     else:
         positions = _packed(dec.position_ids[..., :seq], starts, -1)
-    visual_mask, deepstack = None, None
-    if dec.visual_mask is not None:
-        visual_mask = _packed(dec.visual_mask[:, :seq], starts, 1)
-        if visual_mask.any():
-            before = [int(dec.visual_mask[0, :first].sum()) for first in starts]
-            deepstack = [torch.cat([level[b:] for b in before]) for level in dec.deepstack]
-        else:
-            visual_mask = None
+    extra = vl.family.packed(dec.extra, starts, seq)
     index = torch.tensor([piece.start + r - first for _, piece, first in plan.pieces for r in read], device=vl.device)
 
     def decode(embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = vl.hf.model.language_model(
-            inputs_embeds=embeds,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            visual_pos_masks=visual_mask,
-            deepstack_visual_embeds=deepstack,
+        hidden = vl.decoder(
+            inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True, **extra
         ).last_hidden_state
         return vl.hf.lm_head(hidden[:, index])
 
@@ -371,7 +348,7 @@ def extended(dec: DecoderInputs, cache: Any) -> DecoderInputs:
     """``dec`` with the keys and values a one-row pass added to ``cache``."""
     keys = [layer.keys for layer in cache.layers]
     values = [layer.values for layer in cache.layers]
-    return DecoderInputs(dec.embeds, dec.position_ids, dec.visual_mask, dec.deepstack, keys, values)
+    return DecoderInputs(dec.embeds, dec.position_ids, keys, values, dec.extra)
 
 
 def run_decoder(
