@@ -36,7 +36,7 @@ from vlmask._errors import VlmaskError
 from vlmask._inputs import Prompt, build_prompt
 from vlmask._knockouts import Windows, plan
 from vlmask._masks import base_allowed, parse_mask
-from vlmask._memory import parse_size, pass_bytes, plan_batches
+from vlmask._memory import packed_cap, parse_size, pass_bytes, plan_batches
 from vlmask._metrics import logit_metrics, vector_distances
 from vlmask._model import VLModel
 from vlmask._results import SweepRecord, to_dataset
@@ -313,8 +313,11 @@ def sweep(
     rows = [compose(base, iv) for iv in knockouts.values]
     starts = [min(f, read[0]) for f in firsts]
 
+    cap = packed_cap(full_len)
+
     def fits(positions: int, count: int) -> bool:
-        return pass_bytes(vl.text_config, full_len, positions, count, len(read), vl.dtype.itemsize) <= budget
+        memory = pass_bytes(vl.text_config, full_len, positions, count, len(read), vl.dtype.itemsize)
+        return positions <= cap and memory <= budget
 
     residual, heads, logits, generated = [], [], [], []
     bar = tqdm(total=len(rows), desc="knockouts", unit="knockout", disable=not progress)
