@@ -79,7 +79,7 @@ def run_decoder(vl, dec, plan, read, extend=False):
     with torch.inference_mode(), _installed(handles):
         logits = call.decode(call.embeds, call.positions).float().cpu()
     readout = _trace.unpacked(_trace._readout(vl, residual, heads, logits), len(plan.rows))
-    return readout, _trace.extended(dec, call.cache) if extend else None
+    return readout, _trace.extended(dec, call.cache, plan.pieces[0][2]) if extend else None
 
 
 @contextlib.contextmanager

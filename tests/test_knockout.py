@@ -210,3 +210,24 @@ def test_first_changed_position():
     assert first_changed(BlockKeys((4, 2)), seq_len=10, num_layers=2) == 3
     assert first_changed(BlockKeys((9,)), seq_len=10, num_layers=2) == 10
     assert first_changed(BlockKeys((4,), layers=(5,)), seq_len=10, num_layers=2) == 10
+
+
+@pytest.mark.parametrize("which", ["text", "vision"])
+def test_a_knockouts_own_cache_continues_exactly_like_a_full_rerun(tiny, images, which):
+    """Masked generation's path: recompute a knockout's positions once, then one new position per step."""
+    from tests.reference import extended
+    from vlmask._trace import run_decoder
+
+    built = build_prompt(tiny.processor, PROMPT, [images["square"]])
+    n, p = len(built.tokens), _which(built, which)
+    ctx = context(tiny, built, n + 2)
+    _, _, dec = ctx.clean_pass(built.inputs["input_ids"], 1)
+    tokens = [built.tokens.ids[-3], built.tokens.ids[-4]]
+    want = reference_run(tiny, extended(built.inputs, tokens), {p})
+    own = dec.append_text(tiny, tokens[0])
+    first, own = run_decoder(tiny, own, ctx.plan([BlockKeys((p,))], n + 1, starts=[p + 1]), [n], extend=True)
+    own = own.append_text(tiny, tokens[1])
+    second, _ = run_decoder(tiny, own, ctx.plan([BlockKeys((p,))], n + 2, starts=[n + 1]), [n + 1], extend=True)
+    torch.testing.assert_close(first.logits[0, 0], want[2][n], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(second.logits[0, 0], want[2][n + 1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(second.residual[0, :, 0], want[0][:, n + 1], atol=1e-5, rtol=1e-5)

@@ -177,38 +177,37 @@ def context(vl: VLModel, built: Prompt, max_len: int, vision_attention: str = "n
 
 def _masked_generation(
     ctx: Context,
-    prompt_ids: torch.Tensor,
+    dec: _trace.DecoderInputs,
     clean: torch.Tensor,
     forced_top: torch.Tensor,
     interventions: Sequence[Any],
+    starts: Sequence[int],
 ) -> torch.Tensor:
     """Greedy continuations under each knockout, ``(batch, steps)``.
 
     Teacher-forced argmaxes are the free-running continuation up to the first step where a
-    knockout's top token leaves the clean one; only from there on is it generated afresh
-    (full passes, batched over the knockouts that left at the same step).
+    knockout's top token leaves the clean one; only from there on is it generated afresh,
+    on the decoder alone: one pass recomputes the knockout's own positions (``starts[i]..``,
+    on the clean keys and values before them) with its new token, then each further step
+    adds one position to that knockout's own cache. ``dec`` is the clean teacher-forced
+    sequence (prompt plus ``steps - 1`` clean tokens).
     """
-    steps = clean.shape[0]
+    vl, steps = ctx.vl, clean.shape[0]
+    prompt_len = dec.embeds.shape[1] - (steps - 1)
     out = forced_top.clone()
-    left_at: dict[int, list[int]] = {}
-    for row in range(len(interventions)):
+    for row, iv in enumerate(interventions):
         differs = (forced_top[row] != clean).nonzero()
-        if len(differs) and int(differs[0]) < steps - 1:
-            left_at.setdefault(int(differs[0]), []).append(row)
-    for first, rows in left_at.items():
-        ids = torch.cat(
-            [
-                prompt_ids.expand(len(rows), -1),
-                clean[:first].expand(len(rows), -1),
-                forced_top[rows, first : first + 1],
-            ],
-            dim=1,
-        )
-        group = [interventions[r] for r in rows]
-        for _ in range(steps - first - 1):
-            logits = ctx.run(ids, group, [ids.shape[1] - 1], internals=False)[0].logits
-            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True).to(ids.dtype)], dim=1)
-        out[rows, first + 1 :] = ids[:, prompt_ids.shape[1] + first + 1 :]
+        if not len(differs) or int(differs[0]) >= steps - 1:
+            continue
+        first = int(differs[0])
+        own = dec.prefix(vl, prompt_len + first).append_text(vl, int(forced_top[row, first]))
+        start = min(starts[row], own.embeds.shape[1] - 1)
+        for step in range(first + 1, steps):
+            seq = own.embeds.shape[1]
+            todo = ctx.plan([iv], seq, starts=[start])
+            readout, own = _trace.run_decoder(vl, own, todo, [seq - 1], extend=True)
+            out[row, step] = int(readout.logits[0, -1].argmax())
+            own, start = own.append_text(vl, int(out[row, step])), seq
     return out
 
 
@@ -328,7 +327,8 @@ def sweep(
         residual.append(vector_distances(clean.residual, out.residual))
         heads.append(vector_distances(clean.heads, out.heads))
         logits.append(logit_metrics(clean.logits, out.logits))
-        generated.append(_masked_generation(ctx, prompt_ids, clean_ids, out.logits.argmax(-1), chunk))
+        top = out.logits.argmax(-1)
+        generated.append(_masked_generation(ctx, decoder_inputs, clean_ids, top, chunk, starts[batch]))
         bar.update(len(chunk))
     bar.close()
 

@@ -59,6 +59,16 @@ class DecoderInputs:
     values: list[torch.Tensor]
     extra: dict[str, Any]
 
+    def prefix(self, vl: Any, n: int) -> DecoderInputs:
+        """These inputs cut to the first ``n`` positions."""
+        return DecoderInputs(
+            self.embeds[:, :n],
+            None if self.position_ids is None else self.position_ids[..., :n],
+            [k[:, :, :n] for k in self.keys],
+            [v[:, :, :n] for v in self.values],
+            vl.family.prefix(self.extra, n),
+        )
+
     def append_text(self, vl: Any, token: int) -> DecoderInputs:
         """These inputs followed by one generated text token (its keys and values still to compute).
 
@@ -344,10 +354,15 @@ def unpacked(readout: Readout, rows: int) -> Readout:
     return Readout(residual, heads, rearrange(readout.logits, "1 (k p) v -> k p v", k=rows))
 
 
-def extended(dec: DecoderInputs, cache: Any) -> DecoderInputs:
-    """``dec`` with the keys and values a one-row pass added to ``cache``."""
-    keys = [layer.keys for layer in cache.layers]
-    values = [layer.values for layer in cache.layers]
+def extended(dec: DecoderInputs, cache: Any, start: int) -> DecoderInputs:
+    """``dec`` with the keys and values of a one-row pass that recomputed positions ``start..``.
+
+    The row's own cache: the clean keys before ``start``, then the ones the pass appended
+    after the ``dec.keys`` it started from.
+    """
+    cached = dec.keys[0].shape[2]
+    keys = [torch.cat([layer.keys[:, :, :start], layer.keys[:, :, cached:]], dim=2) for layer in cache.layers]
+    values = [torch.cat([layer.values[:, :, :start], layer.values[:, :, cached:]], dim=2) for layer in cache.layers]
     return DecoderInputs(dec.embeds, dec.position_ids, keys, values, dec.extra)
 
 
@@ -357,8 +372,8 @@ def run_decoder(
     """Recompute, for each row ``i``, positions ``plan.starts[i]..`` of a captured sequence, in one packed pass.
 
     Positions before a row's start are the captured (clean) keys and values; ``read``
-    positions must be >= every start. With ``extend`` (one row starting right after the
-    captured cache), also return ``dec`` with the keys and values of the new positions.
+    positions must be >= every start. With ``extend`` (one row), also return ``dec`` with
+    that row's own keys and values: clean before its start, recomputed from there on.
     """
     call = decoder_call(vl, dec, plan, read)
     residual, heads = [], []
@@ -366,4 +381,4 @@ def run_decoder(
         _intervene(vl, plan, call.masks, call.index, residual, heads)
         logits = vl.traced.lm_head.output.float().cpu().save()
     readout = unpacked(_readout(vl, residual, heads, logits), len(plan.rows))
-    return readout, extended(dec, call.cache) if extend else None
+    return readout, extended(dec, call.cache, plan.pieces[0][2]) if extend else None

@@ -48,6 +48,10 @@ class Family:
         """Inputs, besides embeddings and positions, the decoder was given (kept to recompute suffixes)."""
         return {}
 
+    def prefix(self, extra: dict[str, Any], n: int) -> dict[str, Any]:
+        """``extra`` for the first ``n`` positions of the sequence."""
+        return extra
+
     def appended(self, extra: dict[str, Any]) -> dict[str, Any]:
         """``extra`` for the sequence followed by one more text token."""
         return extra

@@ -29,6 +29,10 @@ class Qwen3VL(VisionLanguage):
             return {}
         return {"visual": decoder_kwargs["visual_pos_masks"], "deepstack": decoder_kwargs["deepstack_visual_embeds"]}
 
+    def prefix(self, extra: dict[str, Any], n: int) -> dict[str, Any]:
+        # DeepStack features stay whole: positions past the prompt are text, so none is cut off
+        return {**extra, "visual": extra["visual"][:, :n]} if extra else extra
+
     def appended(self, extra: dict[str, Any]) -> dict[str, Any]:
         if not extra:
             return extra
