@@ -89,3 +89,18 @@ def test_open_results_errors(tmp_path):
     bad.write_text("nope")
     with pytest.raises(VlmaskError, match="is not a vlmask netCDF result"):
         vlmask.open_results(bad)
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from vlmask._results import atomic_write
+
+    umask = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "out.txt", lambda tmp: tmp.write_text("x"))
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
