@@ -1,6 +1,7 @@
 """vlmask: which tokens (words or image patches) does a vision-language model use?
 
-Attention knockout on Qwen3-VL through nnsight, with results as a labeled xarray Dataset.
+Attention knockout on Qwen3-VL (and Qwen2.5-VL, Qwen2-VL, text-only Qwen3 and Llama: see
+:mod:`vlmask.families`) through nnsight, with results as a labeled xarray Dataset.
 
 Example:
     >>> import vlmask

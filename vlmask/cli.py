@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         "--vision-attention",
         choices=VISION_ATTENTION,
         default="native",
-        help="native (Qwen3-VL: causal over image tokens) or bidirectional (NOT native; prototype's)",
+        help="native (causal over image tokens, as Qwen-VL decoders are) or bidirectional (NOT native; prototype's)",
     )
     run.add_argument("--dtype", choices=sorted(DTYPES), help="default float32 on CPU, bfloat16 on CUDA")
     run.add_argument("--device", default="cpu")
