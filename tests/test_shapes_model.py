@@ -8,32 +8,32 @@ import numpy as np
 import pytest
 import torch
 
-from vlmask.builtin import DEFAULT_MODEL_PATH, shapes
+from vlmask.builtin import DEFAULT_MODEL_PATH, shapes, world
 
 EXAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
-TEST_SEED = 31337  # differs from shapes.TRAIN_SEED, EVAL_SEED and KNOCKOUT_SEED
+TEST_SEED = 31337  # differs from world.TRAIN_SEED, EVAL_SEED and KNOCKOUT_SEED
 
 
 @pytest.fixture(scope="module")
 def loaded():
-    model, processor = shapes.load(DEFAULT_MODEL_PATH, attn_implementation="eager")
+    model, processor = world.load(DEFAULT_MODEL_PATH, attn_implementation="eager")
     return model, processor
 
 
-def _fingerprint(scene: shapes.Scene):
+def _fingerprint(scene: world.Scene):
     return scene.question, scene.answer, scene.target, scene.content, scene.kind, scene.items, scene.image.tobytes()
 
 
 def test_sampler_is_deterministic_for_a_seed():
-    a = [_fingerprint(s) for s in shapes.sample_scenes(30, seed=5)]
-    b = [_fingerprint(s) for s in shapes.sample_scenes(30, seed=5)]
-    c = [_fingerprint(s) for s in shapes.sample_scenes(30, seed=6)]
+    a = [_fingerprint(s) for s in world.sample_scenes(30, seed=5)]
+    b = [_fingerprint(s) for s in world.sample_scenes(30, seed=5)]
+    c = [_fingerprint(s) for s in world.sample_scenes(30, seed=6)]
     assert a == b
     assert a != c
 
 
 def test_scenes_have_unique_answers_and_the_grid_layout():
-    for scene in shapes.sample_scenes(200, seed=TEST_SEED):
+    for scene in world.sample_scenes(200, seed=TEST_SEED):
         items = scene.items
         assert 2 <= len(items) <= 4
         assert len({i.shape for i in items}) == len({i.color for i in items}) == len({(i.row, i.col) for i in items})
@@ -42,7 +42,7 @@ def test_scenes_have_unique_answers_and_the_grid_layout():
         assert scene.question.endswith(" ?") and scene.question == scene.question.lower()
         assert len(scene.question.split()) == 6
         if scene.kind == "count":
-            assert scene.target is None and scene.answer == shapes.COUNT_WORDS[len(items)]
+            assert scene.target is None and scene.answer == world.COUNT_WORDS[len(items)]
             continue
         (item,) = [i for i in items if (i.row, i.col) == scene.target]
         assert scene.target_token == 4 * item.row + item.col
@@ -53,7 +53,7 @@ def test_scenes_have_unique_answers_and_the_grid_layout():
         assert scene.content[0] in scene.question.split()
         # the shape's colour fills the centre of its 32x32 cell, and only that cell
         cx, cy = 32 * item.col + 16, 32 * item.row + 16
-        assert scene.image.getpixel((cx, cy + 6)) == shapes.COLORS[item.color]
+        assert scene.image.getpixel((cx, cy + 6)) == world.COLORS[item.color]
 
 
 def test_checkpoint_is_small_and_offline():
@@ -65,20 +65,20 @@ def test_checkpoint_is_small_and_offline():
 
 def test_prompt_layout_matches_the_constants(loaded):
     _, processor = loaded
-    scene = shapes.example_scene()
-    inputs = shapes.encode(processor, [scene])
+    scene = world.example_scene()
+    inputs = world.encode(processor, [scene])
     tokens = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
     vision = [i for i, t in enumerate(tokens) if t == "<|image_pad|>"]
-    assert vision == list(range(shapes.VISION_START, shapes.VISION_START + 16))
-    question = tokens[shapes.QUESTION_START : shapes.QUESTION_START + 6]
+    assert vision == list(range(world.VISION_START, world.VISION_START + 16))
+    question = tokens[world.QUESTION_START : world.QUESTION_START + 6]
     assert question == scene.question.split()
     assert tokens[-1] == "assistant"
 
 
 def test_heldout_accuracy(loaded):
     model, processor = loaded
-    scenes = shapes.sample_scenes(100, seed=TEST_SEED)
-    assert shapes.accuracy(model, processor, scenes) >= 0.98
+    scenes = world.sample_scenes(100, seed=TEST_SEED)
+    assert world.accuracy(model, processor, scenes) >= 0.98
 
 
 def test_example_image_and_its_answer(loaded):
@@ -86,7 +86,7 @@ def test_example_image_and_its_answer(loaded):
 
     model, processor = loaded
     assert EXAMPLE_IMAGE.is_file()
-    scene = shapes.example_scene()
+    scene = world.example_scene()
     with Image.open(EXAMPLE_IMAGE) as image:
         image = image.convert("RGB")
         assert image.size == (128, 128)
@@ -97,9 +97,9 @@ def test_example_image_and_its_answer(loaded):
         (0, 1),
         1,
     )
-    assert shapes.predict(model, processor, [scene]) == ["red"]
+    assert world.predict(model, processor, [scene]) == ["red"]
     # generation starts with the answer word and then closes the turn
-    inputs = shapes.encode(processor, [scene])
+    inputs = world.encode(processor, [scene])
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
     new = processor.tokenizer.convert_ids_to_tokens(out[0, inputs["input_ids"].shape[1] :].tolist())
@@ -119,7 +119,7 @@ def test_vlmask_finds_the_planted_ground_truth(tmp_path):
 
     vl = vlmask.load_model()
     assert vl.builtin
-    scenes = [s for s in shapes.sample_scenes(60, seed=TEST_SEED + 1) if s.kind != "count"][:40]
+    scenes = [s for s in world.sample_scenes(60, seed=TEST_SEED + 1) if s.kind != "count"][:40]
     cell_hits = word_hits = 0
     for i, scene in enumerate(scenes):
         path = tmp_path / f"scene{i}.png"
@@ -129,7 +129,7 @@ def test_vlmask_finds_the_planted_ground_truth(tmp_path):
         cell_hits += (int(top["token_row"]), int(top["token_col"])) == scene.target
         words = vlmask.sweep(vl, scene.question, [path], mask="text", progress=False)
         kl = dict(zip(words["token_text"].values.tolist(), words["kl"].sel(step=0).values.tolist(), strict=True))
-        word_hits += kl[scene.content[0]] > max(kl[w] for w in shapes.FUNCTION_WORDS)
+        word_hits += kl[scene.content[0]] > max(kl[w] for w in world.FUNCTION_WORDS)
     assert cell_hits >= 0.9 * len(scenes), f"{cell_hits}/{len(scenes)}"
     assert word_hits >= 0.9 * len(scenes), f"{word_hits}/{len(scenes)}"
 
