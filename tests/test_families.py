@@ -49,3 +49,26 @@ def test_a_text_only_result_is_labeled_and_round_trips(llama, tmp_path):
     path = vlmask.save_results(ds, tmp_path / "llama.nc")
     with vlmask.open_results(path) as back:
         xr.testing.assert_identical(back.load(), ds)
+
+
+def test_sliding_window_layers_are_refused_not_silently_widened(tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from tests.families import _text_tokenizer
+
+    config = Qwen3Config(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=1,
+    )
+    Qwen3ForCausalLM(config).save_pretrained(tmp_path)
+    _text_tokenizer(["hello"]).save_pretrained(tmp_path)
+    with pytest.raises(vlmask.VlmaskError, match="sliding_attention"):
+        vlmask.load_model(tmp_path)

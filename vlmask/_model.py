@@ -90,6 +90,16 @@ def _check_reachable(source: str) -> None:
         ) from None
 
 
+def _check_full_attention(source: str, config: Any) -> None:
+    """Refuse decoders with sliding-window layers: vlmask's masks are full causal, which would silently widen them."""
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise VlmaskError(
+            f"model {source!r} has {sorted(kinds - {'full_attention'})} decoder layers: vlmask builds full causal "
+            "masks and would widen their windows; load a checkpoint whose layers all use full attention"
+        )
+
+
 def load_model(
     model: str | Path | None = None,
     *,
@@ -127,5 +137,6 @@ def load_model(
         raise VlmaskError(f"model {source!r} could not be loaded as a {kind}: {reason}") from None
     hf = hf.to(device).eval()
     check_attention_implementation(family.decoder(hf).config._attn_implementation)
+    _check_full_attention(source, family.decoder(hf).config)
     log.info("loaded %s (%s, %s, %s, %s attention)", source, family.name, torch_dtype, device, attn_implementation)
     return VLModel(hf=hf, processor=processor, traced=NNsight(hf), name=source, builtin=builtin, family=family)
