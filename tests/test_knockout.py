@@ -231,3 +231,29 @@ def test_a_knockouts_own_cache_continues_exactly_like_a_full_rerun(tiny, images,
     torch.testing.assert_close(first.logits[0, 0], want[2][n], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(second.logits[0, 0], want[2][n + 1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(second.residual[0, :, 0], want[0][:, n + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_knockouts_that_leave_together_advance_together_on_their_own_caches(tiny, images):
+    """Three knockouts leave the clean continuation at step 0 with different tokens; each must then
+    continue exactly as a full greedy rerun under that knockout, from that token."""
+    from tests.reference import extended
+    from vlmask._sweep import _masked_generation
+
+    steps = 4
+    built = build_prompt(tiny.processor, PROMPT, [images["square"]])
+    n = len(built.tokens)
+    ctx = context(tiny, built, n + steps - 1)
+    clean_ids, _, dec = ctx.clean_pass(built.inputs["input_ids"], steps)
+    positions = [_which(built, "text"), _which(built, "vision"), _which(built, "first")]
+    words = [t for t, kind in zip(built.tokens.ids, built.tokens.kind, strict=True) if kind == "text"]
+    firsts = [t for t in dict.fromkeys(words) if t != int(clean_ids[0])][:3]
+    forced = clean_ids.repeat(3, 1)
+    forced[:, 0] = torch.tensor(firsts)
+    knockouts = [BlockKeys((p,)) for p in positions]
+    out = _masked_generation(ctx, dec, clean_ids, forced, knockouts, [p + 1 for p in positions])
+    for row, p in enumerate(positions):
+        want = [firsts[row]]
+        for _ in range(steps - 1):
+            want.append(int(reference_run(tiny, extended(built.inputs, want), {p})[2][-1].argmax()))
+        assert out[row].tolist() == want, f"knockout of {p}"
+    assert len({tuple(r) for r in out.tolist()}) == 3

@@ -187,27 +187,35 @@ def _masked_generation(
 
     Teacher-forced argmaxes are the free-running continuation up to the first step where a
     knockout's top token leaves the clean one; only from there on is it generated afresh,
-    on the decoder alone: one pass recomputes the knockout's own positions (``starts[i]..``,
-    on the clean keys and values before them) with its new token, then each further step
-    adds one position to that knockout's own cache. ``dec`` is the clean teacher-forced
-    sequence (prompt plus ``steps - 1`` clean tokens).
+    on the decoder alone: one pass per knockout recomputes its own positions
+    (``starts[i]..``, on the clean keys and values before them) with its new token, then the
+    knockouts that left at the same step advance together, one position per step, each on
+    its own cache. ``dec`` is the clean teacher-forced sequence (prompt plus ``steps - 1``
+    clean tokens).
     """
     vl, steps = ctx.vl, clean.shape[0]
     prompt_len = dec.embeds.shape[1] - (steps - 1)
     out = forced_top.clone()
-    for row, iv in enumerate(interventions):
+    left_at: dict[int, list[int]] = {}
+    for row in range(len(interventions)):
         differs = (forced_top[row] != clean).nonzero()
-        if not len(differs) or int(differs[0]) >= steps - 1:
-            continue
-        first = int(differs[0])
-        own = dec.prefix(vl, prompt_len + first).append_text(vl, int(forced_top[row, first]))
-        start = min(starts[row], own.embeds.shape[1] - 1)
-        for step in range(first + 1, steps):
+        if len(differs) and int(differs[0]) < steps - 1:
+            left_at.setdefault(int(differs[0]), []).append(row)
+    for first, rows in left_at.items():
+        owns = []
+        for row in rows:
+            own = dec.prefix(vl, prompt_len + first).append_text(vl, int(forced_top[row, first]))
             seq = own.embeds.shape[1]
-            todo = ctx.plan([iv], seq, starts=[start])
+            todo = ctx.plan([interventions[row]], seq, starts=[min(starts[row], seq - 1)])
             readout, own = _trace.run_decoder(vl, own, todo, [seq - 1], extend=True)
-            out[row, step] = int(readout.logits[0, -1].argmax())
-            own, start = own.append_text(vl, int(out[row, step])), seq
+            out[row, first + 1] = readout.logits[0, -1].argmax()
+            owns.append(own)
+        group, knockouts = _trace.DecoderInputs.stacked(owns), [interventions[r] for r in rows]
+        for step in range(first + 2, steps):
+            group = group.append_text(vl, out[rows, step - 1].tolist())
+            seq = group.embeds.shape[1]
+            readout, group = _trace.run_decoder(vl, group, ctx.plan(knockouts, seq, start=seq - 1), [seq - 1], True)
+            out[rows, step] = readout.logits[:, -1].argmax(-1)
     return out
 
 

@@ -69,19 +69,32 @@ class DecoderInputs:
             vl.family.prefix(self.extra, n),
         )
 
-    def append_text(self, vl: Any, token: int) -> DecoderInputs:
-        """These inputs followed by one generated text token (its keys and values still to compute).
+    def append_text(self, vl: Any, token: int | Sequence[int]) -> DecoderInputs:
+        """These inputs followed by one generated text token per row (its keys and values still to compute).
 
         Its embedding comes from the model's own table; its position is the last position
         plus one on every rotary axis, as in transformers' cached decoding.
         """
-        ids = torch.tensor([[token]], device=self.embeds.device)
+        tokens = [token] if isinstance(token, int) else list(token)
+        ids = torch.tensor(tokens, device=self.embeds.device)[:, None]
         embed = vl.decoder.embed_tokens(ids).to(self.embeds.dtype)
         positions = None
         if self.position_ids is not None:
             positions = torch.cat([self.position_ids, self.position_ids[..., -1:] + 1], dim=-1)
         embeds = torch.cat([self.embeds, embed], dim=1)
         return DecoderInputs(embeds, positions, self.keys, self.values, vl.family.appended(self.extra))
+
+    @staticmethod
+    def stacked(rows: Sequence[DecoderInputs]) -> DecoderInputs:
+        """Sequences of equal length (one row each, same prompt) as one batch, one row each."""
+        positions = None if rows[0].position_ids is None else torch.cat([r.position_ids for r in rows], dim=-2)
+        return DecoderInputs(
+            torch.cat([r.embeds for r in rows]),
+            positions,
+            [torch.cat(layer) for layer in zip(*(r.keys for r in rows), strict=True)],
+            [torch.cat(layer) for layer in zip(*(r.values for r in rows), strict=True)],
+            rows[0].extra,
+        )
 
 
 @dataclass(frozen=True)
@@ -317,22 +330,29 @@ def _packed(x: torch.Tensor, starts: Sequence[int], dim: int) -> torch.Tensor:
 
 
 def decoder_call(vl: Any, dec: DecoderInputs, plan: Plan, read: list[int]) -> DecoderCall:
-    """Set up the packed pass of :func:`run_decoder`: clean cache, packed inputs, positions, DeepStack, masks."""
-    starts = plan.starts or (plan.start,) * len(plan.rows)
+    """Set up the pass of :func:`run_decoder`: cache, inputs, positions, family extras, masks.
+
+    Packed (``plan.starts``): ``dec`` is one sequence and each row recomputes its own
+    positions, laid end to end. Batched (no ``starts``): ``dec`` holds one sequence per
+    row, each cached up to ``plan.start``, and every row computes positions ``start..``.
+    """
+    packed = bool(plan.starts)
+    starts = plan.starts or (plan.start,)
     seq = plan.seq_len
     cached = dec.keys[0].shape[2]
-    if min(starts) > cached:
-        raise ValueError(f"a packed pass starts at {min(starts)}, after the {cached} cached positions")
+    if min(starts) > cached or (not packed and plan.start != cached):
+        raise ValueError(f"a pass from position {min(starts)} does not fit the {cached} cached positions")
     cache = DynamicCache(config=vl.text_config)
     for i, (k, v) in enumerate(zip(dec.keys, dec.values, strict=True)):
         cache.update(k, v, i)
     embeds = _packed(dec.embeds[:, :seq], starts, 1)
     if dec.position_ids is None:  # the decoder numbers positions itself: every rotary axis is the position
-        positions = _packed(torch.arange(seq, device=embeds.device)[None], starts, 1)
+        positions = _packed(torch.arange(seq, device=embeds.device)[None], starts, 1).expand(embeds.shape[0], -1)
     else:
         positions = _packed(dec.position_ids[..., :seq], starts, -1)
     extra = vl.family.packed(dec.extra, starts, seq)
-    index = torch.tensor([piece.start + r - first for _, piece, first in plan.pieces for r in read], device=vl.device)
+    pieces = plan.pieces if packed else plan.pieces[:1]
+    index = torch.tensor([(piece.start or 0) + r - first for _, piece, first in pieces for r in read], device=vl.device)
 
     def decode(embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = vl.decoder(
@@ -340,8 +360,8 @@ def decoder_call(vl: Any, dec: DecoderInputs, plan: Plan, read: list[int]) -> De
         ).last_hidden_state
         return vl.hf.lm_head(hidden[:, index])
 
-    masks = _masks(vl, plan.allowed, lambda a: packed_allowed(a, plan.start, starts, cached))
-    return DecoderCall(decode, embeds, positions, index, cache, masks)
+    pack = (lambda a: packed_allowed(a, plan.start, starts, cached)) if packed else None
+    return DecoderCall(decode, embeds, positions, index, cache, _masks(vl, plan.allowed, pack))
 
 
 def unpacked(readout: Readout, rows: int) -> Readout:
@@ -369,16 +389,20 @@ def extended(dec: DecoderInputs, cache: Any, start: int) -> DecoderInputs:
 def run_decoder(
     vl: Any, dec: DecoderInputs, plan: Plan, read: list[int], extend: bool = False
 ) -> tuple[Readout, DecoderInputs | None]:
-    """Recompute, for each row ``i``, positions ``plan.starts[i]..`` of a captured sequence, in one packed pass.
+    """Recompute, for each row ``i``, positions ``plan.starts[i]..`` of a captured sequence, in one packed pass
+    (or, without ``starts``, positions ``plan.start..`` of each row's own sequence: see :func:`decoder_call`).
 
-    Positions before a row's start are the captured (clean) keys and values; ``read``
-    positions must be >= every start. With ``extend`` (one row), also return ``dec`` with
-    that row's own keys and values: clean before its start, recomputed from there on.
+    Positions before a row's start are the captured keys and values; ``read`` positions
+    must be >= every start. With ``extend`` (one packed row, or a batch), also return
+    ``dec`` with the rows' own keys and values: as captured before the start, recomputed
+    from there on.
     """
     call = decoder_call(vl, dec, plan, read)
     residual, heads = [], []
     with torch.inference_mode(), vl.traced.trace(call.embeds, call.positions, fn=call.decode):
         _intervene(vl, plan, call.masks, call.index, residual, heads)
         logits = vl.traced.lm_head.output.float().cpu().save()
-    readout = unpacked(_readout(vl, residual, heads, logits), len(plan.rows))
+    readout = _readout(vl, residual, heads, logits)
+    if plan.starts:
+        readout = unpacked(readout, len(plan.rows))
     return readout, extended(dec, call.cache, plan.pieces[0][2]) if extend else None
