@@ -78,8 +78,8 @@ def run_decoder(vl, dec, plan, read, extend=False):
     handles = _hooks(vl, plan, call.masks, call.index, residual, heads)
     with torch.inference_mode(), _installed(handles):
         logits = call.decode(call.embeds, call.positions).float().cpu()
-    readout = _trace.unpacked(_trace._readout(vl, residual, heads, logits), len(plan.rows))
-    return readout, _trace.extended(dec, call.cache, plan.pieces[0][2]) if extend else None
+    readout = _trace.decoder_readout(vl, plan, residual, heads, logits)
+    return readout, _trace.extended(dec, call.cache, plan.start) if extend else None
 
 
 @contextlib.contextmanager

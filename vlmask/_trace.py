@@ -374,6 +374,12 @@ def unpacked(readout: Readout, rows: int) -> Readout:
     return Readout(residual, heads, rearrange(readout.logits, "1 (k p) v -> k p v", k=rows))
 
 
+def decoder_readout(vl: Any, plan: Plan, residual: list, heads: list, logits: torch.Tensor) -> Readout:
+    """What a decoder pass read, one batch row per row of ``plan`` (a packed pass's reads unpacked)."""
+    readout = _readout(vl, residual, heads, logits)
+    return unpacked(readout, len(plan.rows)) if plan.starts else readout
+
+
 def extended(dec: DecoderInputs, cache: Any, start: int) -> DecoderInputs:
     """``dec`` with the keys and values of a one-row pass that recomputed positions ``start..``.
 
@@ -402,7 +408,4 @@ def run_decoder(
     with torch.inference_mode(), vl.traced.trace(call.embeds, call.positions, fn=call.decode):
         _intervene(vl, plan, call.masks, call.index, residual, heads)
         logits = vl.traced.lm_head.output.float().cpu().save()
-    readout = _readout(vl, residual, heads, logits)
-    if plan.starts:
-        readout = unpacked(readout, len(plan.rows))
-    return readout, extended(dec, call.cache, plan.pieces[0][2]) if extend else None
+    return decoder_readout(vl, plan, residual, heads, logits), extended(dec, call.cache, plan.start) if extend else None
