@@ -8,11 +8,13 @@ Methods, each run in its own process (so peak memory is its own), after a short 
 
 - naive: the old prototype's method. At every step, one full forward through plain
   transformers per masked token (vision encoder included) with a hand-built 4D mask
-  given to every decoder layer by a forward pre-hook, plus the clean pass.
+  given to every decoder layer by a forward pre-hook, plus the clean pass; and, as vlmask
+  does, each knockout's greedy continuation (extra full passes once it leaves the clean one).
 - naive-nnsight: the same work, one nnsight trace per masked token, no reuse.
 - vlmask: ``vlmask.sweep`` as shipped.
 
-Every method's KL and log-prob drop must agree with naive to 1e-4, or the run fails.
+Every method's KL and log-prob drop must agree with naive to 1e-4, and its masked
+continuations token for token, or the run fails.
 "ideal" prices the work that cannot be avoided: one clean pass of the whole model, plus, for
 each knockout, the positions after the blocked one, each at the language decoder's cost per
 position in the clean pass (the vision encoder need not run again).
@@ -143,6 +145,9 @@ def sampled(positions: list[int], sample: int | None) -> list[int]:
 def _knockout_loop(vl, prompt, images, mask, steps, masked_logits, sample=None) -> dict:
     """Shared skeleton of both naive methods: every step, the clean pass and one pass per token.
 
+    Like vlmask, it also returns each knockout's greedy continuation: while it still
+    equals the clean one, the teacher-forced pass is also the free-running one; after it
+    leaves, each further token costs one more full pass on the knockout's own sequence.
     With ``sample``, only that many knockouts (spread evenly) run: a naive pass costs the
     same whichever token it blocks, so the worker scales the time up to all of them.
     """
@@ -152,8 +157,16 @@ def _knockout_loop(vl, prompt, images, mask, steps, masked_logits, sample=None) 
     ids = inputs["input_ids"]
     kl = torch.zeros(len(positions), steps)
     drop = torch.zeros(len(positions), steps)
+    own: list[list[int]] = [[] for _ in positions]
+    clean_ids: list[int] = []
     vl.hf.model.rope_deltas = None
     clean_seconds = 0.0
+
+    def blocked(seq_len: int, p: int) -> torch.Tensor:
+        allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=vl.device).tril()
+        allowed[p + 1 :, p] = False
+        return allowed
+
     with torch.inference_mode():
         for step in range(steps):
             full = _with_types(inputs, ids)
@@ -163,13 +176,18 @@ def _knockout_loop(vl, prompt, images, mask, steps, masked_logits, sample=None) 
             clean = torch.log_softmax(clean_logits, -1)
             top = int(clean.argmax())
             for row, p in enumerate(positions):
-                allowed = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool, device=vl.device).tril()
-                allowed[p + 1 :, p] = False
-                masked = torch.log_softmax(masked_logits(vl, full, allowed).float(), -1)
+                masked = torch.log_softmax(masked_logits(vl, full, blocked(ids.shape[1], p)).float(), -1)
                 kl[row, step] = (clean.exp() * (clean - masked)).sum()
                 drop[row, step] = clean[top] - masked[top]
+                if own[row] == clean_ids:  # not left yet: this pass is also the free-running one
+                    own[row].append(int(masked.argmax()))
+                else:
+                    mine = torch.cat([inputs["input_ids"], torch.tensor([own[row]], dtype=ids.dtype)], 1)
+                    logits = masked_logits(vl, _with_types(inputs, mine), blocked(mine.shape[1], p))
+                    own[row].append(int(logits.argmax()))
+            clean_ids.append(top)
             ids = torch.cat([ids, clean_logits.argmax().view(1, 1)], 1)
-    out = {"kl": kl.tolist(), "logprob_drop": drop.tolist(), "positions": positions}
+    out = {"kl": kl.tolist(), "logprob_drop": drop.tolist(), "masked_ids": own, "positions": positions}
     return {**out, "clean_seconds": clean_seconds}
 
 
@@ -208,7 +226,8 @@ def _traced_logits(vl, full: dict, allowed: torch.Tensor) -> torch.Tensor:
 def _vlmask(vl, prompt, images, mask, steps, batch_size) -> dict:
     ds = vlmask.sweep(vl, prompt, images, mask=mask, num_tokens=steps, batch_size=batch_size, progress=False)
     out = {name: ds[name].transpose("token", "step").values.tolist() for name in ("kl", "logprob_drop")}
-    return {**out, "positions": ds["token"].values.tolist()}
+    masked = ds["masked_token_id"].transpose("token", "step").values.tolist()
+    return {**out, "masked_ids": masked, "positions": ds["token"].values.tolist()}
 
 
 def _hooks(vl, prompt, images, mask, steps, batch_size) -> dict:
@@ -336,12 +355,15 @@ def _spawn(
 
 
 def _disagreement(res: dict, naive: dict) -> float:
-    """Largest KL / log-prob-drop difference from naive, over the knockouts both measured."""
+    """Largest KL / log-prob-drop difference from naive, over the knockouts both measured;
+    their greedy continuations under each knockout must be the same tokens."""
     rows = {p: k for k, p in enumerate(res["positions"])}
     common = [(rows[p], k) for k, p in enumerate(naive["positions"]) if p in rows]
     if not common:
         raise SystemExit("no knockout measured by both methods")
     ours, theirs = [r for r, _ in common], [k for _, k in common]
+    if [res["masked_ids"][r] for r in ours] != [naive["masked_ids"][k] for k in theirs]:
+        raise SystemExit("a method's masked continuations differ from naive's")
     return max(
         float(np.abs(np.array(res[name])[ours] - np.array(naive[name])[theirs]).max())
         for name in ("kl", "logprob_drop")
