@@ -120,10 +120,10 @@ class Context:
     ) -> _trace.Readout:
         """Like :meth:`run` on the captured sequence, row ``i`` recomputing only positions ``starts[i]..``.
 
-        Positions before ``starts[i]`` must compute under ``interventions[i]`` exactly as in the pass that made ``dec``.
+        Positions before ``starts[i]`` must compute under ``interventions[i]`` exactly as in the pass that made
+        ``dec``, and every start must be at most the first read position.
         """
         seq_len = dec.embeds.shape[1]
-        starts = [min(first, *read) for first in starts]
         return _trace.run_decoder(self.vl, dec, self.plan(interventions, seq_len, starts=starts), read)[0]
 
     def with_head_means(self, prompt_ids: torch.Tensor) -> Context:
@@ -206,7 +206,7 @@ def _masked_generation(
         for row in rows:
             own = dec.prefix(vl, prompt_len + first).append_text(vl, int(forced_top[row, first]))
             seq = own.embeds.shape[1]
-            todo = ctx.plan([interventions[row]], seq, starts=[min(starts[row], seq - 1)])
+            todo = ctx.plan([interventions[row]], seq, starts=[starts[row]])  # starts are in the prompt
             readout, own = _trace.run_decoder(vl, own, todo, [seq - 1], extend=True)
             out[row, first + 1] = readout.logits[0, -1].argmax()
             owns.append(own)
@@ -318,7 +318,7 @@ def sweep(
     read = list(range(prompt_len - 1, full_len))
     firsts = [first_changed(iv, full_len, vl.num_layers) for iv in knockouts.values]
     rows = [compose(base, iv) for iv in knockouts.values]
-    starts = [min(f, read[0]) for f in firsts]
+    starts = [min(f, read[0]) for f in firsts]  # a pass computes at least the positions it reads
 
     cap = packed_cap(full_len)
 
@@ -329,9 +329,9 @@ def sweep(
     residual, heads, logits, generated = [], [], [], []
     bar = tqdm(total=len(rows), desc="knockouts", unit="knockout", disable=not progress)
     for batch in plan_batches(starts, full_len, batch_size, fits):
-        chunk, chunk_firsts = rows[batch], firsts[batch]
-        out = ctx.run_fast(decoder_inputs, chunk, read, chunk_firsts)
-        out = _pin_unchanged(out, clean, chunk_firsts, read)
+        chunk = rows[batch]
+        out = ctx.run_fast(decoder_inputs, chunk, read, starts[batch])
+        out = _pin_unchanged(out, clean, firsts[batch], read)
         residual.append(vector_distances(clean.residual, out.residual))
         heads.append(vector_distances(clean.heads, out.heads))
         logits.append(logit_metrics(clean.logits, out.logits))

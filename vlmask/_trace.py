@@ -312,9 +312,10 @@ def run_model(
 
 @dataclass(frozen=True)
 class DecoderCall:
-    """A packed decoder pass over a captured sequence: ``decode(embeds, positions)`` gives the
-    logits at ``index`` (read positions, in packed order) and appends the packed keys and
-    values to ``cache`` (which starts with the clean ones); ``masks`` go to self-attention."""
+    """A decoder pass (packed or batched, see :func:`decoder_call`): ``decode(embeds, positions)``
+    gives the logits at ``index`` (the read positions among the computed ones) and appends
+    the computed keys and values to ``cache`` (which starts with the captured ones);
+    ``masks`` go to self-attention."""
 
     decode: Any
     embeds: torch.Tensor
@@ -351,8 +352,11 @@ def decoder_call(vl: Any, dec: DecoderInputs, plan: Plan, read: list[int]) -> De
     else:
         positions = _packed(dec.position_ids[..., :seq], starts, -1)
     extra = vl.family.packed(dec.extra, starts, seq)
-    pieces = plan.pieces if packed else plan.pieces[:1]
-    index = torch.tensor([(piece.start or 0) + r - first for _, piece, first in pieces for r in read], device=vl.device)
+    if packed:  # each row's reads, at its own offset in the pack
+        offsets = [(piece.start + r - first) for _, piece, first in plan.pieces for r in read]
+    else:
+        offsets = [r - plan.start for r in read]
+    index = torch.tensor(offsets, device=vl.device)
 
     def decode(embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = vl.decoder(
@@ -387,8 +391,11 @@ def extended(dec: DecoderInputs, cache: Any, start: int) -> DecoderInputs:
     after the ``dec.keys`` it started from.
     """
     cached = dec.keys[0].shape[2]
-    keys = [torch.cat([layer.keys[:, :, :start], layer.keys[:, :, cached:]], dim=2) for layer in cache.layers]
-    values = [torch.cat([layer.values[:, :, :start], layer.values[:, :, cached:]], dim=2) for layer in cache.layers]
+    if start == cached:  # the pass started right after the cache: the cache is the row's own already
+        keys, values = [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+    else:
+        keys = [torch.cat([layer.keys[:, :, :start], layer.keys[:, :, cached:]], dim=2) for layer in cache.layers]
+        values = [torch.cat([layer.values[:, :, :start], layer.values[:, :, cached:]], 2) for layer in cache.layers]
     return DecoderInputs(dec.embeds, dec.position_ids, keys, values, dec.extra)
 
 
