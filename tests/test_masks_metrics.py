@@ -79,3 +79,15 @@ def test_logit_metrics_by_hand():
     assert drop == pytest.approx(math.log(2), abs=1e-6)
     assert pct == pytest.approx(-50.0, abs=1e-4)
     assert changed == 1.0
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 37.5, 1e4])
+def test_identical_vectors_are_exactly_zero_apart_and_cosine_is_never_negative(scale):
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randn(64, 9, 4096, generator=g) * scale
+    assert torch.equal(vector_distances(clean, clean.clone()), torch.zeros(64, 9, 3))
+    near = clean + torch.randn(clean.shape, generator=g) * scale * 1e-3
+    cosine = vector_distances(clean, near)[..., 1]
+    assert (cosine >= 0).all()
+    want = 1 - torch.nn.functional.cosine_similarity(clean.double(), near.double(), dim=-1)
+    torch.testing.assert_close(cosine.double(), want, atol=1e-9, rtol=1e-2)

@@ -14,14 +14,21 @@ LOGIT_METRICS = ("kl", "logprob_drop", "prob_change_pct", "top_changed")
 def vector_distances(clean: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     """``(..., 3)``: L2 distance, cosine distance (1 - cos) and relative L2 along the last dim.
 
+    Identical vectors give exactly 0 for all three, whatever the CPU's float path; the
+    cosine distance is computed as half the squared distance of the unit vectors, so it
+    is never negative either.
+
     Example:
         >>> [round(x, 3) for x in vector_distances(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 0.0])).tolist()]
         [4.0, 0.4, 0.8]
     """
     clean, masked = torch.broadcast_tensors(clean.float(), masked.float())
     l2 = torch.linalg.vector_norm(masked - clean, dim=-1)
-    cosine = 1.0 - torch.nn.functional.cosine_similarity(masked, clean, dim=-1, eps=1e-12)
-    rel = l2 / torch.linalg.vector_norm(clean, dim=-1).clamp_min(1e-12)
+    norm = torch.linalg.vector_norm(clean, dim=-1, keepdim=True).clamp_min(1e-12)
+    unit_masked = masked / torch.linalg.vector_norm(masked, dim=-1, keepdim=True).clamp_min(1e-12)
+    # 1 - cos = |a/|a| - b/|b||^2 / 2: exactly 0 for identical vectors on any CPU, never negative
+    cosine = torch.linalg.vector_norm(unit_masked - clean / norm, dim=-1).square() / 2
+    rel = l2 / norm.squeeze(-1)
     return torch.stack([l2, cosine, rel], dim=-1)
 
 
