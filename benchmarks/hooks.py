@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from vlmask import _trace
+from vlmask.engine import trace as _trace
 
 
 def _hooks(vl: Any, plan: _trace.Plan, masks: list, index: torch.Tensor, residual, heads, means=None) -> list:
@@ -58,7 +58,7 @@ def _installed(handles: list) -> Iterator[None]:
 
 
 def run_model(vl, input_ids, extra, encoder_outputs, plan, read, internals=True, capture=False, means=None):
-    """:func:`vlmask._trace.run_model` with hooks."""
+    """:func:`vlmask.engine.trace.run_model` with hooks."""
     index = torch.tensor(read, device=vl.device)
     kwargs = _trace.model_kwargs(vl, input_ids, extra, encoder_outputs, index, capture)
     residual, heads = ([], []) if internals else (None, [])
@@ -72,7 +72,7 @@ def run_model(vl, input_ids, extra, encoder_outputs, plan, read, internals=True,
 
 
 def run_decoder(vl, dec, plan, read, extend=False):
-    """:func:`vlmask._trace.run_decoder` with hooks: the same decoder call, hooks instead of a trace."""
+    """:func:`vlmask.engine.trace.run_decoder` with hooks: the same decoder call, hooks instead of a trace."""
     call = _trace.decoder_call(vl, dec, plan, read)
     residual, heads = [], []
     handles = _hooks(vl, plan, call.masks, call.index, residual, heads)

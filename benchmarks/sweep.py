@@ -39,9 +39,10 @@ from transformers import Qwen3VLForConditionalGeneration
 
 import vlmask
 from benchmarks.hooks import plain_hooks
-from vlmask._inputs import build_prompt
-from vlmask._masks import parse_mask
 from vlmask.builtin import make_processor, tiny_config, words_of
+from vlmask.inputs.prompt import build_prompt
+from vlmask.inputs.selection import parse_mask
+from vlmask.model.attention import attention_mask
 
 QUESTION = "what is the color of the object in the middle of this picture and what is its shape ?"
 FILLER = [f"w{i}" for i in range(100)]
@@ -213,7 +214,7 @@ def _hooked_logits(vl, full: dict, allowed: torch.Tensor) -> torch.Tensor:
 
 
 def _traced_logits(vl, full: dict, allowed: torch.Tensor) -> torch.Tensor:
-    mask = vlmask._masks.attention_mask(allowed[None], vl.attn_implementation, vl.dtype).to(vl.device)
+    mask = attention_mask(allowed[None], vl.attn_implementation, vl.dtype).to(vl.device)
     with vl.traced.trace(**full):
         for layer in vl.traced.model.language_model.layers:
             args, kwargs = layer.self_attn.inputs

@@ -18,7 +18,6 @@ Example:
     True
 """
 
-import vlmask._errors  # noqa: F401  (load vlmask first: its engine imports these submodules directly)
 from interventions._common import HOOKS, Intervention
 from interventions.block_edges import BlockEdges
 from interventions.block_keys import BlockKeys

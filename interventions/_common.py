@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
-from vlmask._errors import VlmaskError
+from interventions.errors import VlmaskError
 
 HOOKS = ("attention", "heads", "residual")
 """The points of a decoder layer an intervention can edit, in the order they run."""

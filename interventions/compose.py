@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from interventions._common import fields_of
-from vlmask._errors import VlmaskError
+from interventions.errors import VlmaskError
 
 
 def _is_intervention(value: Any) -> bool:

@@ -9,7 +9,7 @@ import torch
 
 from interventions._common import check_layers, fields_of, ints, one_int
 from interventions.compose import compose
-from vlmask._errors import VlmaskError
+from interventions.errors import VlmaskError
 
 MODES = ("zero", "mean")
 

@@ -10,7 +10,7 @@ import torch
 
 from interventions._common import check_layers, check_positions, fields_of, ints, one_int
 from interventions.compose import compose
-from vlmask._errors import VlmaskError
+from interventions.errors import VlmaskError
 
 
 def _rows(source: Any) -> tuple[tuple[float, ...], ...]:

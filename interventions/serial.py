@@ -7,9 +7,9 @@ from typing import Any
 from interventions.block_edges import BlockEdges
 from interventions.block_keys import BlockKeys
 from interventions.compose import Compose
+from interventions.errors import VlmaskError
 from interventions.heads import AblateHeads
 from interventions.residual import PatchResidual
-from vlmask._errors import VlmaskError
 
 KINDS = {cls.__name__: cls for cls in (BlockKeys, BlockEdges, AblateHeads, PatchResidual, Compose)}
 

@@ -13,8 +13,8 @@ import torch
 import vlmask
 from interventions import BlockKeys
 from tests.reference import extended, greedy, reference_run
-from vlmask._inputs import build_prompt
-from vlmask._sweep import context
+from vlmask.engine.sweep import context
+from vlmask.inputs.prompt import build_prompt
 
 PROMPT = "what color is the circle ?"
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import vlmask
-import vlmask._batch as batch_module
+import vlmask.batch.run as batch_module
 from vlmask import VlmaskError
-from vlmask._batch import shard_items
-from vlmask._config import read_config
+from vlmask.batch.config import read_config
+from vlmask.batch.run import shard_items
 from vlmask.cli import main
 
 

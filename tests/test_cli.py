@@ -130,7 +130,7 @@ def test_existing_output_is_refused_unless_overwrite(tiny_dir, tmp_path, capsys)
 
 
 def test_interrupted_run_leaves_no_file(tiny_dir, tmp_path, monkeypatch, capsys):
-    import vlmask._sweep as engine
+    import vlmask.engine.sweep as engine
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

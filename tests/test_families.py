@@ -7,7 +7,7 @@ from transformers import GPT2Config
 
 import vlmask
 from tests.conftest import family_models
-from vlmask.families import FAMILIES, family_of
+from vlmask.model.families import FAMILIES, family_of
 
 
 def test_each_family_is_found_by_its_model_type():

@@ -28,7 +28,7 @@ def test_qwen2_5_vl_video_knockout_equals_reference(models, tmp_path):
 
     import vlmask
     from tests.reference import reference_run
-    from vlmask._inputs import build_prompt
+    from vlmask.inputs.prompt import build_prompt
 
     for frame in range(4):
         pixels = np.random.default_rng(frame).integers(0, 255, (56, 84, 3), dtype=np.uint8)

@@ -14,10 +14,10 @@ from PIL import Image
 import vlmask
 from tests.reference import reference_run
 from vlmask import VlmaskError
-from vlmask._grid import vision_coordinates
-from vlmask._inputs import build_prompt
-from vlmask._units import group_units, parse_unit
-from vlmask._video import video_hash
+from vlmask.inputs.grid import vision_coordinates
+from vlmask.inputs.prompt import build_prompt
+from vlmask.inputs.units import group_units, parse_unit
+from vlmask.inputs.video import video_hash
 
 PROMPT = "describe the picture"
 CELL = 32  # pixels per merged token: 16-pixel patches, 2x2 merge

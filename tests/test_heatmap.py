@@ -11,8 +11,8 @@ from PIL import Image
 
 import vlmask
 from vlmask import VlmaskError
-from vlmask._heatmap import cell_colors, paint
 from vlmask.cli import main
+from vlmask.viz.heatmap import cell_colors, paint
 
 PROMPT = "what is in this image ?"
 BASE = (30, 120, 220)  # a flat blue picture: neither the colour map nor text anti-aliasing produce its blends

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from vlmask import VlmaskError
-from vlmask._inputs import build_prompt, read_image
-from vlmask._masks import parse_mask
+from vlmask.inputs.media import read_image
+from vlmask.inputs.prompt import build_prompt
+from vlmask.inputs.selection import parse_mask
 
 
 def test_128px_image_gives_16_contiguous_vision_tokens(tiny, images):

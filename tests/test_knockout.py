@@ -8,8 +8,8 @@ import torch
 import vlmask
 from interventions import BlockKeys
 from tests.reference import greedy, reference_run
-from vlmask._inputs import build_prompt
-from vlmask._sweep import context
+from vlmask.engine.sweep import context
+from vlmask.inputs.prompt import build_prompt
 
 PROMPT = "what color is the circle ?"
 
@@ -185,7 +185,7 @@ def test_batch_size_does_not_change_results(tiny, images):
 
 
 def test_passes_follow_the_batch_size_and_the_memory_budget():
-    from vlmask._memory import plan_batches
+    from vlmask.engine.packing import plan_batches
 
     starts = [1, 5, 20, 21, 22]
     assert plan_batches(starts, 25, None, lambda p, r: True) == [slice(0, 5)]
@@ -204,7 +204,7 @@ def test_blocking_the_measured_position_itself_changes_nothing_at_that_step(tiny
 
 
 def test_first_changed_position():
-    from vlmask._sweep import first_changed
+    from vlmask.engine.sweep import first_changed
 
     assert first_changed(BlockKeys((4,)), seq_len=10, num_layers=2) == 5
     assert first_changed(BlockKeys((4, 2)), seq_len=10, num_layers=2) == 3
@@ -216,7 +216,7 @@ def test_first_changed_position():
 def test_a_knockouts_own_cache_continues_exactly_like_a_full_rerun(tiny, images, which):
     """Masked generation's path: recompute a knockout's positions once, then one new position per step."""
     from tests.reference import extended
-    from vlmask._trace import run_decoder
+    from vlmask.engine.trace import run_decoder
 
     built = build_prompt(tiny.processor, PROMPT, [images["square"]])
     n, p = len(built.tokens), _which(built, which)
@@ -237,7 +237,7 @@ def test_knockouts_that_leave_together_advance_together_on_their_own_caches(tiny
     """Three knockouts leave the clean continuation at step 0 with different tokens; each must then
     continue exactly as a full greedy rerun under that knockout, from that token."""
     from tests.reference import extended
-    from vlmask._sweep import _masked_generation
+    from vlmask.engine.sweep import _masked_generation
 
     steps = 4
     built = build_prompt(tiny.processor, PROMPT, [images["square"]])

@@ -10,8 +10,10 @@ import torch
 
 from interventions import BlockKeys, from_dict
 from vlmask import VlmaskError
-from vlmask._masks import attention_mask, base_allowed, check_attention_implementation, parse_indices, parse_mask
-from vlmask._metrics import logit_metrics, vector_distances
+from vlmask.engine.masks import base_allowed
+from vlmask.inputs.selection import parse_indices, parse_mask
+from vlmask.model.attention import attention_mask, check_attention_implementation
+from vlmask.results.metrics import logit_metrics, vector_distances
 
 
 def test_mask_formats_per_implementation():

@@ -15,9 +15,9 @@ import xarray as xr
 import vlmask
 from tests.browser import needs_chromium, open_page, screenshot
 from vlmask import VlmaskError
-from vlmask._page import encode
-from vlmask._report import picture_panels, report_data
 from vlmask.cli import main
+from vlmask.viz.page import encode
+from vlmask.viz.report import picture_panels, report_data
 
 QUESTION = "what is in this image ?"
 PROMPT = f'{QUESTION} <img src=x onerror="document.body.dataset.pwned=1"> </script><script>document.title=1</script>'

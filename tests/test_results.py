@@ -13,7 +13,7 @@ import xarray as xr
 
 import vlmask
 from vlmask import VlmaskError
-from vlmask._results import long_table, write_tables
+from vlmask.results.io import long_table, write_tables
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_written_files_get_ordinary_permissions(tmp_path):
     import os
     import stat
 
-    from vlmask._results import atomic_write
+    from vlmask.results.io import atomic_write
 
     umask = os.umask(0o022)
     try:

@@ -1,7 +1,7 @@
 """vlmask: which tokens (words or image patches) does a vision-language model use?
 
 Attention knockout on Qwen3-VL (and Qwen2.5-VL, Qwen2-VL, text-only Qwen3 and Llama: see
-:mod:`vlmask.families`) through nnsight, with results as a labeled xarray Dataset.
+:mod:`vlmask.model.families`) through nnsight, with results as a labeled xarray Dataset.
 
 Example:
     >>> import vlmask
@@ -12,17 +12,17 @@ Example:
     (4, 0, 1)
 """
 
-from vlmask._batch import open_batch, run_batch
-from vlmask._capture import capture_residual, positions
-from vlmask._compare import compare, write_compare
-from vlmask._errors import VlmaskError
-from vlmask._heatmap import heatmap
-from vlmask._knockouts import interventions_of, windows
-from vlmask._model import VLModel, load_model
-from vlmask._plot import plot_heatmap
-from vlmask._report import write_report
-from vlmask._results import long_table, open_results, save_results
-from vlmask._sweep import sweep
+from vlmask.batch.run import open_batch, run_batch
+from vlmask.engine.knockouts import interventions_of, windows
+from vlmask.engine.probe import capture_residual, positions
+from vlmask.engine.sweep import sweep
+from vlmask.errors import VlmaskError
+from vlmask.model.load import VLModel, load_model
+from vlmask.results.io import long_table, open_results, save_results
+from vlmask.viz.compare import compare, write_compare
+from vlmask.viz.heatmap import heatmap
+from vlmask.viz.plot import plot_heatmap
+from vlmask.viz.report import write_report
 
 __all__ = [
     "VLModel",

@@ -14,20 +14,22 @@ from pathlib import Path
 import transformers
 import xarray as xr
 
-from vlmask._batch import Outcome, parse_shard, run_batch
-from vlmask._compare import write_compare
-from vlmask._errors import VlmaskError
-from vlmask._heatmap import METRICS
-from vlmask._inputs import CHAT_TEMPLATE_MODES, read_image
-from vlmask._masks import VISION_ATTENTION, parse_indices
-from vlmask._model import DTYPES, load_model
-from vlmask._plot import plot_heatmap
-from vlmask._report import write_report
-from vlmask._results import FORMATS, open_results, save_results, write_tables
-from vlmask._sweep import sweep
-from vlmask._units import UNITS, parse_unit
-from vlmask._video import read_video
+from vlmask.batch.run import Outcome, parse_shard, run_batch
 from vlmask.builtin import DEFAULT_MODEL_PATH
+from vlmask.engine.masks import VISION_ATTENTION
+from vlmask.engine.sweep import sweep
+from vlmask.errors import VlmaskError
+from vlmask.inputs.media import read_image
+from vlmask.inputs.prompt import CHAT_TEMPLATE_MODES
+from vlmask.inputs.selection import parse_indices
+from vlmask.inputs.units import UNITS, parse_unit
+from vlmask.inputs.video import read_video
+from vlmask.model.load import DTYPES, load_model
+from vlmask.results.io import FORMATS, open_results, save_results, write_tables
+from vlmask.viz.compare import write_compare
+from vlmask.viz.heatmap import METRICS
+from vlmask.viz.plot import plot_heatmap
+from vlmask.viz.report import write_report
 
 log = logging.getLogger("vlmask")
 

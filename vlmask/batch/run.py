@@ -1,0 +1,221 @@
+"""Batch runs: many sweeps from one YAML file, one result file each, resumable and shardable.
+
+- Each item writes ``OUTPUT_DIR/<name>.nc``, with its settings and their hash in the attributes
+  (``batch_name``, ``batch_item``, ``batch_config_hash``).
+- Rerunning skips every item whose file exists with the same hash; a changed item is rerun.
+- An item that fails is reported with its error; the others still run.
+- ``shard=(i, n)`` runs the items whose index in the file is ``i`` modulo ``n``.
+- Each distinct model (model, dtype, device, attention implementation) is loaded once.
+- :func:`open_batch` opens every item's file as one lazy Dataset with a ``prompt`` dimension.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import xarray as xr
+
+from interventions.serial import from_dict
+from vlmask.batch.config import Config, Item, read_config
+from vlmask.engine.sweep import sweep
+from vlmask.errors import VlmaskError
+from vlmask.model.load import load_model
+from vlmask.results.io import save_results
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one item: ``status`` is ``done``, ``skipped`` (up to date) or ``failed``."""
+
+    name: str
+    status: str
+    path: Path
+    error: str = ""
+    seconds: float = 0.0
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``(i, n)`` from ``"i/n"``, with ``0 <= i < n``.
+
+    Example:
+        >>> parse_shard("1/3")
+        (1, 3)
+        >>> parse_shard("3/3")
+        Traceback (most recent call last):
+        ...
+        vlmask.VlmaskError: --shard '3/3' is not understood: write i/n with 0 <= i < n, like 0/4
+    """
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise VlmaskError(f"--shard {text!r} is not understood: write i/n with 0 <= i < n, like 0/4")
+    return i, n
+
+
+def shard_items(items: Sequence[Item], shard: tuple[int, int]) -> list[Item]:
+    """The items of shard ``(i, n)``: those whose index is ``i`` modulo ``n``."""
+    i, n = shard
+    return [item for item in items if item.index % n == i]
+
+
+def up_to_date(path: Path, config_hash: str) -> bool:
+    """Whether ``path`` holds a result made from settings with ``config_hash``."""
+    if not path.exists():
+        return False
+    try:
+        with xr.open_dataset(path, engine="netcdf4") as ds:
+            return ds.attrs.get("batch_config_hash") == config_hash
+    except (OSError, ValueError):
+        return False
+
+
+def _run_item(vl: Any, item: Item, path: Path, progress: bool) -> None:
+    kwargs = dict(item.sweep)
+    prompt = kwargs.pop("prompt")
+    images = kwargs.pop("images", [])
+    if "base" in kwargs:
+        kwargs["base"] = from_dict(kwargs["base"])
+    ds = sweep(vl, prompt, images, progress=progress, **kwargs)
+    ds.attrs.update(
+        batch_name=item.name,
+        batch_item=json.dumps(item.settings, sort_keys=True),
+        batch_config_hash=item.config_hash,
+    )
+    save_results(ds, path, overwrite=True)
+
+
+def run_batch(
+    config: str | Path | Config,
+    output_dir: str | Path | None = None,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = False,
+    load: Callable[..., Any] = load_model,
+    report: Callable[[Outcome], None] | None = None,
+) -> list[Outcome]:
+    """Run the items of a batch configuration (or of one shard of it) and return what happened to each.
+
+    The configuration is validated as a whole first (:class:`VlmaskError` listing every
+    problem). ``output_dir`` wins over the file's ``output_dir``, which wins over
+    ``output``. ``report`` is called as each item finishes.
+
+    Example:
+        >>> outcomes = run_batch("batch.yaml", "results", shard=(0, 2))  # doctest: +SKIP
+        >>> [o.status for o in outcomes]  # doctest: +SKIP
+        ['done', 'skipped']
+    """
+    cfg = config if isinstance(config, Config) else read_config(config)
+    out_dir = Path(output_dir) if output_dir is not None else cfg.output_dir or Path("output")
+    outcomes: dict[int, Outcome] = {}
+
+    def record(item: Item, outcome: Outcome) -> None:
+        outcomes[item.index] = outcome
+        if report is not None:
+            report(outcome)
+
+    groups: dict[tuple, list[Item]] = {}
+    for item in shard_items(cfg.items, shard):
+        path = out_dir / f"{item.name}.nc"
+        if up_to_date(path, item.config_hash):
+            record(item, Outcome(item.name, "skipped", path))
+        else:
+            groups.setdefault(item.model, []).append(item)
+    for model, items in groups.items():
+        options = {k: v for k, v in model if v is not None}
+        try:
+            vl = load(options.pop("model", None), **options)
+        except Exception as err:  # a model that cannot load fails its items, not the batch
+            for item in items:
+                record(item, Outcome(item.name, "failed", out_dir / f"{item.name}.nc", _describe(err)))
+            continue
+        for item in items:
+            path, started = out_dir / f"{item.name}.nc", time.perf_counter()
+            try:
+                _run_item(vl, item, path, progress)
+            except Exception as err:  # one item's failure must not stop the others
+                log.debug("item %s failed", item.name, exc_info=True)
+                record(item, Outcome(item.name, "failed", path, _describe(err)))
+            else:
+                record(item, Outcome(item.name, "done", path, seconds=time.perf_counter() - started))
+        del vl
+    return [outcomes[i] for i in sorted(outcomes)]
+
+
+def _describe(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if isinstance(err, VlmaskError) else f"{type(err).__name__}: {text}"
+
+
+def _files(source: str | Path | Sequence[str | Path]) -> list[Path]:
+    if isinstance(source, (str, Path)):
+        source = Path(source)
+        if source.suffix in (".yaml", ".yml") and source.is_file():
+            cfg = read_config(source)
+            out_dir = cfg.output_dir or Path("output")
+            return [out_dir / f"{item.name}.nc" for item in cfg.items if (out_dir / f"{item.name}.nc").exists()]
+        if source.is_dir():
+            return sorted(source.glob("*.nc"))
+        return [source]
+    return [Path(p) for p in source]
+
+
+def _label(ds: xr.Dataset) -> xr.Dataset:
+    """One result as one entry of the ``prompt`` dimension, named after its item (or its file)."""
+    name = ds.attrs.get("batch_name") or Path(ds.encoding.get("source", "result")).stem
+    # Text labels are small, and dask cannot chunk object arrays: load them; numbers stay lazy.
+    ds = ds.assign({k: v.load() for k, v in ds.data_vars.items() if v.dtype.kind in "OUS"})
+    ds = ds.assign_coords({k: v.load() for k, v in ds.coords.items() if v.dtype.kind in "OUS"})
+    ds = ds.expand_dims(prompt=[name])
+    return ds.assign_coords(
+        prompt_text=("prompt", [ds.attrs.get("prompt", "")]),
+        prompt_model=("prompt", [ds.attrs.get("model", "")]),
+        prompt_num_tokens=("prompt", [int(ds.attrs.get("num_tokens", 0))]),
+    )
+
+
+def open_batch(source: str | Path | Sequence[str | Path]) -> xr.Dataset:
+    """Every result of a batch as one lazy Dataset (dask-backed) with a ``prompt`` dimension.
+
+    ``source`` is an output directory (every ``*.nc`` in it), a batch configuration
+    (its items' files that exist), or a list of result files. Items differ in length, so
+    the others are aligned on their index coordinates (``token`` = the masked unit's
+    first position, ``step``, ``seq``) with an outer join: NaN where an item has no such
+    entry. Per-item labels (``token_text``, ``seq_text``, ...) become ``(prompt, ...)``;
+    ``prompt_text``, ``prompt_model`` and ``prompt_num_tokens`` label each prompt.
+    Attributes that differ between items are dropped. The files stay open until the
+    Dataset is closed: use ``with open_batch(...) as ds:`` (with this HDF5 build, opening
+    one of the files again while the view is open can fail with "NetCDF: HDF error").
+
+    Example:
+        >>> ds = open_batch("results")  # doctest: +SKIP
+        >>> ds["kl"].sel(step=0).max("token").to_series()  # doctest: +SKIP
+    """
+    files = _files(source)
+    missing = [f for f in files if not f.exists()]
+    if missing or not files:
+        raise VlmaskError(f"no batch results to open at {source!s}" if not files else f"'{missing[0]}' does not exist")
+    try:
+        return xr.open_mfdataset(
+            [str(f) for f in files],
+            engine="netcdf4",
+            combine="nested",
+            concat_dim="prompt",
+            join="outer",
+            data_vars="all",
+            coords="different",
+            compat="no_conflicts",
+            combine_attrs="drop_conflicts",
+            preprocess=_label,
+        )
+    except (OSError, ValueError) as err:
+        raise VlmaskError(f"batch results at {source!s} cannot be combined: {err}") from None

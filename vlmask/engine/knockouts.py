@@ -1,0 +1,206 @@
+"""What a sweep knocks out one by one, and at which layers.
+
+``over`` is either the prompt's tokens (grouped into mask units: dimension ``token``) or a
+list of intervention values (dimension ``intervention``). ``layers`` is every layer, a
+fixed list, or :func:`windows` — sliding windows of layers, which add a ``window``
+dimension: each entry is knocked out at each window in turn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from interventions._common import ints, one_int
+from interventions.block_keys import BlockKeys
+from interventions.compose import Compose
+from interventions.serial import from_dict
+from vlmask.errors import VlmaskError
+from vlmask.inputs.units import unit_coords
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Windows of ``k`` consecutive layers centred on each layer (or on ``centres``), clipped at the ends.
+
+    The window centred on layer ``c`` holds layers ``c - k // 2 .. c + k // 2`` that exist:
+    near the first and last layers it is shorter. Attention-knockout studies of
+    information flow use ``k = 9``.
+
+    Example:
+        >>> Windows(k=3).resolve(num_layers=4)
+        [(0, 1), (0, 1, 2), (1, 2, 3), (2, 3)]
+    """
+
+    k: int = 9
+    centres: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        k = one_int(self.k, "window size k")
+        if k < 1 or k % 2 == 0:
+            raise VlmaskError(
+                f"window size k must be a positive odd number (a centre layer and k // 2 each side), got {k}"
+            )
+        object.__setattr__(self, "k", k)
+        if self.centres is not None:
+            object.__setattr__(self, "centres", ints(self.centres, "window centres"))
+
+    def centre_layers(self, num_layers: int) -> list[int]:
+        """The centre of each window, checked against the model's layers."""
+        centres = list(range(num_layers)) if self.centres is None else list(self.centres)
+        for c in centres:
+            if c >= num_layers:
+                raise VlmaskError(
+                    f"window centre {c} is out of range: the model has {num_layers} decoder layers (0-{num_layers - 1})"
+                )
+        return centres
+
+    def resolve(self, num_layers: int) -> list[tuple[int, ...]]:
+        """The layers of each window, in centre order."""
+        half = self.k // 2
+        return [tuple(range(max(0, c - half), min(num_layers, c + half + 1))) for c in self.centre_layers(num_layers)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"k": self.k, "centres": None if self.centres is None else list(self.centres)}
+
+
+def windows(k: int = 9, centres: Sequence[int] | None = None) -> Windows:
+    """Sliding layer windows for ``sweep(..., layers=windows(k))``: a window of ``k`` layers per centre layer.
+
+    Example:
+        >>> import vlmask
+        >>> vlmask.windows(k=3).resolve(num_layers=3)
+        [(0, 1), (0, 1, 2), (1, 2)]
+    """
+    return Windows(k, None if centres is None else tuple(centres))
+
+
+def with_layers(value: Any, layers: tuple[int, ...]) -> Any:
+    """``value`` acting at ``layers``: its own ``layers`` field, or that of each part of a composition that has one."""
+    if isinstance(value, Compose):
+        if not any(_has_layers(part) for part in value.parts):
+            raise _no_layers(value)
+        return Compose(tuple(with_layers(p, layers) if _has_layers(p) else p for p in value.parts))
+    if not _has_layers(value):
+        raise _no_layers(value)
+    return dataclasses.replace(value, layers=layers)
+
+
+def _has_layers(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and "layers" in {f.name for f in dataclasses.fields(value)}
+
+
+def _no_layers(value: Any) -> VlmaskError:
+    return VlmaskError(
+        f"layers= cannot be applied to {value!r}: it acts at its own layer; layers= and windows apply to"
+        " BlockKeys, BlockEdges and compositions holding them (pass layers=None)"
+    )
+
+
+@dataclass(frozen=True)
+class Knockouts:
+    """The knockouts of a sweep: ``values`` holds one intervention per entry and window, row-major.
+
+    ``dim`` is ``token`` (``entries`` are mask units: tuples of positions) or
+    ``intervention`` (``entries`` are the values as given, before any window's layers).
+    """
+
+    dim: str
+    entries: list[Any]
+    layers: list[int] | None
+    windows: Windows | None
+    window_layers: list[tuple[int, ...]] | None
+    values: list[Any]
+
+    @property
+    def dims(self) -> tuple[str, ...]:
+        return (self.dim, "window") if self.window_layers is not None else (self.dim,)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.entries), len(self.window_layers)) if self.window_layers is not None else (len(self.entries),)
+
+    def coords(self, tokens: Any, num_layers: int) -> dict[str, Any]:
+        """Coordinates of the knockout dimensions; ``tokens`` is the prompt's token table."""
+        if self.dim == "token":
+            out = {"token": np.array([u[0] for u in self.entries], dtype=np.int64), **unit_coords(self.entries, tokens)}
+        else:
+            out = {
+                "intervention": np.arange(len(self.entries)),
+                "intervention_type": ("intervention", np.array([type(v).__name__ for v in self.entries], dtype=object)),
+                "intervention_json": (
+                    "intervention",
+                    np.array([json.dumps(v.to_dict()) for v in self.entries], dtype=object),
+                ),
+            }
+        if self.window_layers is not None:
+            out["window"] = np.array(self.windows.centre_layers(num_layers), dtype=np.int64)
+            out["window_start"] = ("window", np.array([w[0] for w in self.window_layers], dtype=np.int64))
+            out["window_end"] = ("window", np.array([w[-1] for w in self.window_layers], dtype=np.int64))
+        return out
+
+
+def plan(
+    num_layers: int,
+    *,
+    units: list[tuple[int, ...]] | None = None,
+    over: Sequence[Any] | None = None,
+    layers: Sequence[int] | Windows | None = None,
+) -> Knockouts:
+    """Every knockout of a sweep over ``units`` (token sweep) or the values ``over``, at ``layers``.
+
+    Example:
+        >>> k = plan(4, units=[(1,), (2, 3)], layers=windows(k=3, centres=[0]))
+        >>> k.dims, k.shape, k.values[1]
+        (('token', 'window'), (2, 1), BlockKeys(positions=(2, 3), layers=(0, 1)))
+    """
+    window_layers, fixed = None, None
+    if isinstance(layers, Windows):
+        window_layers = layers.resolve(num_layers)
+    elif layers is not None:
+        fixed = list(ints(layers, "layers"))
+    if over is None:
+        dim, entries = "token", list(units or [])
+        base = [BlockKeys(unit) for unit in entries]
+    else:
+        dim, entries = "intervention", list(over)
+        if not entries:
+            raise VlmaskError("over= is an empty list: give at least one intervention to knock out")
+        base = entries
+    if window_layers is not None:
+        values = [with_layers(v, w) for v in base for w in window_layers]
+    elif fixed is not None:
+        values = [with_layers(v, tuple(fixed)) for v in base]
+    else:
+        values = base
+    return Knockouts(dim, entries, fixed, layers if window_layers is not None else None, window_layers, values)
+
+
+def interventions_of(ds: xr.Dataset) -> tuple[Any, xr.DataArray]:
+    """What a sweep applied: its ``base`` (None if none) and each knockout, labeled like the results.
+
+    The knockouts come as an object DataArray over ``token`` or ``intervention`` (and
+    ``window``), holding intervention values rebuilt from the result's attributes.
+
+    Example:
+        >>> base, knockouts = interventions_of(vlmask.open_results("output/run.nc"))  # doctest: +SKIP
+        >>> knockouts.sel(token=5).item()  # doctest: +SKIP
+        BlockKeys(positions=(5,), layers=None)
+    """
+    base_dict = json.loads(ds.attrs.get("base", "null"))
+    base = None if base_dict is None else from_dict(base_dict)
+    values = [from_dict(d) for d in json.loads(ds.attrs["interventions"])]
+    dims = [d for d in ("token", "intervention", "window") if d in ds.dims]
+    shape = tuple(ds.sizes[d] for d in dims)
+    if int(np.prod(shape)) != len(values):
+        sizes = dict(zip(dims, shape, strict=True))
+        raise VlmaskError(f"this result records {len(values)} interventions, but its knockout dims are {sizes}")
+    table = np.empty(len(values), dtype=object)
+    table[:] = values
+    return base, xr.DataArray(table.reshape(shape), dims=dims, coords={d: ds[d].values for d in dims})

@@ -1,0 +1,178 @@
+"""Compare two results token by token, e.g. the same question asked with and without an image.
+
+Positions differ between the two (the image adds tokens), so the masked units are aligned
+by content: text and special tokens by their text, in order (:class:`difflib.SequenceMatcher`),
+vision units by their image, frame group and grid cell.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from vlmask.errors import VlmaskError
+from vlmask.results.metrics import LOGIT_METRICS
+from vlmask.viz.page import Numbers, page, write_page
+from vlmask.viz.report import check_dims
+
+log = logging.getLogger(__name__)
+
+COMPARED = tuple(m for m in LOGIT_METRICS if m != "top_changed")
+_CELL = ("token_image", "token_video", "token_t", "token_row", "token_col", "token_rows", "token_cols")
+
+
+def align(a: xr.Dataset, b: xr.Dataset) -> list[tuple[int, int]]:
+    """Pairs ``(index in a, index in b)`` of the ``token`` dims that hold the same masked unit, in ``a``'s order.
+
+    Text and special units are matched by their text in order (the longest matching runs
+    first, as :class:`difflib.SequenceMatcher` finds them); vision units by their image or
+    video, frame group and cells.
+
+    Example:
+        >>> align(with_image, text_only)[:2]  # doctest: +SKIP
+        [(0, 0), (1, 1)]
+    """
+    pairs = []
+    kind_a, kind_b = a["token_kind"].values, b["token_kind"].values
+    words_a = [i for i, k in enumerate(kind_a) if k != "vision"]
+    words_b = [i for i, k in enumerate(kind_b) if k != "vision"]
+    text_a = [str(a["token_text"].values[i]) for i in words_a]
+    text_b = [str(b["token_text"].values[i]) for i in words_b]
+    matcher = difflib.SequenceMatcher(None, text_a, text_b, autojunk=False)
+    for block in matcher.get_matching_blocks():
+        pairs += [(words_a[block.a + k], words_b[block.b + k]) for k in range(block.size)]
+
+    def cells(ds: xr.Dataset) -> dict[tuple[int, ...], int]:
+        if not all(c in ds.coords for c in _CELL):
+            return {}
+        keys = zip(*(ds[c].values.tolist() for c in _CELL), strict=True)
+        kinds = ds["token_kind"].values
+        return {key: i for i, (key, kind) in enumerate(zip(keys, kinds, strict=True)) if kind == "vision"}
+
+    vision_b = cells(b)
+    pairs += [(i, vision_b[key]) for key, i in cells(a).items() if key in vision_b]
+    return sorted(pairs)
+
+
+def compare(a: xr.Dataset, b: xr.Dataset) -> xr.Dataset:
+    """Each masked token's impact in ``a`` and in ``b``, aligned by token text and order, and the difference.
+
+    Dims ``step`` (the steps both have), ``token`` (one entry per aligned unit) and ``metric``.
+    Variables ``{m}_a``, ``{m}_b`` and ``{m}_diff = {m}_a - {m}_b`` for ``m`` in ``kl``,
+    ``logprob_drop``, ``prob_change_pct``; ``top_changed_a``/``_b``; and ``residual_a``,
+    ``residual_b``, ``residual_diff`` at each result's final layer. Coordinates ``token_a`` and
+    ``token_b`` (the positions), ``token_text``, ``token_text_b`` and ``token_kind``; ``step_token_a``,
+    ``step_token_b``. Attributes name both prompts and list the unmatched units as JSON.
+
+    Example:
+        >>> a, b = vlmask.open_results("with_image.nc"), vlmask.open_results("text_only.nc")  # doctest: +SKIP
+        >>> both = vlmask.compare(a, b)  # doctest: +SKIP
+        >>> both["kl_diff"].sel(step=0).to_series().sort_values().tail(3)  # doctest: +SKIP
+    """
+    check_dims(a)
+    check_dims(b)
+    pairs = align(a, b)
+    if not pairs:
+        raise VlmaskError(
+            f"no masked token of A ({a.sizes['token']}: {_preview(a)}) matches one of B "
+            f"({b.sizes['token']}: {_preview(b)}) by text or image cell: compare results of the same question"
+        )
+    ia, ib = (np.array(side, dtype=np.int64) for side in zip(*pairs, strict=True))
+    steps = min(a.sizes["step"], b.sizes["step"])
+    metrics = [m for m in a["metric"].values.tolist() if m in b["metric"].values.tolist()]
+
+    def side(ds: xr.Dataset, index: np.ndarray) -> xr.Dataset:
+        picked = ds.isel(token=index, step=slice(0, steps))
+        return picked.assign_coords(token=np.arange(len(index)), step=np.arange(steps))
+
+    sa, sb = side(a, ia), side(b, ib)
+    data: dict[str, Any] = {}
+    for name in COMPARED:
+        data[f"{name}_a"], data[f"{name}_b"] = sa[name], sb[name]
+        data[f"{name}_diff"] = sa[name] - sb[name]
+    data["top_changed_a"], data["top_changed_b"] = sa["top_changed"], sb["top_changed"]
+    final_a = sa["residual"].isel(layer=-1, drop=True).sel(metric=metrics)
+    final_b = sb["residual"].isel(layer=-1, drop=True).sel(metric=metrics)
+    data["residual_a"], data["residual_b"], data["residual_diff"] = final_a, final_b, final_a - final_b
+    out = xr.Dataset({k: v.reset_coords(drop=True) for k, v in data.items()})
+    unmatched_a = sorted(set(range(a.sizes["token"])) - set(ia.tolist()))
+    unmatched_b = sorted(set(range(b.sizes["token"])) - set(ib.tolist()))
+    out = out.assign_coords(
+        token=np.arange(len(pairs)),
+        token_a=("token", a["token"].values[ia]),
+        token_b=("token", b["token"].values[ib]),
+        token_text=("token", a["token_text"].values[ia]),
+        token_text_b=("token", b["token_text"].values[ib]),
+        token_kind=("token", a["token_kind"].values[ia]),
+        step_token_a=("step", a["step_token"].values[:steps]),
+        step_token_b=("step", b["step_token"].values[:steps]),
+    )
+    out.attrs = {
+        **{f"{key}_{s}": str(ds.attrs.get(key, "")) for s, ds in (("a", a), ("b", b)) for key in _ATTRS},
+        "diff": "a - b",
+        "residual_layer_a": int(a.sizes["layer"] - 1),
+        "residual_layer_b": int(b.sizes["layer"] - 1),
+        "same_continuation": int(list(out["step_token_a"].values) == list(out["step_token_b"].values)),
+        "unmatched_a": json.dumps([[int(a["token"][i]), str(a["token_text"].values[i])] for i in unmatched_a]),
+        "unmatched_b": json.dumps([[int(b["token"][i]), str(b["token_text"].values[i])] for i in unmatched_b]),
+    }
+    return out
+
+
+_ATTRS = ("prompt", "model", "clean_continuation", "image_files", "mask", "mask_unit")
+
+
+def _preview(ds: xr.Dataset, n: int = 4) -> str:
+    words = [repr(str(t)) for t in ds["token_text"].values[:n]]
+    return ", ".join(words) + (", ..." if ds.sizes["token"] > n else "")
+
+
+def compare_data(both: xr.Dataset, names: tuple[str, str] = ("A", "B")) -> dict[str, Any]:
+    """What the compare page shows, JSON-ready: aligned tokens; per metric ``a``, ``b``, ``diff`` over (step, token)."""
+    metrics = {name: name for name in COMPARED}
+    metrics.update({f"residual:{m}": m for m in both["metric"].values.tolist()})
+    values = {}
+    for label, metric in metrics.items():
+        parts = {}
+        for s in ("a", "b", "diff"):
+            da = both[f"{metric}_{s}"] if label in COMPARED else both[f"residual_{s}"].sel(metric=metric)
+            parts[s] = Numbers(da.transpose("step", "token").values)
+        values[label] = parts
+    return {
+        "kind": "compare",
+        "names": list(names),
+        "attrs": [[str(k), str(v)] for k, v in both.attrs.items()],
+        "sides": {s: {key: str(both.attrs.get(f"{key}_{s}", "")) for key in _ATTRS} for s in ("a", "b")},
+        "steps": {s: [str(t) for t in both[f"step_token_{s}"].values] for s in ("a", "b")},
+        "rows": {
+            "pos_a": [int(p) for p in both["token_a"].values],
+            "pos_b": [int(p) for p in both["token_b"].values],
+            "text": [str(t) for t in both["token_text"].values],
+            "text_b": [str(t) for t in both["token_text_b"].values],
+            "kind": [str(k) for k in both["token_kind"].values],
+        },
+        "unmatched": {s: json.loads(both.attrs[f"unmatched_{s}"]) for s in ("a", "b")},
+        "metrics": list(metrics),
+        "values": values,
+    }
+
+
+def write_compare(
+    a: xr.Dataset, b: xr.Dataset, path: str | Path, *, names: tuple[str, str] = ("A", "B"), overwrite: bool = False
+) -> Path:
+    """Write a self-contained HTML page comparing ``a`` and ``b`` token by token (see :func:`compare`).
+
+    Example:
+        >>> vlmask.write_compare(with_image, text_only, "compare.html", names=("image", "text"))  # doctest: +SKIP
+        PosixPath('compare.html')
+    """
+    html = page("compare.js", compare_data(compare(a, b), names), "vlmask compare")
+    out = write_page(html, path, overwrite=overwrite)
+    log.info("wrote comparison %s (%d bytes)", out, len(html))
+    return out

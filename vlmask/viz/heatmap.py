@@ -1,0 +1,192 @@
+"""Spatial heatmaps: a metric of each masked vision unit, laid out on its image's merged-token grid.
+
+Pure functions over a result Dataset; :mod:`vlmask.viz.plot` draws them over the images.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import xarray as xr
+
+from vlmask.errors import VlmaskError
+from vlmask.results.metrics import LOGIT_METRICS, VECTOR_METRICS
+
+HEAD_REDUCTIONS = ("mean", "max")
+METRICS = (
+    *LOGIT_METRICS,
+    *(f"residual:{m}" for m in VECTOR_METRICS),
+    *(f"heads:{m}" for m in VECTOR_METRICS),
+)
+
+
+def _layer(ds: xr.Dataset, metric: str, layer: int | str | None) -> int | None:
+    """The decoder layer ``metric`` is read at (None for the final output's logit metrics)."""
+    final = layer is None or str(layer).strip() == "final"
+    if metric in LOGIT_METRICS:
+        if not final:
+            raise VlmaskError(
+                f"metric {metric!r} is measured on the final output, not at a layer: leave out --layer (or pass final)"
+            )
+        return None
+    last = ds.sizes["layer"] - 1
+    if final:
+        return last
+    try:
+        index = int(layer)
+    except (TypeError, ValueError):
+        raise VlmaskError(f"--layer {layer!r} is not understood: expected a layer number (0-{last}) or final") from None
+    if not 0 <= index <= last:
+        raise VlmaskError(f"layer {index} is out of range: the result has {last + 1} decoder layers (0-{last})")
+    return index
+
+
+def unit_values(
+    ds: xr.Dataset, metric: str = "logprob_drop", layer: int | str | None = None, step: int = 0
+) -> tuple[xr.DataArray, int | None]:
+    """The value of ``metric`` for every masked unit (dim ``token``), and the layer it was read at.
+
+    ``metric`` is a logit metric (``kl``, ``logprob_drop``, ``prob_change_pct``,
+    ``top_changed``: the final output, no layer), ``residual:M`` or ``heads:M`` with ``M`` one
+    of ``l2``, ``cosine``, ``rel_l2`` (at ``layer``; ``final`` or None is the last decoder
+    layer). ``heads:M`` is the mean over heads; ``heads:M:max`` takes the largest head.
+
+    Example:
+        >>> values, layer = unit_values(ds, "residual:cosine", layer=2)  # doctest: +SKIP
+    """
+    name, _, rest = metric.partition(":")
+    sub, _, reduce = rest.partition(":")
+    known = name in LOGIT_METRICS and not rest
+    known |= name == "residual" and sub in VECTOR_METRICS and not reduce
+    known |= name == "heads" and sub in VECTOR_METRICS and reduce in ("", *HEAD_REDUCTIONS)
+    if not known:
+        raise VlmaskError(
+            f"metric {metric!r} is not known: expected one of {', '.join(METRICS)} (heads:M:max for the largest head)"
+        )
+    steps = ds["step"].values.tolist()
+    if step not in steps:
+        raise VlmaskError(f"step {step} is out of range: the result has {len(steps)} steps (0-{len(steps) - 1})")
+    where = _layer(ds, name, layer)
+    if name in LOGIT_METRICS:
+        return ds[name].sel(step=step).astype(float), None
+    values = ds[name].sel(step=step, layer=where, metric=sub)
+    if name == "heads":
+        values = values.max("head") if reduce == "max" else values.mean("head")
+    return values.astype(float), where
+
+
+def _members(text: str) -> list[int]:
+    return [int(p) for p in str(text).split(",") if p]
+
+
+def panels(ds: xr.Dataset) -> list[dict[str, int | str]]:
+    """One panel per image and per video frame group: ``source, index, t, rows, cols``, in prompt order.
+
+    Example:
+        >>> [(p["source"], p["t"]) for p in panels(ds)]  # doctest: +SKIP
+        [('image', 0), ('video', 0), ('video', 1)]
+    """
+    if "vision_grids" not in ds.attrs or "seq_row" not in ds.coords:
+        version = ds.attrs.get("schema_version", "unknown")
+        raise VlmaskError(f"this result (schema {version}) has no vision-token grid: rerun it with this vlmask")
+    out = []
+    for grid in json.loads(ds.attrs["vision_grids"]):
+        for t in range(grid["t"] if grid["source"] == "video" else 1):
+            out.append({**{k: grid[k] for k in ("source", "index", "rows", "cols")}, "t": t})
+    return out
+
+
+def heatmap(
+    ds: xr.Dataset, metric: str = "logprob_drop", layer: int | str | None = None, step: int = 0
+) -> xr.DataArray:
+    """``metric`` of each masked vision unit, painted on the cells of its members: dims ``panel, row, col``.
+
+    A panel is an image or one frame group of a video (coordinates ``panel_source``,
+    ``panel_index``, ``panel_t``, ``panel_rows``, ``panel_cols``); rows and columns are the
+    merged-token grid, padded with NaN to the largest panel. Cells whose tokens were not
+    masked are NaN. Every cell of a unit (a row, a region, a whole image) gets the unit's value.
+
+    Example:
+        >>> import vlmask
+        >>> ds = vlmask.sweep(vl, "what is this ?", ["photo.png"], mask="vision")  # doctest: +SKIP
+        >>> vlmask.heatmap(ds, "kl").sel(panel=0).plot()  # doctest: +SKIP
+    """
+    if "token" not in ds.dims or "window" in ds.dims:
+        raise VlmaskError(
+            "a heatmap needs a token sweep at one set of layers: this result has dims"
+            f" {sorted(ds.dims)}; select one window first, like ds.sel(window=3)"
+        )
+    values, where = unit_values(ds, metric, layer, step)
+    vision = ds["token_kind"].values == "vision"
+    if not vision.any():
+        raise VlmaskError(
+            "this result has no masked vision tokens to draw: run the sweep with an image or video and --mask vision"
+        )
+    layout = panels(ds)
+    index = {(p["source"], p["index"], p["t"]): i for i, p in enumerate(layout)}
+    rows = max(p["rows"] for p in layout)
+    cols = max(p["cols"] for p in layout)
+    grid = np.full((len(layout), rows, cols), np.nan)
+    seq = {name: ds[f"seq_{name}"].values for name in ("image", "video", "t", "row", "col")}
+    for unit, value in zip(ds["token_members"].values[vision], values.values[vision], strict=True):
+        for pos in _members(unit):
+            source = "image" if seq["image"][pos] >= 0 else "video"
+            panel = index[(source, int(seq[source][pos]), int(seq["t"][pos]))]
+            grid[panel, seq["row"][pos], seq["col"][pos]] = value
+    return xr.DataArray(
+        grid,
+        dims=("panel", "row", "col"),
+        coords={
+            "panel": np.arange(len(layout)),
+            **{f"panel_{k}": ("panel", [p[k] for p in layout]) for k in ("source", "index", "t", "rows", "cols")},
+            "row": np.arange(rows),
+            "col": np.arange(cols),
+        },
+        name=metric,
+        attrs={
+            "metric": metric,
+            "layer": "final output" if where is None else str(where),
+            "step": int(step),
+            "step_token": str(ds["step_token"].sel(step=step).item()),
+            "prompt": ds.attrs.get("prompt", ""),
+            "mask_unit": ds.attrs.get("mask_unit", "token"),
+        },
+    )
+
+
+def cell_colors(heat: np.ndarray, rgba: Sequence[np.ndarray] | np.ndarray, alpha: float) -> np.ndarray:
+    """``(rows, cols, 4)`` overlay colours: the colour map's RGB of each cell, opacity ``alpha`` (0 where NaN).
+
+    ``rgba`` is the colour map already applied to the normalised values, ``(rows, cols, 4)``.
+
+    Example:
+        >>> cell_colors(np.array([[np.nan, 1.0]]), np.ones((1, 2, 4)), 0.5)[0, :, 3].tolist()
+        [0.0, 0.5]
+    """
+    out = np.array(rgba, dtype=float, copy=True)
+    out[..., 3] = np.where(np.isnan(heat), 0.0, alpha)
+    return out
+
+
+def paint(image: np.ndarray, colors: np.ndarray) -> np.ndarray:
+    """Blend per-cell ``colors (rows, cols, 4)`` over ``image (H, W, 3)`` uint8, cells mapped proportionally.
+
+    The processor resizes an image to multiples of 32 pixels before cutting it into the
+    grid, so cell ``(r, c)`` covers rows ``r*H/rows .. (r+1)*H/rows`` (and likewise the
+    columns) of the original image.
+
+    Example:
+        >>> colors = np.zeros((1, 2, 4)); colors[0, 1] = [1, 0, 0, 1]
+        >>> paint(np.zeros((2, 4, 3), np.uint8), colors)[0, :, 0].tolist()
+        [0, 0, 255, 255]
+    """
+    height, width = image.shape[:2]
+    rows, cols = colors.shape[:2]
+    ys = np.minimum(np.arange(height) * rows // height, rows - 1)
+    xs = np.minimum(np.arange(width) * cols // width, cols - 1)
+    per_pixel = colors[ys][:, xs]  # (H, W, 4)
+    alpha = per_pixel[..., 3:]
+    blended = (1 - alpha) * image.astype(float) + alpha * per_pixel[..., :3] * 255
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)

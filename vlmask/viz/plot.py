@@ -1,0 +1,135 @@
+"""Draw a heatmap over the images (or video frames) the model saw, as a PNG file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+from PIL import Image
+
+from vlmask.errors import VlmaskError
+from vlmask.inputs.video import frame_paths, video_hash
+from vlmask.results.io import atomic_write
+from vlmask.viz.heatmap import cell_colors, heatmap, paint
+
+log = logging.getLogger(__name__)
+
+MAX_SIDE = 1024  # images are drawn at most this many pixels on their longest side
+
+
+def _checked(path: Path, actual: str, expected: str, what: str) -> None:
+    if actual != expected:
+        raise VlmaskError(
+            f"{what} '{path}' has changed since the sweep (SHA-256 {actual[:12]}..., recorded {expected[:12]}...): "
+            "the heatmap would not match what the model saw; restore it or rerun the sweep"
+        )
+
+
+def _image(path: str | Path, expected: str) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise VlmaskError(f"image file '{path}' recorded in the result does not exist: restore it or rerun the sweep")
+    _checked(path, hashlib.sha256(path.read_bytes()).hexdigest(), expected, "image file")
+    with Image.open(path) as handle:
+        return handle.convert("RGB")
+
+
+def panel_pictures(ds: xr.Dataset, layout: xr.DataArray) -> list[tuple[Image.Image, str]]:
+    """The picture under each panel of ``layout`` (a :func:`heatmap`) and its label, files checked by SHA-256.
+
+    An image panel shows the image; a video frame group shows its first frame.
+    """
+    images = [
+        _image(p, h)
+        for p, h in zip(json.loads(ds.attrs["image_files"]), json.loads(ds.attrs["image_sha256"]), strict=True)
+    ]
+    video_files = json.loads(ds.attrs.get("video_files", "[]"))
+    for path, expected in zip(video_files, json.loads(ds.attrs.get("video_sha256", "[]")), strict=True):
+        if not Path(path).is_dir():
+            raise VlmaskError(f"video directory '{path}' recorded in the result does not exist: restore it or rerun")
+        _checked(Path(path), video_hash(path), expected, "video directory")
+    per_group = int(ds.attrs.get("video_frames_per_group", 2))
+    out = []
+    for source, index, t in zip(
+        layout["panel_source"].values, layout["panel_index"].values, layout["panel_t"].values, strict=True
+    ):
+        if source == "image":
+            out.append((images[index], f"image {index}: {Path(json.loads(ds.attrs['image_files'])[index]).name}"))
+            continue
+        frames = frame_paths(video_files[index])
+        first = min(t * per_group, len(frames) - 1)
+        last = min(first + per_group - 1, len(frames) - 1)
+        with Image.open(frames[first]) as handle:
+            picture = handle.convert("RGB")
+        out.append((picture, f"video {index}: frames {first}-{last} (group {t})"))
+    return out
+
+
+def plot_heatmap(
+    ds: xr.Dataset,
+    path: str | Path,
+    metric: str = "logprob_drop",
+    layer: int | str | None = None,
+    step: int = 0,
+    *,
+    overwrite: bool = False,
+    cmap: str = "inferno",
+    alpha: float = 0.6,
+) -> Path:
+    """Write a PNG: each image (or video frame group) with ``metric`` per masked cell as a heat overlay.
+
+    One panel per image or frame group, a colour bar shared by all panels, and a title
+    with the prompt, metric, layer and step. See :func:`vlmask.heatmap` for ``metric``,
+    ``layer`` and ``step``. Images are found through the paths recorded in the result and
+    must still have the recorded SHA-256. The file is written atomically.
+
+    Example:
+        >>> ds = vlmask.open_results("output/run.nc")  # doctest: +SKIP
+        >>> vlmask.plot_heatmap(ds, "output/run.png", metric="kl")  # doctest: +SKIP
+        PosixPath('output/run.png')
+    """
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise VlmaskError(f"heatmap output '{path}' must end in .png")
+    heat = heatmap(ds, metric, layer, step)
+    pictures = panel_pictures(ds, heat)
+    if path.exists() and not overwrite:
+        raise VlmaskError(f"output '{path}' already exists: choose another -o or pass --overwrite")
+    finite = heat.values[np.isfinite(heat.values)]
+    norm = Normalize(float(finite.min()), float(finite.max()))
+    colormap = colormaps[cmap]
+    cols = min(len(pictures), 4)
+    rows = math.ceil(len(pictures) / cols)
+    fig = Figure(figsize=(4 * cols + 1.2, 4 * rows + 1.0), dpi=100)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if i >= len(pictures):
+            continue
+        picture, label = pictures[i]
+        picture = picture.copy()
+        picture.thumbnail((MAX_SIDE, MAX_SIDE))
+        cells = heat.isel(panel=i).values[: int(heat["panel_rows"][i]), : int(heat["panel_cols"][i])]
+        colors = cell_colors(cells, colormap(norm(np.nan_to_num(cells))), alpha)
+        ax.imshow(paint(np.asarray(picture), colors), interpolation="nearest")
+        ax.set_title(label, fontsize=9)
+    fig.colorbar(ScalarMappable(norm=norm, cmap=colormap), ax=axes.ravel().tolist(), label=metric, shrink=0.8)
+    where = heat.attrs["layer"] if heat.attrs["layer"] == "final output" else f"layer {heat.attrs['layer']}"
+    fig.suptitle(
+        f"{heat.attrs['prompt']!r}\n{metric}, {where}, step {step} (clean next token {heat.attrs['step_token']!r}),"
+        f" unit {heat.attrs['mask_unit']}",
+        fontsize=10,
+    )
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    log.info("wrote heatmap %s", path)
+    return path

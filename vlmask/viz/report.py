@@ -1,0 +1,213 @@
+"""The interactive HTML report of one result: token strip, token x layer and layer x head heatmaps, images.
+
+:func:`report_data` gathers what the page shows from a result Dataset (pure, apart from
+reading the recorded images); :func:`write_report` writes the self-contained page.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+from PIL import Image
+
+from vlmask.errors import VlmaskError
+from vlmask.inputs.video import frame_paths, video_hash
+from vlmask.results.metrics import LOGIT_METRICS
+from vlmask.viz.heatmap import panels
+from vlmask.viz.page import Numbers, page, write_page
+
+log = logging.getLogger(__name__)
+
+MAX_SIDE = 1024  # larger pictures are shrunk to this many pixels on their longest side
+BROWSER_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
+
+
+def _text(values: Any) -> list[str]:
+    return [str(v) for v in np.asarray(values).tolist()]
+
+
+def _ints(values: Any) -> list[int]:
+    return [int(v) for v in np.asarray(values).tolist()]
+
+
+def _data_uri(path: Path) -> str:
+    """``path`` as a ``data:`` URI, re-encoded as PNG only if browsers can't show it or it is large."""
+    raw = path.read_bytes()
+    with Image.open(io.BytesIO(raw)) as picture:
+        mime = BROWSER_FORMATS.get(picture.format or "")
+        if mime is None or max(picture.size) > MAX_SIDE:
+            picture = picture.convert("RGB")
+            picture.thumbnail((MAX_SIDE, MAX_SIDE))
+            buffer = io.BytesIO()
+            picture.save(buffer, format="PNG")
+            raw, mime = buffer.getvalue(), "image/png"
+    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
+
+
+def _picture(
+    path: Path, actual: str | None, expected: str, what: str, shown: Path | None = None
+) -> tuple[str | None, str]:
+    """(data URI of ``shown`` or None, note) for a recorded file or directory whose SHA-256 should be ``expected``."""
+    if actual is None:
+        return None, f"{what} '{path}' recorded in the result is not readable here: the cells are drawn on a blank grid"
+    if actual != expected:
+        return None, (
+            f"{what} '{path}' has changed since the sweep (SHA-256 {actual[:12]}..., recorded {expected[:12]}...): "
+            "not shown, the cells are drawn on a blank grid"
+        )
+    try:
+        return _data_uri(shown or path), ""
+    except OSError as err:
+        return None, f"{what} '{path}' cannot be read as an image ({err}): the cells are drawn on a blank grid"
+
+
+def _file_hash(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def _dir_hash(path: Path) -> str | None:
+    try:
+        return video_hash(path) if path.is_dir() else None
+    except Exception:  # an unreadable directory is reported as a note, never an error
+        return None
+
+
+def picture_panels(ds: xr.Dataset) -> list[dict[str, Any]]:
+    """One entry per image and video frame group: its grid, a label, and its picture as a data URI (or a note).
+
+    Pictures are read from the paths recorded in ``ds`` and shown only if their SHA-256 still
+    matches; otherwise ``src`` is None and ``note`` says why.
+
+    Example:
+        >>> [(p["label"], p["src"] is not None) for p in picture_panels(ds)]  # doctest: +SKIP
+        [('image 0: photo.png', True)]
+    """
+    if "vision_grids" not in ds.attrs or "seq_row" not in ds.coords:
+        return []
+    image_files = json.loads(ds.attrs.get("image_files", "[]"))
+    image_sha = json.loads(ds.attrs.get("image_sha256", "[]"))
+    video_files = json.loads(ds.attrs.get("video_files", "[]"))
+    video_sha = json.loads(ds.attrs.get("video_sha256", "[]"))
+    per_group = int(ds.attrs.get("video_frames_per_group", 2))
+    images = [
+        _picture(Path(p), _file_hash(Path(p)), h, "image file") for p, h in zip(image_files, image_sha, strict=False)
+    ]
+    videos = [(Path(p), _dir_hash(Path(p)), h) for p, h in zip(video_files, video_sha, strict=False)]
+    out = []
+    for panel in panels(ds):
+        index, t = int(panel["index"]), int(panel["t"])
+        if panel["source"] == "image":
+            label = f"image {index}: {Path(image_files[index]).name}" if index < len(image_files) else f"image {index}"
+            src, note = images[index] if index < len(images) else (None, f"image {index} is not recorded")
+        else:
+            label = f"video {index}: frame group {t}"
+            src, note = None, f"video {index} is not recorded"
+            if index < len(videos):
+                path, actual, expected = videos[index]
+                frames = frame_paths(path) if actual is not None else [path]
+                first = frames[min(t * per_group, len(frames) - 1)]
+                src, note = _picture(path, actual, expected, "video directory", first)
+        out.append({**panel, "label": label, "src": src, "note": note})
+    return out
+
+
+def check_dims(ds: xr.Dataset) -> None:
+    """Refuse a result the pages cannot lay out: they show a sweep over masked tokens, one knockout per token.
+
+    Example:
+        >>> check_dims(xr.Dataset({"kl": (("step", "token"), [[0.0]])}))
+        Traceback (most recent call last):
+        ...
+        vlmask.VlmaskError: this is not a vlmask result: it has no 'residual' variable
+    """
+    for name in ("residual", "heads", "kl"):
+        if name not in ds:
+            raise VlmaskError(f"this is not a vlmask result: it has no {name!r} variable")
+    want = {"residual": ("step", "token", "layer", "metric"), "heads": ("step", "token", "layer", "head", "metric")}
+    for name, dims in (*want.items(), ("kl", ("step", "token"))):
+        if set(ds[name].dims) != set(dims):
+            extra = " (pick one window first: ds.isel(window=i))" if "window" in ds[name].dims else ""
+            raise VlmaskError(
+                f"{name} has dims ({', '.join(map(str, ds[name].dims))}): the report shows results over masked tokens "
+                f"with dims ({', '.join(dims)}){extra}"
+            )
+
+
+def _attr(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return json.dumps(value.tolist())
+    return str(value.item() if isinstance(value, np.generic) else value)
+
+
+def report_data(ds: xr.Dataset) -> dict[str, Any]:
+    """What the report page shows, as JSON-ready values: tokens, masked units, metrics, images, attributes.
+
+    Metric arrays are flat, row-major over ``(step, token, layer, metric)`` for ``residual``,
+    ``(step, token, layer, head, metric)`` for ``heads`` and ``(step, token)`` for the logit
+    metrics, rounded to 4 significant digits.
+
+    Example:
+        >>> data = report_data(ds)  # doctest: +SKIP
+        >>> data["layers"], len(data["units"]["pos"])  # doctest: +SKIP
+        (3, 22)
+    """
+    check_dims(ds)
+    order = {"residual": ("step", "token", "layer", "metric"), "heads": ("step", "token", "layer", "head", "metric")}
+    values: dict[str, Numbers] = {name: Numbers(ds[name].transpose(*dims).values) for name, dims in order.items()}
+    for name in LOGIT_METRICS:
+        if name in ds:
+            values[name] = Numbers(ds[name].transpose("step", "token").values.astype(np.float32))
+    seq = {name: ds[f"seq_{name}"] for name in ("text", "kind", "image", "video", "t", "row", "col")}
+    members = [[int(p) for p in str(m).split(",") if p] for m in ds["token_members"].values]
+    masked_ids = ds["masked_token_id"].transpose("token", "step").values.tolist()
+    clean = _ints(ds["step_token_id"].values)
+    return {
+        "kind": "report",
+        "prompt": str(ds.attrs.get("prompt", "")),
+        "model": str(ds.attrs.get("model", "")),
+        "clean_continuation": str(ds.attrs.get("clean_continuation", "")),
+        "attrs": [[str(k), _attr(v)] for k, v in ds.attrs.items()],
+        "layers": int(ds.sizes["layer"]),
+        "heads": int(ds.sizes["head"]),
+        "metrics": _text(ds["metric"].values),
+        "logit_metrics": [name for name in LOGIT_METRICS if name in ds],
+        "steps": {"token": _text(ds["step_token"].values), "id": _ints(ds["step_token_id"].values)},
+        "seq": {name: _text(da.values) if name in ("text", "kind") else _ints(da.values) for name, da in seq.items()},
+        "units": {
+            "pos": _ints(ds["token"].values),
+            "text": _text(ds["token_text"].values),
+            "kind": _text(ds["token_kind"].values),
+            "members": members,
+            "continuation": _text(ds["masked_continuation"].values),
+            "changed": [[int(i) != c for i, c in zip(row, clean, strict=True)] for row in masked_ids],
+        },
+        "values": values,
+        "panels": picture_panels(ds),
+    }
+
+
+def write_report(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write one self-contained, offline HTML report of a result (inline scripts, images embedded).
+
+    The page shows the prompt's tokens coloured by impact, a token x layer heatmap with a
+    metric and step selector, the layer x head heatmap of a clicked token, the images with
+    the masked cells overlaid, the clean and the knocked-out continuations, and every
+    attribute. Its URL hash keeps the view: ``report.html#metric=residual:cosine&step=1&token=5``.
+
+    Example:
+        >>> ds = vlmask.open_results("output/run.nc")  # doctest: +SKIP
+        >>> vlmask.write_report(ds, "output/run.html")  # doctest: +SKIP
+        PosixPath('output/run.html')
+    """
+    html = page("report.js", report_data(ds), "vlmask report")
+    out = write_page(html, path, overwrite=overwrite)
+    log.info("wrote report %s (%d bytes)", out, len(html))
+    return out
