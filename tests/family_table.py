@@ -13,7 +13,7 @@ import torch
 import vlmask
 from interventions import BlockKeys
 from tests.reference import extended, greedy, reference_run
-from vlmask.engine.sweep import context
+from vlmask.engine.passes import context
 from vlmask.inputs.prompt import build_prompt
 
 PROMPT = "what color is the circle ?"

@@ -14,7 +14,7 @@ import vlmask
 from interventions import AblateHeads, BlockEdges, BlockKeys, Compose, PatchResidual, from_dict
 from tests.reference import edited_run, extended
 from vlmask import VlmaskError
-from vlmask.engine.sweep import NOTHING, context
+from vlmask.engine.passes import NOTHING, context
 from vlmask.inputs.prompt import build_prompt
 
 PROMPT = "what color is the circle ?"

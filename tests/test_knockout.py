@@ -8,7 +8,7 @@ import torch
 import vlmask
 from interventions import BlockKeys
 from tests.reference import greedy, reference_run
-from vlmask.engine.sweep import context
+from vlmask.engine.passes import context
 from vlmask.inputs.prompt import build_prompt
 
 PROMPT = "what color is the circle ?"
@@ -204,7 +204,7 @@ def test_blocking_the_measured_position_itself_changes_nothing_at_that_step(tiny
 
 
 def test_first_changed_position():
-    from vlmask.engine.sweep import first_changed
+    from vlmask.engine.passes import first_changed
 
     assert first_changed(BlockKeys((4,)), seq_len=10, num_layers=2) == 5
     assert first_changed(BlockKeys((4, 2)), seq_len=10, num_layers=2) == 3
@@ -237,7 +237,7 @@ def test_knockouts_that_leave_together_advance_together_on_their_own_caches(tiny
     """Three knockouts leave the clean continuation at step 0 with different tokens; each must then
     continue exactly as a full greedy rerun under that knockout, from that token."""
     from tests.reference import extended
-    from vlmask.engine.sweep import _masked_generation
+    from vlmask.engine.passes import _masked_generation
 
     steps = 4
     built = build_prompt(tiny.processor, PROMPT, [images["square"]])

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from interventions._common import check_layers, check_positions, ints
-from vlmask.engine.sweep import NOTHING, context
+from vlmask.engine.passes import NOTHING, context
 from vlmask.errors import VlmaskError
 from vlmask.inputs.prompt import build_prompt
 from vlmask.inputs.selection import parse_mask
