@@ -91,6 +91,53 @@ def _cell_loss(logits, scenes: Sequence[Scene], vocab: dict[str, int]):
     return -logp.gather(-1, targets.clamp(min=0)).sum(-1)[filled].mean()
 
 
+def _optimizer(model: Any, config: TrainConfig) -> tuple[Any, Any]:
+    """AdamW (no weight decay on embeddings and 1-D parameters) and its learning-rate schedule:
+    warm up, hold, then a cosine decay over the last ``config.decay`` fraction of training."""
+    import torch
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.98),
+    )
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        start = int(config.steps * (1 - config.decay))
+        if step < start:
+            return 1.0
+        progress = (step - start) / max(1, config.steps - start)
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+
+
+def _train_step(
+    model: Any, optimizer: Any, scheduler: Any, inputs: Any, scenes: list, vocab: dict, config: TrainConfig
+):
+    """One optimiser step on a batch; returns its loss and answer accuracy (floats)."""
+    import torch
+
+    logits = model(**inputs).logits
+    # loss on the answer (predicted at the prompt's last token) and on <|im_end|> after it
+    ids = inputs["input_ids"]
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, -3:-1].reshape(-1, logits.shape[-1]).float(), ids[:, -2:].reshape(-1)
+    )
+    if config.aux_weight > 0:
+        loss = loss + config.aux_weight * _cell_loss(logits, scenes, vocab)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    return loss.item(), (logits[:, -3].argmax(-1) == ids[:, -2]).float().mean().item()
+
+
 def train(config: TrainConfig, out: str | Path = DEFAULT_MODEL_PATH) -> dict[str, Any]:
     """Train a fresh model on freshly sampled scenes and save it (and the processor) to ``out``.
 
@@ -115,25 +162,7 @@ def train(config: TrainConfig, out: str | Path = DEFAULT_MODEL_PATH) -> dict[str
     )
     model = Qwen3VLForConditionalGeneration(model_config)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-        betas=(0.9, 0.98),
-    )
-
-    def lr_at(step: int) -> float:
-        # warm up, hold, then a cosine decay over the last ``decay`` fraction of training
-        if step < config.warmup:
-            return (step + 1) / config.warmup
-        start = int(config.steps * (1 - config.decay))
-        if step < start:
-            return 1.0
-        progress = (step - start) / max(1, config.steps - start)
-        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    optimizer, scheduler = _optimizer(model, config)
     vocab = processor.tokenizer.get_vocab()
     start = time.time()
     running = running_acc = None
@@ -144,21 +173,8 @@ def train(config: TrainConfig, out: str | Path = DEFAULT_MODEL_PATH) -> dict[str
         counts = (1,) if step < config.single_steps else (1, 2, 3, 4)
         scenes = [sample_scene(rng, counts=counts) for _ in range(config.batch_size)]
         inputs = encode(processor, scenes, with_answer=True)
-        logits = model(**inputs).logits
-        # loss on the answer (predicted at the prompt's last token) and on <|im_end|> after it
-        ids = inputs["input_ids"]
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, -3:-1].reshape(-1, logits.shape[-1]).float(), ids[:, -2:].reshape(-1)
-        )
-        if config.aux_weight > 0:
-            loss = loss + config.aux_weight * _cell_loss(logits, scenes, vocab)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        right = (logits[:, -3].argmax(-1) == ids[:, -2]).float().mean().item()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        loss, right = _train_step(model, optimizer, scheduler, inputs, scenes, vocab, config)
+        running = loss if running is None else 0.98 * running + 0.02 * loss
         running_acc = right if running_acc is None else 0.98 * running_acc + 0.02 * right
         bar.set_postfix(loss=f"{running:.4f}", acc=f"{running_acc:.3f}", refresh=False)
         if step % config.log_every == 0 or step == config.steps - 1:

@@ -14,7 +14,6 @@ from vlmask.inputs.media import ImageFile, read_image
 from vlmask.inputs.video import VideoFile, read_video, video_kwargs
 
 CHAT_TEMPLATE_MODES = ("auto", "on", "off")
-KINDS = ("text", "vision", "special")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ need nothing per family: the engine captures the position ids the model itself c
 (multimodal M-RoPE included) and slices them.
 
 Adding a family is one module here, defining a :class:`Family` subclass added to
-``FAMILIES``, and one test file that runs ``tests/family_table.py`` on a tiny random model.
+``FAMILIES``, and one entry in ``tests/test_family_table.py`` (the correctness table on a tiny
+random model of the family).
 
 Example:
     >>> from transformers import LlamaConfig
