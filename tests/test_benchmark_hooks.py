@@ -39,7 +39,8 @@ def test_hooks_backend_never_imports_nnsight():
     code = (
         "import sys, vlmask\n"
         "vl = vlmask.load_model()\n"
-        "ds = vlmask.sweep(vl, 'what color is the circle ?', mask='all', num_tokens=2, backend='hooks', progress=False)\n"
+        "ds = vlmask.sweep(vl, 'what color is the circle ?', mask='all', num_tokens=2, backend='hooks',"
+        " progress=False)\n"
         "assert float(ds['kl'].max()) > 0\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'nnsight'))\n"
     )
