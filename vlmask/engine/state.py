@@ -41,7 +41,9 @@ class Readout:
     logits: torch.Tensor
 
     @staticmethod
-    def of_layers(residual: list[torch.Tensor] | None, heads: list[torch.Tensor], logits: torch.Tensor, num_heads: int):
+    def of_layers(
+        residual: list[torch.Tensor] | None, heads: list[torch.Tensor], logits: torch.Tensor, num_heads: int
+    ) -> Readout:
         """A readout from per-layer reads: ``residual[layer] (batch, pos, hidden)`` (None: logits only) and
         ``heads[layer] (batch, pos, head * head_dim)``."""
         if residual is None:
