@@ -11,6 +11,8 @@ Methods, each run in its own process (so peak memory is its own), after a short 
   given to every decoder layer by a forward pre-hook, plus the clean pass; and, as vlmask
   does, each knockout's greedy continuation (extra full passes once it leaves the clean one).
 - naive-nnsight: the same work, one nnsight trace per masked token, no reuse.
+- hooks: ``vlmask.sweep(..., backend="hooks")``: the same algorithm with plain PyTorch hooks
+  instead of nnsight traces, to price nnsight itself.
 - vlmask: ``vlmask.sweep`` as shipped.
 
 Every method's KL and log-prob drop must agree with naive to 1e-4, and its masked
@@ -38,8 +40,8 @@ from PIL import Image
 from transformers import Qwen3VLForConditionalGeneration
 
 import vlmask
-from benchmarks.hooks import plain_hooks
 from vlmask.builtin import make_processor, tiny_config, words_of
+from vlmask.engine.nnsight_backend import envoy
 from vlmask.inputs.prompt import build_prompt
 from vlmask.inputs.selection import parse_mask
 from vlmask.model.attention import attention_mask
@@ -215,25 +217,23 @@ def _hooked_logits(vl, full: dict, allowed: torch.Tensor) -> torch.Tensor:
 
 def _traced_logits(vl, full: dict, allowed: torch.Tensor) -> torch.Tensor:
     mask = attention_mask(allowed[None], vl.attn_implementation, vl.dtype).to(vl.device)
-    with vl.traced.trace(**full):
-        for layer in vl.traced.model.language_model.layers:
+    traced = envoy(vl)
+    with traced.trace(**full):
+        for layer in traced.model.language_model.layers:
             args, kwargs = layer.self_attn.inputs
             kwargs["attention_mask"] = mask
             layer.self_attn.inputs = (args, kwargs)
-        logits = vl.traced.output.logits[0, -1].save()
+        logits = traced.output.logits[0, -1].save()
     return logits
 
 
-def _vlmask(vl, prompt, images, mask, steps, batch_size) -> dict:
-    ds = vlmask.sweep(vl, prompt, images, mask=mask, num_tokens=steps, batch_size=batch_size, progress=False)
+def _vlmask(vl, prompt, images, mask, steps, batch_size, backend="nnsight") -> dict:
+    ds = vlmask.sweep(
+        vl, prompt, images, mask=mask, num_tokens=steps, batch_size=batch_size, progress=False, backend=backend
+    )
     out = {name: ds[name].transpose("token", "step").values.tolist() for name in ("kl", "logprob_drop")}
     masked = ds["masked_token_id"].transpose("token", "step").values.tolist()
     return {**out, "masked_ids": masked, "positions": ds["token"].values.tolist()}
-
-
-def _hooks(vl, prompt, images, mask, steps, batch_size) -> dict:
-    with plain_hooks():
-        return _vlmask(vl, prompt, images, mask, steps, batch_size)
 
 
 def _clean_forward(vl, prompt, images, steps) -> tuple[float, float]:
@@ -282,7 +282,7 @@ def worker(args: argparse.Namespace) -> None:
     run = {
         "naive": lambda: _knockout_loop(vl, prompt, images, mask, sc["steps"], _hooked_logits, sample),
         "naive-nnsight": lambda: _knockout_loop(vl, prompt, images, mask, sc["steps"], _traced_logits, sample),
-        "hooks": lambda: _hooks(vl, prompt, images, mask, sc["steps"], args.batch_size),
+        "hooks": lambda: _vlmask(vl, prompt, images, mask, sc["steps"], args.batch_size, backend="hooks"),
         "vlmask": lambda: _vlmask(vl, prompt, images, mask, sc["steps"], args.batch_size),
     }[args.method]
     _knockout_loop(vl, "w1 w2", [], "0", 1, _traced_logits)  # warm-up: first-call costs of torch and nnsight
@@ -398,7 +398,7 @@ def _machine(args: argparse.Namespace) -> str:
     return f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads, {args.device}"
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
     parser.add_argument("--method", action="append", choices=METHODS)
@@ -421,7 +421,58 @@ def main() -> None:
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--image", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def _scenario_row(scenario: str, results: dict) -> dict:
+    """One scenario's summary from each method's result; fails if a method disagrees with naive."""
+    naive = results["naive"]
+    for method, res in results.items():
+        err = _disagreement(res, naive)
+        if err > 1e-4:
+            raise SystemExit(f"{scenario}: {method} disagrees with naive by {err:.2e}")
+        res["max_abs_diff_vs_naive"] = err
+    fast = results.get("vlmask")
+    row = {
+        "scenario": scenario,
+        "tokens": naive["tokens"],
+        "knockouts": naive["knockouts"],
+        "steps": SCENARIOS[scenario]["steps"],
+        "max_kl": float(np.max(naive["kl"])),
+    }
+    for method, res in results.items():
+        row[f"{method}_s"] = round(res["seconds"], 3)
+        row[f"{method}_peak_mib"] = round(res["peak_extra_mib"], 1)
+        row[f"{method}_speedup"] = round(naive["seconds"] / res["seconds"], 2)
+        row[f"{method}_max_diff"] = res["max_abs_diff_vs_naive"]
+        if res["measured_knockouts"] != res["knockouts"]:
+            row[f"{method}_measured_knockouts"] = res["measured_knockouts"]
+    if fast:
+        per_position = fast["clean_decoder_s"] / fast["seq"]
+        ideal = fast["clean_forward_s"] + fast["recomputed"] * per_position
+        row["ideal_s"] = round(ideal, 3)
+        row["ideal_speedup"] = round(naive["seconds"] / ideal, 2)
+        row["vlmask_efficiency"] = round(ideal / fast["seconds"], 3)
+    if fast and "hooks" in results:
+        row["nnsight_overhead"] = round(fast["seconds"] / results["hooks"]["seconds"] - 1, 3)
+    return row
+
+
+def _print_table(rows: list[dict], methods: list[str]) -> None:
+    header = f"{'':<4}{'tokens':>7}{'KOs':>5}{'steps':>6}" + "".join(f"{m + ' s':>16}" for m in methods)
+    print(header + f"{'ideal s':>9}{'vlmask vs naive':>17}{'vs ideal':>10}{'nnsight cost':>14}")
+    for r in rows:
+        line = f"{r['scenario']:<4}{r['tokens']:>7}{r['knockouts']:>5}{r['steps']:>6}"
+        line += "".join(f"{r[m + '_s']:>16.2f}" for m in methods)
+        if "ideal_s" in r:
+            line += f"{r['ideal_s']:>9.2f}{r['vlmask_speedup']:>16.1f}x{r['vlmask_efficiency']:>9.0%}"
+        if "nnsight_overhead" in r:
+            line += f"{r['nnsight_overhead']:>+14.0%}"
+        print(line)
+
+
+def main() -> None:
+    args = _parser().parse_args()
     if args.worker:
         args.method = args.worker
         args.scenario = args.scenario[0]
@@ -441,53 +492,10 @@ def main() -> None:
             return
         for scenario in args.scenario or sorted(SCENARIOS):
             results = {m: _spawn(m, scenario, model, image, args) for m in methods}
-            naive = results["naive"]
-            for method, res in results.items():
-                err = _disagreement(res, naive)
-                if err > 1e-4:
-                    raise SystemExit(f"{scenario}: {method} disagrees with naive by {err:.2e}")
-                res["max_abs_diff_vs_naive"] = err
-            fast = results.get("vlmask")
-            row = {
-                "scenario": scenario,
-                "tokens": naive["tokens"],
-                "knockouts": naive["knockouts"],
-                "steps": SCENARIOS[scenario]["steps"],
-                "max_kl": float(np.max(naive["kl"])),
-            }
-            for method, res in results.items():
-                row[f"{method}_s"] = round(res["seconds"], 3)
-                row[f"{method}_peak_mib"] = round(res["peak_extra_mib"], 1)
-                row[f"{method}_speedup"] = round(naive["seconds"] / res["seconds"], 2)
-                row[f"{method}_max_diff"] = res["max_abs_diff_vs_naive"]
-                if res["measured_knockouts"] != res["knockouts"]:
-                    row[f"{method}_measured_knockouts"] = res["measured_knockouts"]
-            if fast:
-                per_position = fast["clean_decoder_s"] / fast["seq"]
-                ideal = fast["clean_forward_s"] + fast["recomputed"] * per_position
-                row["ideal_s"] = round(ideal, 3)
-                row["ideal_speedup"] = round(naive["seconds"] / ideal, 2)
-                row["vlmask_efficiency"] = round(ideal / fast["seconds"], 3)
-            if fast and "hooks" in results:
-                row["nnsight_overhead"] = round(fast["seconds"] / results["hooks"]["seconds"] - 1, 3)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    report = {
-        "machine": _machine(args),
-        "size": args.size,
-        "torch": torch.__version__,
-        "results": rows,
-    }
-    header = f"{'':<4}{'tokens':>7}{'KOs':>5}{'steps':>6}" + "".join(f"{m + ' s':>16}" for m in methods)
-    print(header + f"{'ideal s':>9}{'vlmask vs naive':>17}{'vs ideal':>10}{'nnsight cost':>14}")
-    for r in rows:
-        line = f"{r['scenario']:<4}{r['tokens']:>7}{r['knockouts']:>5}{r['steps']:>6}"
-        line += "".join(f"{r[m + '_s']:>16.2f}" for m in methods)
-        if "ideal_s" in r:
-            line += f"{r['ideal_s']:>9.2f}{r['vlmask_speedup']:>16.1f}x{r['vlmask_efficiency']:>9.0%}"
-        if "nnsight_overhead" in r:
-            line += f"{r['nnsight_overhead']:>+14.0%}"
-        print(line)
+            rows.append(_scenario_row(scenario, results))
+            print(json.dumps(rows[-1]), flush=True)
+    report = {"machine": _machine(args), "size": args.size, "torch": torch.__version__, "results": rows}
+    _print_table(rows, methods)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

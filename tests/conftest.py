@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from nnsight import NNsight
 from PIL import Image
 from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
 from vlmask import VLModel
 from vlmask.builtin import make_processor, tiny_config, words_of
+from vlmask.model.families import family_of
 
 PROMPTS = ["what is in this image ?", "what color is the circle ?", "describe the picture", "test"]
 
@@ -39,9 +39,8 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _load(path: Path, implementation: str) -> VLModel:
     hf = Qwen3VLForConditionalGeneration.from_pretrained(path, attn_implementation=implementation).eval()
-    return VLModel(
-        hf=hf, processor=AutoProcessor.from_pretrained(path), traced=NNsight(hf), name=str(path), builtin=False
-    )
+    processor = AutoProcessor.from_pretrained(path)
+    return VLModel(hf=hf, processor=processor, name=str(path), builtin=False, family=family_of(hf.config))
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import torch
 import vlmask
 from interventions import BlockKeys
 from tests.reference import extended, greedy, reference_run
-from vlmask.engine.passes import context
+from vlmask.engine.passes import PromptPasses
 from vlmask.inputs.prompt import build_prompt
 
 PROMPT = "what color is the circle ?"
@@ -38,9 +38,9 @@ def knockout_equals_reference(sdpa, eager, images):
     for vl in (sdpa, eager):
         _, built = _prompt(vl, images)
         seq = len(built.tokens)
-        ctx = context(vl, built, seq)
+        passes = PromptPasses.of(vl, built, seq)
         for p in _positions(built):
-            out, _ = ctx.run(built.inputs["input_ids"], [BlockKeys((p,))], list(range(seq)))
+            out = passes.model_pass(built.inputs["input_ids"], [BlockKeys((p,))], list(range(seq))).readout
             want = reference_run(vl, built.inputs, {p})
             got = (out.residual[0], out.heads[0].flatten(-2), out.logits[0])
             for name, g, w in zip(("residual", "heads", "logits"), got, want, strict=True):
@@ -56,10 +56,10 @@ def positions_up_to_p_unchanged(sdpa, eager, images):
         _, built = _prompt(vl, images)
         seq = len(built.tokens)
         ids = built.inputs["input_ids"]
-        ctx = context(vl, built, seq)
+        passes = PromptPasses.of(vl, built, seq)
         positions = _positions(built)[:-1]
         rows = [BlockKeys(()), *(BlockKeys((p,)) for p in positions)]  # the clean row in the same batch
-        out, _ = ctx.run(ids.expand(len(rows), -1), rows, list(range(seq)))
+        out = passes.model_pass(ids.expand(len(rows), -1), rows, list(range(seq))).readout
         for row, p in enumerate(positions, start=1):
             assert torch.equal(out.residual[row, :, : p + 1], out.residual[0, :, : p + 1]), f"p={p}"
             assert torch.equal(out.logits[row, : p + 1], out.logits[0, : p + 1]), f"p={p}"
@@ -69,7 +69,8 @@ def positions_up_to_p_unchanged(sdpa, eager, images):
 def blocking_nothing_is_the_native_forward(sdpa, eager, images):
     _, built = _prompt(sdpa, images)
     seq = len(built.tokens)
-    out, _ = context(sdpa, built, seq).run(built.inputs["input_ids"], [BlockKeys(())], list(range(seq)))
+    out = PromptPasses.of(sdpa, built, seq).model_pass(built.inputs["input_ids"], [BlockKeys(())], list(range(seq)))
+    out = out.readout
     with torch.no_grad():
         native = sdpa.hf(**built.inputs).logits[0]
     torch.testing.assert_close(out.logits[0], native, atol=1e-5, rtol=1e-5)

@@ -130,11 +130,11 @@ def test_existing_output_is_refused_unless_overwrite(tiny_dir, tmp_path, capsys)
 
 
 def test_interrupted_run_leaves_no_file(tiny_dir, tmp_path, monkeypatch, capsys):
-    import vlmask.engine.sweep as engine
+    from vlmask.engine.backend import Backend
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine._trace, "run_decoder", interrupted)  # mid-sweep
+    monkeypatch.setattr(Backend, "run_decoder", interrupted)  # mid-sweep
     assert main(_bad(tiny_dir, tmp_path)) == 130
     assert list(tmp_path.iterdir()) == []

@@ -14,7 +14,7 @@ import vlmask
 from interventions import AblateHeads, BlockEdges, BlockKeys, Compose, PatchResidual, from_dict
 from tests.reference import edited_run, extended
 from vlmask import VlmaskError
-from vlmask.engine.passes import NOTHING, context
+from vlmask.engine.passes import NOTHING, PromptPasses
 from vlmask.inputs.prompt import build_prompt
 
 PROMPT = "what color is the circle ?"
@@ -28,10 +28,10 @@ def built(tiny, images):
 def _engine(vl, built, iv):
     """The engine's full-model pass under ``iv``, read at every position."""
     ids = built.inputs["input_ids"]
-    ctx = context(vl, built, ids.shape[1])
+    passes = PromptPasses.of(vl, built, ids.shape[1])
     if iv.needs_head_means:
-        ctx = ctx.with_head_means(ids)
-    out, _ = ctx.run(ids, [iv], list(range(ids.shape[1])))
+        passes = passes.with_head_means(ids)
+    out = passes.model_pass(ids, [iv], list(range(ids.shape[1]))).readout
     return out.residual[0], out.heads[0].flatten(-2), out.logits[0]
 
 

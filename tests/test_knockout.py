@@ -8,7 +8,8 @@ import torch
 import vlmask
 from interventions import BlockKeys
 from tests.reference import greedy, reference_run
-from vlmask.engine.passes import context
+from vlmask.engine.passes import PromptPasses
+from vlmask.engine.state import PassPlan
 from vlmask.inputs.prompt import build_prompt
 
 PROMPT = "what color is the circle ?"
@@ -16,8 +17,8 @@ PROMPT = "what color is the circle ?"
 
 def _engine(vl, built, blocked, layers=None, vision_attention="native"):
     seq = built.inputs["input_ids"].shape[1]
-    ctx = context(vl, built, seq, vision_attention)
-    out, _ = ctx.run(built.inputs["input_ids"], [BlockKeys(tuple(blocked), layers)], list(range(seq)))
+    passes = PromptPasses.of(vl, built, seq, vision_attention)
+    out = passes.model_pass(built.inputs["input_ids"], [BlockKeys(tuple(blocked), layers)], list(range(seq))).readout
     return out.residual[0], out.heads[0].flatten(-2), out.logits[0]
 
 
@@ -52,11 +53,12 @@ def test_positions_up_to_p_are_bit_identical(tiny, tiny_eager, images, implement
     vl = tiny if implementation == "sdpa" else tiny_eager
     built = build_prompt(vl.processor, PROMPT, [images["square"]])
     seq = built.inputs["input_ids"].shape[1]
-    ctx = context(vl, built, seq)
+    passes = PromptPasses.of(vl, built, seq)
     ids = built.inputs["input_ids"]
-    clean, _ = ctx.run(ids, [BlockKeys(())], list(range(seq)))
+    clean = passes.model_pass(ids, [BlockKeys(())], list(range(seq))).readout
     positions = [0, 4, 12, seq - 3]
-    out, _ = ctx.run(ids.expand(len(positions), -1), [BlockKeys((p,)) for p in positions], list(range(seq)))
+    knockouts = [BlockKeys((p,)) for p in positions]
+    out = passes.model_pass(ids.expand(len(positions), -1), knockouts, list(range(seq))).readout
     for row, p in enumerate(positions):
         assert torch.equal(out.residual[row, :, : p + 1], clean.residual[0, :, : p + 1])
         assert torch.equal(out.logits[row, : p + 1], clean.logits[0, : p + 1])
@@ -204,30 +206,25 @@ def test_blocking_the_measured_position_itself_changes_nothing_at_that_step(tiny
 
 
 def test_first_changed_position():
-    from vlmask.engine.passes import first_changed
-
-    assert first_changed(BlockKeys((4,)), seq_len=10, num_layers=2) == 5
-    assert first_changed(BlockKeys((4, 2)), seq_len=10, num_layers=2) == 3
-    assert first_changed(BlockKeys((9,)), seq_len=10, num_layers=2) == 10
-    assert first_changed(BlockKeys((4,), layers=(5,)), seq_len=10, num_layers=2) == 10
+    knockouts = [BlockKeys((4,)), BlockKeys((4, 2)), BlockKeys((9,)), BlockKeys((4,), layers=(5,))]
+    assert PassPlan.first_changed(knockouts, seq_len=10, num_layers=2) == [5, 3, 10, 10]
 
 
 @pytest.mark.parametrize("which", ["text", "vision"])
 def test_a_knockouts_own_cache_continues_exactly_like_a_full_rerun(tiny, images, which):
     """Masked generation's path: recompute a knockout's positions once, then one new position per step."""
     from tests.reference import extended
-    from vlmask.engine.trace import run_decoder
 
     built = build_prompt(tiny.processor, PROMPT, [images["square"]])
     n, p = len(built.tokens), _which(built, which)
-    ctx = context(tiny, built, n + 2)
-    _, _, dec = ctx.clean_pass(built.inputs["input_ids"], 1)
+    passes = PromptPasses.of(tiny, built, n + 2)
+    dec = passes.clean_pass(built.inputs["input_ids"], 1).inputs
     tokens = [built.tokens.ids[-3], built.tokens.ids[-4]]
     want = reference_run(tiny, extended(built.inputs, tokens), {p})
     own = dec.append_text(tiny, tokens[0])
-    first, own = run_decoder(tiny, own, ctx.plan([BlockKeys((p,))], n + 1, starts=[p + 1]), [n], extend=True)
-    own = own.append_text(tiny, tokens[1])
-    second, _ = run_decoder(tiny, own, ctx.plan([BlockKeys((p,))], n + 2, starts=[n + 1]), [n + 1], extend=True)
+    done = passes.decoder_pass(own, [BlockKeys((p,))], [n], starts=[p + 1], extend=True)
+    first, own = done.readout, done.inputs.append_text(tiny, tokens[1])
+    second = passes.decoder_pass(own, [BlockKeys((p,))], [n + 1], starts=[n + 1], extend=True).readout
     torch.testing.assert_close(first.logits[0, 0], want[2][n], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(second.logits[0, 0], want[2][n + 1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(second.residual[0, :, 0], want[0][:, n + 1], atol=1e-5, rtol=1e-5)
@@ -237,20 +234,20 @@ def test_knockouts_that_leave_together_advance_together_on_their_own_caches(tiny
     """Three knockouts leave the clean continuation at step 0 with different tokens; each must then
     continue exactly as a full greedy rerun under that knockout, from that token."""
     from tests.reference import extended
-    from vlmask.engine.passes import _masked_generation
 
     steps = 4
     built = build_prompt(tiny.processor, PROMPT, [images["square"]])
     n = len(built.tokens)
-    ctx = context(tiny, built, n + steps - 1)
-    clean_ids, _, dec = ctx.clean_pass(built.inputs["input_ids"], steps)
+    passes = PromptPasses.of(tiny, built, n + steps - 1)
+    clean = passes.clean_pass(built.inputs["input_ids"], steps)
+    clean_ids, dec = clean.tokens, clean.inputs
     positions = [_which(built, "text"), _which(built, "vision"), _which(built, "first")]
     words = [t for t, kind in zip(built.tokens.ids, built.tokens.kind, strict=True) if kind == "text"]
     firsts = [t for t in dict.fromkeys(words) if t != int(clean_ids[0])][:3]
     forced = clean_ids.repeat(3, 1)
     forced[:, 0] = torch.tensor(firsts)
     knockouts = [BlockKeys((p,)) for p in positions]
-    out = _masked_generation(ctx, dec, clean_ids, forced, knockouts, [p + 1 for p in positions])
+    out = passes.masked_generation(dec, clean_ids, forced, knockouts, [p + 1 for p in positions])
     for row, p in enumerate(positions):
         want = [firsts[row]]
         for _ in range(steps - 1):

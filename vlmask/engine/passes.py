@@ -1,4 +1,19 @@
-"""The passes of a sweep over one prompt: the clean pass, packed knockout passes, masked generation.
+"""The passes over one prompt: head means, the clean pass, packed knockout passes, masked generation.
+
+:class:`PromptPasses` is their one home; it runs them through a
+:class:`~vlmask.engine.backend.Backend` only. What makes a sweep fast, without changing any
+number:
+
+- the vision encoder runs once per sweep and its output is reused by every pass;
+- teacher forcing makes the ``step`` dimension cheap: the clean continuation is generated
+  first, then step ``s`` is read at position ``L-1+s`` of prompt + continuation (causality
+  makes it equal to the last position of the sequence at step ``s``);
+- a knockout of key ``p`` changes nothing before position ``p + 1`` (each intervention says
+  where it starts changing things: ``first_changed``): knockouts run on the decoder only,
+  each from the first position it changes, on the clean pass's keys and values before it;
+- knockouts run in packed passes: the positions each knockout recomputes are laid end to
+  end in one sequence, whose attention mask keeps the knockouts apart, so a pass computes
+  no position that a knockout does not need; only the metrics are kept.
 
 A ``base`` intervention changes the clean run itself: the clean pass runs with it (so the
 reused prefix is the base's), and every knockout runs as ``base & knockout``.
@@ -7,202 +22,230 @@ reused prefix is the base's), and every knockout runs as ``base & knockout``.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from interventions.compose import Compose
-from vlmask.engine import trace as _trace
+from interventions.compose import Compose, compose
+from vlmask.engine.backend import Backend, DecoderPass, ModelPass
 from vlmask.engine.masks import base_allowed
+from vlmask.engine.packing import packed_cap, pass_bytes, plan_batches
+from vlmask.engine.state import DecoderInputs, ModelInputs, PassPlan, Readout
 from vlmask.inputs.prompt import Prompt
 from vlmask.model.load import VLModel
-
-log = logging.getLogger(__name__)
+from vlmask.results.metrics import logit_metrics, vector_distances
 
 NOTHING = Compose()
 
 
-def first_changed(intervention: Any, seq_len: int, num_layers: int) -> int:
-    """The first position whose computation ``intervention`` changes (``seq_len`` if none)."""
-    return intervention.first_changed(seq_len, num_layers)
+@dataclass(frozen=True)
+class CleanRun:
+    """The clean pass: its greedy ``tokens (step,)``, its ``readout`` at positions ``L-1 .. L+n-2`` and
+    the decoder ``inputs`` of the prompt plus the first ``n - 1`` tokens (the teacher-forced sequence)."""
+
+    tokens: torch.Tensor
+    readout: Readout
+    inputs: DecoderInputs
 
 
 @dataclass(frozen=True)
-class Context:
-    """What every pass over one prompt shares."""
+class Measurement:
+    """What a sweep measured: the clean run, and per knockout the metrics against it and its greedy continuation.
+
+    Shapes: ``residual (knockout, layer, step, metric)``, ``heads (knockout, layer, step, head, metric)``,
+    ``logits (knockout, step, logit metric)``, ``masked_ids (knockout, step)``.
+    """
+
+    clean: CleanRun
+    residual: torch.Tensor
+    heads: torch.Tensor
+    logits: torch.Tensor
+    masked_ids: torch.Tensor
+
+
+@dataclass(frozen=True)
+class PromptPasses:
+    """The passes over one prompt, and what they share: the model, the per-prompt inputs, the vision
+    encoder's outputs, the edges ``base (seq, seq)`` the unmodified model allows, the backend, and
+    (for mean ablation) the unmodified model's mean head outputs ``(layer, head, head_dim)``."""
 
     vl: VLModel
     extra: dict[str, torch.Tensor]
     encoder: dict[str, Any]
-    base: torch.Tensor  # (seq, seq) edges the unmodified model allows
-    head_means: torch.Tensor | None = None  # (layer, head, head_dim), the unmodified model's, for mean ablation
+    base: torch.Tensor
+    backend: Backend
+    head_means: torch.Tensor | None = None
 
-    def allowed(self, interventions: Sequence[Any], seq_len: int, start: int = 0) -> list[torch.Tensor]:
-        """Per layer, the ``(batch, seq_len - start, seq_len)`` edges left once each intervention cut its own.
+    @staticmethod
+    def of(
+        vl: VLModel, built: Prompt, max_len: int, vision_attention: str = "native", backend: str | Backend = "nnsight"
+    ) -> PromptPasses:
+        """The passes over ``built``, for sequences up to ``max_len`` tokens, run by ``backend`` (a name or one)."""
+        inputs = built.inputs
+        base = base_allowed(max_len, built.tokens.vision_ranges, vision_attention)
+        extra, encoder = vl.family.prompt_inputs(inputs), vl.family.encode_vision(vl.hf, inputs)
+        return PromptPasses(vl, extra, encoder, base, Backend.named(backend))
 
-        Layers where every intervention has the same ``attention_key`` share one tensor, so
-        memory does not grow with depth.
-        """
-        base = self.base[start:seq_len, :seq_len]
-        shared: dict[tuple[Any, ...], torch.Tensor] = {}
-        per_layer = []
-        for layer in range(self.vl.num_layers):
-            keys = tuple(iv.attention_key(layer) for iv in interventions)
-            if keys not in shared:
-                rows = [
-                    base if key is None else base & ~iv.blocked_edges(seq_len, layer)[start:]
-                    for iv, key in zip(interventions, keys, strict=True)
-                ]
-                shared[keys] = torch.stack(rows)
-            per_layer.append(shared[keys])
-        return per_layer
-
-    def plan(
-        self, interventions: Sequence[Any], seq_len: int, start: int = 0, starts: Sequence[int] = ()
-    ) -> _trace.Plan:
+    def plan(self, interventions: Sequence[Any], seq_len: int, read: Sequence[int], **kw: Any) -> PassPlan:
         """What a pass over positions ``start..seq_len-1`` does, row ``i`` under ``interventions[i]``.
 
-        ``starts`` makes it a packed decoder pass: row ``i`` computes positions ``starts[i]..``.
+        ``kw``: ``start``, ``starts`` (a packed decoder pass: row ``i`` computes positions
+        ``starts[i]..``) and ``internals`` (see :meth:`PassPlan.build`).
         """
-        rows = tuple(interventions)
-        start = min(starts) if starts else start
-        return _trace.Plan(self.allowed(rows, seq_len, start), rows, start, self.head_means, tuple(starts))
+        return PassPlan.build(
+            self.base, interventions, self.vl.num_layers, seq_len, read, head_means=self.head_means, **kw
+        )
 
-    def _extra(self, seq_len: int) -> dict[str, torch.Tensor]:
-        """Per-prompt inputs for the prompt followed by generated text tokens, ``seq_len`` in all."""
-        extra = dict(self.extra)
-        if "mm_token_type_ids" in extra:
-            types = extra["mm_token_type_ids"]
-            extra["mm_token_type_ids"] = torch.cat([types, types.new_zeros(1, seq_len - types.shape[1])], dim=1)
-        return extra
-
-    def run(
+    def model_pass(
         self,
         ids: torch.Tensor,
         interventions: Sequence[Any],
-        read: list[int],
+        read: Sequence[int],
         *,
         internals: bool = True,
         capture: bool = False,
-    ) -> tuple[_trace.Readout, _trace.DecoderInputs | None]:
+        mean_heads: bool = False,
+    ) -> ModelPass:
         """The whole model on ``ids (batch, seq)``, row ``i`` under ``interventions[i]``, reading ``read``."""
         seq_len = ids.shape[1]
-        todo = self.plan(interventions, seq_len)
-        return _trace.run_model(self.vl, ids, self._extra(seq_len), self.encoder, todo, read, internals, capture)
+        inputs = ModelInputs(ids, self.vl.family.extend_inputs(self.extra, seq_len), self.encoder)
+        todo = self.plan(interventions, seq_len, read, internals=internals)
+        return self.backend.run_model(self.vl, inputs, todo, capture=capture, mean_heads=mean_heads)
 
-    def run_fast(
-        self, dec: _trace.DecoderInputs, interventions: Sequence[Any], read: list[int], starts: Sequence[int]
-    ) -> _trace.Readout:
-        """Like :meth:`run` on the captured sequence, row ``i`` recomputing only positions ``starts[i]..``.
+    def decoder_pass(
+        self,
+        dec: DecoderInputs,
+        interventions: Sequence[Any],
+        read: Sequence[int],
+        *,
+        starts: Sequence[int] = (),
+        extend: bool = False,
+    ) -> DecoderPass:
+        """The decoder on captured ``dec``, row ``i`` under ``interventions[i]``, reading ``read``.
 
-        Positions before ``starts[i]`` must compute under ``interventions[i]`` exactly as in the pass that made
-        ``dec``, and every start must be at most the first read position.
+        With ``starts``, one packed pass over one sequence: row ``i`` recomputes only
+        positions ``starts[i]..``, on ``dec``'s keys and values before them (which must
+        compute under ``interventions[i]`` exactly as in the pass that made ``dec``); every
+        start must be at most the first read position. Without, ``dec`` holds one sequence
+        per row and each row computes the positions past its cache.
         """
-        seq_len = dec.embeds.shape[1]
-        return _trace.run_decoder(self.vl, dec, self.plan(interventions, seq_len, starts=starts), read)[0]
+        start = dec.keys[0].shape[2]
+        todo = self.plan(interventions, dec.seq_len, read, start=start, starts=starts)
+        return self.backend.run_decoder(self.vl, dec, todo, extend=extend)
 
-    def with_head_means(self, prompt_ids: torch.Tensor) -> Context:
-        """This context, plus the unmodified model's head outputs averaged over the prompt's positions."""
+    def with_head_means(self, prompt_ids: torch.Tensor) -> PromptPasses:
+        """These passes, plus the unmodified model's head outputs averaged over the prompt's positions."""
         self.vl.family.reset(self.vl.hf)
-        means: list[torch.Tensor] = []
-        todo = self.plan([NOTHING], prompt_ids.shape[1])
-        extra = self._extra(prompt_ids.shape[1])
         last = [prompt_ids.shape[1] - 1]
-        _trace.run_model(self.vl, prompt_ids, extra, self.encoder, todo, last, internals=False, means=means)
-        stacked = torch.stack([m[0] for m in means]).unflatten(-1, (self.vl.num_heads, -1))
-        return dataclasses.replace(self, head_means=stacked)
+        done = self.model_pass(prompt_ids, [NOTHING], last, internals=False, mean_heads=True)
+        return dataclasses.replace(self, head_means=done.head_means)
 
-    def clean_pass(
-        self, prompt_ids: torch.Tensor, n: int, base: Any = NOTHING
-    ) -> tuple[torch.Tensor, _trace.Readout, _trace.DecoderInputs]:
+    def clean_pass(self, prompt_ids: torch.Tensor, n: int, base: Any = NOTHING) -> CleanRun:
         """Greedy continuation of exactly ``n`` tokens under ``base``, read at each step's last position.
 
         The prompt runs through the whole model once (capturing the decoder's inputs and
-        cache); each further step feeds one generated token to the decoder. Returns the
-        tokens, the readout at positions ``L-1 .. L+n-2``, and the decoder inputs of the
-        prompt plus the first ``n - 1`` tokens (the teacher-forced sequence).
+        cache); each further step feeds one generated token to the decoder.
         """
         self.vl.family.reset(self.vl.hf)
-        last = prompt_ids.shape[1] - 1
-        out, dec = self.run(prompt_ids, [base], [last], capture=True)
-        readouts = [out]
-        tokens = [int(out.logits[0, -1].argmax())]
+        first = self.model_pass(prompt_ids, [base], [prompt_ids.shape[1] - 1], capture=True)
+        out, dec = first.readout, first.inputs
+        readouts, tokens = [out], [int(out.logits[0, -1].argmax())]
         for _ in range(n - 1):
             dec = dec.append_text(self.vl, tokens[-1])
-            pos = dec.embeds.shape[1] - 1
-            out, dec = _trace.run_decoder(self.vl, dec, self.plan([base], pos + 1, starts=[pos]), [pos], extend=True)
+            pos = dec.seq_len - 1
+            step = self.decoder_pass(dec, [base], [pos], starts=[pos], extend=True)
+            out, dec = step.readout, step.inputs
             readouts.append(out)
             tokens.append(int(out.logits[0, -1].argmax()))
-        clean = _trace.Readout(
-            *(
-                torch.cat([getattr(r, f) for r in readouts], dim=1 if f == "logits" else 2)
-                for f in ("residual", "heads", "logits")
-            )
-        )
-        return torch.tensor(tokens, dtype=prompt_ids.dtype), clean, dec
+        return CleanRun(torch.tensor(tokens, dtype=prompt_ids.dtype), Readout.concat(readouts), dec)
 
+    def masked_generation(
+        self,
+        dec: DecoderInputs,
+        clean: torch.Tensor,
+        forced_top: torch.Tensor,
+        interventions: Sequence[Any],
+        starts: Sequence[int],
+    ) -> torch.Tensor:
+        """Greedy continuations under each knockout, ``(batch, steps)``.
 
-def context(vl: VLModel, built: Prompt, max_len: int, vision_attention: str = "native") -> Context:
-    """Everything the passes over ``built`` share, for sequences up to ``max_len`` tokens."""
-    inputs = built.inputs
-    extra = {k: inputs[k] for k in vl.family.extra_keys if k in inputs}
-    base = base_allowed(max_len, built.tokens.vision_ranges, vision_attention)
-    return Context(vl, extra, vl.family.encode_vision(vl.hf, inputs), base)
-
-
-def _masked_generation(
-    ctx: Context,
-    dec: _trace.DecoderInputs,
-    clean: torch.Tensor,
-    forced_top: torch.Tensor,
-    interventions: Sequence[Any],
-    starts: Sequence[int],
-) -> torch.Tensor:
-    """Greedy continuations under each knockout, ``(batch, steps)``.
-
-    Teacher-forced argmaxes are the free-running continuation up to the first step where a
-    knockout's top token leaves the clean one; only from there on is it generated afresh,
-    on the decoder alone: one pass per knockout recomputes its own positions
-    (``starts[i]..``, on the clean keys and values before them) with its new token, then the
-    knockouts that left at the same step advance together, one position per step, each on
-    its own cache. ``dec`` is the clean teacher-forced sequence (prompt plus ``steps - 1``
-    clean tokens).
-    """
-    vl, steps = ctx.vl, clean.shape[0]
-    prompt_len = dec.embeds.shape[1] - (steps - 1)
-    out = forced_top.clone()
-    left_at: dict[int, list[int]] = {}
-    for row in range(len(interventions)):
-        differs = (forced_top[row] != clean).nonzero()
-        if len(differs) and int(differs[0]) < steps - 1:
-            left_at.setdefault(int(differs[0]), []).append(row)
-    for first, rows in left_at.items():
-        owns = []
-        for row in rows:
-            own = dec.prefix(vl, prompt_len + first).append_text(vl, int(forced_top[row, first]))
-            seq = own.embeds.shape[1]
-            todo = ctx.plan([interventions[row]], seq, starts=[starts[row]])  # starts are in the prompt
-            readout, own = _trace.run_decoder(vl, own, todo, [seq - 1], extend=True)
-            out[row, first + 1] = readout.logits[0, -1].argmax()
-            owns.append(own)
-        group, knockouts = _trace.DecoderInputs.stacked(owns), [interventions[r] for r in rows]
-        for step in range(first + 2, steps):
-            group = group.append_text(vl, out[rows, step - 1].tolist())
-            seq = group.embeds.shape[1]
-            readout, group = _trace.run_decoder(vl, group, ctx.plan(knockouts, seq, start=seq - 1), [seq - 1], True)
-            out[rows, step] = readout.logits[:, -1].argmax(-1)
-    return out
-
-
-def _pin_unchanged(out: _trace.Readout, clean: _trace.Readout, firsts: list[int], read: list[int]) -> _trace.Readout:
-    """Read positions before a knockout's first changed position are the clean values, exactly."""
-    keep = torch.tensor([[r < f for r in read] for f in firsts])  # (batch, pos)
-    if not keep.any():
+        Teacher-forced argmaxes ``forced_top (batch, steps)`` are the free-running continuation
+        up to the first step where a knockout's top token leaves the ``clean (steps,)`` one;
+        only from there on is it generated afresh, on the decoder alone: one pass per knockout
+        recomputes its own positions (``starts[i]..``, on the clean keys and values before
+        them) with its new token, then the knockouts that left at the same step advance
+        together, one position per step, each on its own cache. ``dec`` is the clean
+        teacher-forced sequence (prompt plus ``steps - 1`` clean tokens).
+        """
+        vl, steps = self.vl, clean.shape[0]
+        prompt_len = dec.seq_len - (steps - 1)
+        out = forced_top.clone()
+        left_at: dict[int, list[int]] = {}
+        for row in range(len(interventions)):
+            differs = (forced_top[row] != clean).nonzero()
+            if len(differs) and int(differs[0]) < steps - 1:
+                left_at.setdefault(int(differs[0]), []).append(row)
+        for first, rows in left_at.items():
+            owns = []
+            for row in rows:
+                own = dec.prefix(vl, prompt_len + first).append_text(vl, int(forced_top[row, first]))
+                done = self.decoder_pass(
+                    own, [interventions[row]], [own.seq_len - 1], starts=[starts[row]], extend=True
+                )
+                out[row, first + 1] = done.readout.logits[0, -1].argmax()
+                owns.append(done.inputs)
+            group, knockouts = DecoderInputs.stacked(owns), [interventions[r] for r in rows]
+            for step in range(first + 2, steps):
+                group = group.append_text(vl, out[rows, step - 1].tolist())
+                done = self.decoder_pass(group, knockouts, [group.seq_len - 1], extend=True)
+                out[rows, step], group = done.readout.logits[:, -1].argmax(-1), done.inputs
         return out
-    residual = torch.where(keep[:, None, :, None], clean.residual, out.residual)
-    heads = torch.where(keep[:, None, :, None, None], clean.heads, out.heads)
-    logits = torch.where(keep[:, :, None], clean.logits, out.logits)
-    return _trace.Readout(residual, heads, logits)
+
+    def measure(
+        self,
+        prompt_ids: torch.Tensor,
+        num_tokens: int,
+        base: Any,
+        knockouts: Sequence[Any],
+        *,
+        batch_size: int | None = None,
+        budget: int = 2**31,
+        progress: bool = False,
+    ) -> Measurement:
+        """The clean pass under ``base``, then every knockout (as ``base & knockout``) in packed passes.
+
+        Knockouts share packed passes of at most ``batch_size`` knockouts (None: no limit)
+        whose estimated memory fits ``budget`` bytes; read positions before a knockout's
+        first changed position are the clean values, exactly.
+        """
+        vl, prompt_len = self.vl, prompt_ids.shape[1]
+        passes = self.with_head_means(prompt_ids) if PassPlan.needs_head_means([base, *knockouts]) else self
+        clean = passes.clean_pass(prompt_ids, num_tokens, base)
+        full_len, read = prompt_len + num_tokens - 1, list(range(prompt_len - 1, prompt_len + num_tokens - 1))
+        firsts = PassPlan.first_changed(knockouts, full_len, vl.num_layers)
+        rows = [compose(base, iv) for iv in knockouts]
+        starts = [min(f, read[0]) for f in firsts]  # a pass computes at least the positions it reads
+        cap = packed_cap(full_len)
+
+        def fits(positions: int, count: int) -> bool:
+            memory = pass_bytes(vl.text_config, full_len, positions, count, len(read), vl.dtype.itemsize)
+            return positions <= cap and memory <= budget
+
+        residual, heads, logits, generated = [], [], [], []
+        bar = tqdm(total=len(rows), desc="knockouts", unit="knockout", disable=not progress)
+        for batch in plan_batches(starts, full_len, batch_size, fits):
+            chunk = rows[batch]
+            out = passes.decoder_pass(clean.inputs, chunk, read, starts=starts[batch]).readout
+            unchanged = torch.tensor([[r < f for r in read] for f in firsts[batch]])  # (batch, pos)
+            out = out.select(unchanged, clean.readout)
+            residual.append(vector_distances(clean.readout.residual, out.residual))
+            heads.append(vector_distances(clean.readout.heads, out.heads))
+            logits.append(logit_metrics(clean.readout.logits, out.logits))
+            top = out.logits.argmax(-1)
+            generated.append(passes.masked_generation(clean.inputs, clean.tokens, top, chunk, starts[batch]))
+            bar.update(len(chunk))
+        bar.close()
+        return Measurement(clean, torch.cat(residual), torch.cat(heads), torch.cat(logits), torch.cat(generated))

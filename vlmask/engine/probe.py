@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from interventions._common import check_layers, check_positions, ints
-from vlmask.engine.passes import NOTHING, context
+from vlmask.engine.passes import NOTHING, PromptPasses
 from vlmask.errors import VlmaskError
 from vlmask.inputs.prompt import build_prompt
 from vlmask.inputs.selection import parse_mask
@@ -81,5 +81,5 @@ def capture_residual(
     check_layers((layer,), vl.num_layers)
     ids = built.inputs["input_ids"]
     vl.family.reset(vl.hf)
-    out, _ = context(vl, built, ids.shape[1], vision_attention).run(ids, [NOTHING], wanted)
-    return out.residual[0, layer]
+    done = PromptPasses.of(vl, built, ids.shape[1], vision_attention).model_pass(ids, [NOTHING], wanted)
+    return done.readout.residual[0, layer]

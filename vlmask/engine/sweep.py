@@ -1,20 +1,8 @@
-"""The knockout sweep: one clean pass, then every knockout in batches, metrics streamed out.
+"""The knockout sweep: one clean pass, then every knockout in packed batches, metrics streamed out.
 
-What makes it fast, without changing any number:
-
-- the vision encoder runs once per sweep and its output is reused by every pass;
-- teacher forcing makes the ``step`` dimension cheap: the clean continuation is generated
-  first, then prompt + continuation is run once, and step ``s`` is read at position
-  ``L-1+s`` (causality makes it equal to the last position of the sequence at step ``s``);
-- a knockout of key ``p`` changes nothing before position ``p + 1`` (each intervention says
-  where it starts changing things: ``first_changed``): knockouts run on the decoder only,
-  each from the first position it changes, on the clean pass's keys and values before it;
-- knockouts run in packed passes: the positions each knockout recomputes are laid end to
-  end in one sequence, whose attention mask keeps the knockouts apart, so a pass computes
-  no position that a knockout does not need; only the metrics are kept.
-
-A ``base`` intervention changes the clean run itself: the clean pass runs with it (so the
-reused prefix is the base's), and every knockout runs as ``base & knockout``.
+The passes themselves, and what makes them fast without changing any number, are
+:class:`vlmask.engine.passes.PromptPasses`; this module turns the options into knockouts and
+the measurements into a labeled Dataset.
 """
 
 from __future__ import annotations
@@ -26,19 +14,17 @@ from typing import Any
 
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
 
 from interventions.compose import compose
 from vlmask.engine.knockouts import Windows, plan
-from vlmask.engine.packing import packed_cap, parse_size, pass_bytes, plan_batches
-from vlmask.engine.passes import NOTHING, _masked_generation, _pin_unchanged, context, first_changed
+from vlmask.engine.packing import parse_size
+from vlmask.engine.passes import NOTHING, PromptPasses
 from vlmask.errors import VlmaskError
 from vlmask.inputs.prompt import Prompt, build_prompt
 from vlmask.inputs.selection import parse_mask
 from vlmask.inputs.units import group_units
 from vlmask.model.load import VLModel
 from vlmask.results.dataset import SweepRecord, to_dataset
-from vlmask.results.metrics import logit_metrics, vector_distances
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +64,7 @@ def sweep(
     batch_size: int | None = None,
     max_memory: int | str = "2GiB",
     progress: bool = True,
+    backend: str = "nnsight",
 ) -> xr.Dataset:
     """Knock out each chosen token (or each intervention of ``over``) in turn and measure what changes.
 
@@ -96,7 +83,8 @@ def sweep(
     decoder-layer outputs, per-head attention outputs and the next-token distribution,
     against the clean run. Knockouts share packed forward passes of at most ``batch_size``
     knockouts (None: no limit) whose estimated memory fits ``max_memory`` (bytes, or text
-    such as ``"2GiB"``).
+    such as ``"2GiB"``). ``backend`` runs the passes (``"nnsight"``, or ``"hooks"``: plain
+    PyTorch hooks, the same numbers).
 
     ``mask_unit`` groups the masked vision tokens into units blocked together (one entry
     of ``token`` each): ``token``, ``row``, ``column``, ``region:K`` (KxK merged tokens) or
@@ -122,36 +110,10 @@ def sweep(
         iv.check(len(built.tokens), vl.num_layers, vl.num_heads, vl.text_config.hidden_size)
 
     prompt_ids = built.inputs["input_ids"]
-    prompt_len = prompt_ids.shape[1]
-    full_len = prompt_len + num_tokens - 1
-    ctx = context(vl, built, full_len, vision_attention)
-    if any(iv.needs_head_means for iv in [base, *knockouts.values]):
-        ctx = ctx.with_head_means(prompt_ids)
-    clean_ids, clean, decoder_inputs = ctx.clean_pass(prompt_ids, num_tokens, base)
-    read = list(range(prompt_len - 1, full_len))
-    firsts = [first_changed(iv, full_len, vl.num_layers) for iv in knockouts.values]
-    rows = [compose(base, iv) for iv in knockouts.values]
-    starts = [min(f, read[0]) for f in firsts]  # a pass computes at least the positions it reads
-
-    cap = packed_cap(full_len)
-
-    def fits(positions: int, count: int) -> bool:
-        memory = pass_bytes(vl.text_config, full_len, positions, count, len(read), vl.dtype.itemsize)
-        return positions <= cap and memory <= budget
-
-    residual, heads, logits, generated = [], [], [], []
-    bar = tqdm(total=len(rows), desc="knockouts", unit="knockout", disable=not progress)
-    for batch in plan_batches(starts, full_len, batch_size, fits):
-        chunk = rows[batch]
-        out = ctx.run_fast(decoder_inputs, chunk, read, starts[batch])
-        out = _pin_unchanged(out, clean, firsts[batch], read)
-        residual.append(vector_distances(clean.residual, out.residual))
-        heads.append(vector_distances(clean.heads, out.heads))
-        logits.append(logit_metrics(clean.logits, out.logits))
-        top = out.logits.argmax(-1)
-        generated.append(_masked_generation(ctx, decoder_inputs, clean_ids, top, chunk, starts[batch]))
-        bar.update(len(chunk))
-    bar.close()
+    passes = PromptPasses.of(vl, built, prompt_ids.shape[1] + num_tokens - 1, vision_attention, backend)
+    measured = passes.measure(
+        prompt_ids, num_tokens, base, knockouts.values, batch_size=batch_size, budget=budget, progress=progress
+    )
 
     mask_text = ""
     if knockouts.dim == "token":
@@ -165,12 +127,12 @@ def sweep(
         mask=mask_text,
         mask_unit=mask_unit if knockouts.dim == "token" else "",
         vision_attention=vision_attention,
-        clean_ids=clean_ids.tolist(),
-        clean_top_logprob=torch.log_softmax(clean.logits[0], -1).max(-1).values,
-        residual=torch.cat(residual),
-        heads=torch.cat(heads),
-        logits=torch.cat(logits),
-        masked_ids=torch.cat(generated),
+        clean_ids=measured.clean.tokens.tolist(),
+        clean_top_logprob=torch.log_softmax(measured.clean.readout.logits[0], -1).max(-1).values,
+        residual=measured.residual,
+        heads=measured.heads,
+        logits=measured.logits,
+        masked_ids=measured.masked_ids,
         video_fps=video_fps,
     )
     return to_dataset(record)

@@ -1,4 +1,4 @@
-"""Load a checkpoint of a supported family (hub id or directory) and wrap it for nnsight tracing."""
+"""Load a checkpoint of a supported family (hub id or directory)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,12 @@ from typing import Any
 
 import huggingface_hub
 import torch
-from nnsight import NNsight
 from transformers import AutoConfig, AutoProcessor
 
 from vlmask.builtin import DEFAULT_MODEL_PATH
 from vlmask.errors import VlmaskError
 from vlmask.model.attention import check_attention_implementation
 from vlmask.model.families import Family, family_of
-from vlmask.model.families.qwen3_vl import Qwen3VL
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +24,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class VLModel:
-    """A loaded model: the transformers module, its processor, and the nnsight wrapper that traces it."""
+    """A loaded model: the transformers module, its processor, and its family's adapter.
+
+    ``backend_state`` is opaque: what an engine backend keeps per model (the nnsight
+    backend's wrapper), filled on first use.
+    """
 
     hf: Any
     processor: Any
-    traced: NNsight
     name: str
     builtin: bool
-    family: Family = field(default_factory=Qwen3VL)
+    family: Family
+    backend_state: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def decoder(self) -> Any:
@@ -107,7 +109,7 @@ def load_model(
     dtype: str | None = None,
     attn_implementation: str = "sdpa",
 ) -> VLModel:
-    """Load a checkpoint with ``from_pretrained`` and wrap it with nnsight.
+    """Load a checkpoint with ``from_pretrained``.
 
     ``model`` is a hub id (``Qwen/Qwen3-VL-2B-Instruct``, ``Qwen/Qwen2.5-VL-3B-Instruct``,
     ``Qwen/Qwen3-0.6B``, ...: see :data:`vlmask.model.families.FAMILIES`) or a local directory;
@@ -139,4 +141,4 @@ def load_model(
     check_attention_implementation(family.decoder(hf).config._attn_implementation)
     _check_full_attention(source, family.decoder(hf).config)
     log.info("loaded %s (%s, %s, %s, %s attention)", source, family.name, torch_dtype, device, attn_implementation)
-    return VLModel(hf=hf, processor=processor, traced=NNsight(hf), name=source, builtin=builtin, family=family)
+    return VLModel(hf=hf, processor=processor, name=source, builtin=builtin, family=family)

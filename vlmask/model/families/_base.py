@@ -36,6 +36,18 @@ class Family:
     def reset(self, hf: Any) -> None:
         """Forget state the model keeps between calls (before a fresh sequence)."""
 
+    def prompt_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The processor outputs the top-level forward takes besides ``input_ids`` (batch 1)."""
+        return {k: inputs[k] for k in self.extra_keys if k in inputs}
+
+    def extend_inputs(self, extra: dict[str, torch.Tensor], seq_len: int) -> dict[str, torch.Tensor]:
+        """``extra`` for the prompt followed by generated text tokens, ``seq_len`` positions in all."""
+        return dict(extra)
+
+    def repeat_inputs(self, extra: dict[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
+        """``extra`` for ``batch`` copies of the same prompt (one entry per image or video, repeated)."""
+        return {k: v.repeat(batch, *[1] * (v.ndim - 1)) for k, v in extra.items()}
+
     def encode_vision(self, hf: Any, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Run the vision encoder once: what ``mm_encoder_outputs`` takes (empty without vision)."""
         return {}
@@ -73,6 +85,19 @@ class VisionLanguage(Family):
 
     def reset(self, hf: Any) -> None:
         hf.model.rope_deltas = None  # M-RoPE offsets transformers keeps between calls
+
+    def extend_inputs(self, extra: dict[str, torch.Tensor], seq_len: int) -> dict[str, torch.Tensor]:
+        extra = dict(extra)
+        if "mm_token_type_ids" in extra:  # generated tokens are text (type 0)
+            types = extra["mm_token_type_ids"]
+            extra["mm_token_type_ids"] = torch.cat([types, types.new_zeros(1, seq_len - types.shape[1])], dim=1)
+        return extra
+
+    def repeat_inputs(self, extra: dict[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
+        repeated = super().repeat_inputs({k: v for k, v in extra.items() if k != "mm_token_type_ids"}, batch)
+        if "mm_token_type_ids" in extra:  # one row per sequence
+            repeated["mm_token_type_ids"] = extra["mm_token_type_ids"].expand(batch, -1)
+        return repeated
 
     def encode_vision(self, hf: Any, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
         device = next(hf.parameters()).device

@@ -1,0 +1,280 @@
+"""The state of a pass: what reached the decoder, what a pass does to the model, and what it read.
+
+- :class:`DecoderInputs`: what reached the language decoder for one sequence (its embeddings,
+  positions, key/value cache and family extras), captured once and cut, extended or stacked
+  for the passes that reuse it;
+- :class:`PassPlan`: what one pass does (the attention edges left per layer, each row's
+  intervention, the positions it computes) and reads; it is the only place the engine asks an
+  intervention for its edits;
+- :class:`Readout`: what a pass read, float32 on CPU, with its own concatenate, select and
+  unpack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from einops import rearrange
+
+from vlmask.model.load import VLModel
+
+
+@dataclass(frozen=True)
+class Readout:
+    """What a pass measured at the read positions (float32, on CPU).
+
+    Shapes: ``residual (batch, layer, pos, hidden)``, ``heads (batch, layer, pos, head, head_dim)``,
+    ``logits (batch, pos, vocab)``; ``residual`` and ``heads`` are empty ``(batch, 0)`` when the
+    pass read only logits.
+
+    Example:
+        >>> step = Readout(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 2, 2), torch.zeros(1, 1, 5))
+        >>> Readout.concat([step, step]).logits.shape
+        torch.Size([1, 2, 5])
+    """
+
+    residual: torch.Tensor
+    heads: torch.Tensor
+    logits: torch.Tensor
+
+    @staticmethod
+    def of_layers(
+        residual: list[torch.Tensor] | None, heads: list[torch.Tensor], logits: torch.Tensor, num_heads: int
+    ) -> Readout:
+        """A readout from per-layer reads: ``residual[layer] (batch, pos, hidden)`` (None: logits only) and
+        ``heads[layer] (batch, pos, head * head_dim)``."""
+        if residual is None:
+            empty = torch.empty(logits.shape[0], 0)
+            return Readout(empty, empty, logits)
+        return Readout(
+            residual=torch.stack(residual, dim=1),
+            heads=rearrange(torch.stack(heads, dim=1), "b l p (h d) -> b l p h d", h=num_heads),
+            logits=logits,
+        )
+
+    @staticmethod
+    def concat(readouts: Sequence[Readout]) -> Readout:
+        """Readouts of the same rows at successive read positions (steps), as one, in order."""
+        return Readout(
+            torch.cat([r.residual for r in readouts], dim=2),
+            torch.cat([r.heads for r in readouts], dim=2),
+            torch.cat([r.logits for r in readouts], dim=1),
+        )
+
+    def select(self, keep: torch.Tensor, other: Readout) -> Readout:
+        """``other``'s values where ``keep (batch, pos)`` is True, these elsewhere (``torch.where`` per read)."""
+        if not keep.any():
+            return self
+        return Readout(
+            torch.where(keep[:, None, :, None], other.residual, self.residual),
+            torch.where(keep[:, None, :, None, None], other.heads, self.heads),
+            torch.where(keep[:, :, None], other.logits, self.logits),
+        )
+
+    def unpacked(self, rows: int) -> Readout:
+        """A packed pass's readout (batch 1, the rows' reads end to end) as one batch row per row."""
+        if self.residual.numel():
+            residual = rearrange(self.residual, "1 l (k p) d -> k l p d", k=rows)
+            heads = rearrange(self.heads, "1 l (k p) h d -> k l p h d", k=rows)
+        else:
+            residual = heads = torch.empty(rows, 0)
+        return Readout(residual, heads, rearrange(self.logits, "1 (k p) v -> k p v", k=rows))
+
+
+@dataclass(frozen=True)
+class DecoderInputs:
+    """What reached the language decoder for one sequence (batch 1), as the model computed it.
+
+    ``position_ids`` are the model's own (M-RoPE rows for vision-language models; None when
+    the decoder numbers positions itself); ``keys``/``values`` hold each layer's cache
+    ``(1, kv_heads, seq, head_dim)``; ``extra`` what else the family's decoder was given
+    (Qwen3-VL: the vision positions and DeepStack features).
+    """
+
+    embeds: torch.Tensor
+    position_ids: torch.Tensor | None
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    extra: dict[str, Any]
+
+    @property
+    def seq_len(self) -> int:
+        """Positions in the sequence (the cache may hold fewer: the last ones still to compute)."""
+        return self.embeds.shape[1]
+
+    def prefix(self, vl: VLModel, n: int) -> DecoderInputs:
+        """These inputs cut to the first ``n`` positions."""
+        return DecoderInputs(
+            self.embeds[:, :n],
+            None if self.position_ids is None else self.position_ids[..., :n],
+            [k[:, :, :n] for k in self.keys],
+            [v[:, :, :n] for v in self.values],
+            vl.family.prefix(self.extra, n),
+        )
+
+    def append_text(self, vl: VLModel, token: int | Sequence[int]) -> DecoderInputs:
+        """These inputs followed by one generated text token per row (its keys and values still to compute).
+
+        Its embedding comes from the model's own table; its position is the last position
+        plus one on every rotary axis, as in transformers' cached decoding.
+        """
+        tokens = [token] if isinstance(token, int) else list(token)
+        ids = torch.tensor(tokens, device=self.embeds.device)[:, None]
+        embed = vl.decoder.embed_tokens(ids).to(self.embeds.dtype)
+        positions = None
+        if self.position_ids is not None:
+            positions = torch.cat([self.position_ids, self.position_ids[..., -1:] + 1], dim=-1)
+        embeds = torch.cat([self.embeds, embed], dim=1)
+        return DecoderInputs(embeds, positions, self.keys, self.values, vl.family.appended(self.extra))
+
+    @staticmethod
+    def stacked(rows: Sequence[DecoderInputs]) -> DecoderInputs:
+        """Sequences of equal length (one row each, same prompt) as one batch, one row each."""
+        positions = None if rows[0].position_ids is None else torch.cat([r.position_ids for r in rows], dim=-2)
+        return DecoderInputs(
+            torch.cat([r.embeds for r in rows]),
+            positions,
+            [torch.cat(layer) for layer in zip(*(r.keys for r in rows), strict=True)],
+            [torch.cat(layer) for layer in zip(*(r.values for r in rows), strict=True)],
+            rows[0].extra,
+        )
+
+    def extended(self, cache: Any, start: int) -> DecoderInputs:
+        """These inputs with the keys and values of a pass (one packed row, or a batch) that recomputed ``start..``.
+
+        ``cache`` is the pass's (a transformers ``Cache``: these keys, then the ones it
+        appended). The row's own cache: the clean keys before ``start``, then the recomputed ones.
+        """
+        cached = self.keys[0].shape[2]
+        if start == cached:  # the pass started right after the cache: the cache is the row's own already
+            keys, values = [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+        else:
+            keys = [torch.cat([layer.keys[:, :, :start], layer.keys[:, :, cached:]], dim=2) for layer in cache.layers]
+            values = [torch.cat([layer.values[:, :, :start], layer.values[:, :, cached:]], 2) for layer in cache.layers]
+        return DecoderInputs(self.embeds, self.position_ids, keys, values, self.extra)
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """What the whole model takes for copies of one prompt: ``input_ids (batch, seq)``, the per-prompt
+    ``extra`` inputs for batch 1 (already for ``seq`` positions) and the vision encoder's outputs, reused."""
+
+    input_ids: torch.Tensor
+    extra: dict[str, torch.Tensor]
+    encoder_outputs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """What one pass does to the model, and what it reads.
+
+    ``allowed[layer] (batch, query, key)`` are the attention edges left at each layer, for
+    queries ``start..``; ``rows[i]`` is row ``i``'s intervention, asked for its activation
+    edits; ``read`` the positions read (``internals``: layer and head outputs too, else logits
+    only); ``head_means (layer, head, head_dim)`` the unmodified model's mean head outputs,
+    where mean ablation needs them.
+
+    A pass over the whole model gives each row its own batch row. A decoder pass is
+    *packed* (``starts`` given): row ``i`` computes only positions ``starts[i]..`` and the
+    rows' positions are laid end to end in one sequence, so no position is computed that a
+    row does not need.
+
+    Every question the engine asks an intervention is a method here (:meth:`build`,
+    :meth:`first_changed`, :meth:`needs_head_means`, :meth:`editing`, :meth:`edit_heads`,
+    :meth:`edit_residual`).
+    """
+
+    allowed: list[torch.Tensor]
+    rows: tuple[Any, ...]
+    read: tuple[int, ...]
+    start: int = 0
+    head_means: torch.Tensor | None = None
+    starts: tuple[int, ...] = ()
+    internals: bool = True
+
+    @staticmethod
+    def build(
+        base: torch.Tensor,
+        interventions: Sequence[Any],
+        num_layers: int,
+        seq_len: int,
+        read: Sequence[int],
+        *,
+        start: int = 0,
+        starts: Sequence[int] = (),
+        head_means: torch.Tensor | None = None,
+        internals: bool = True,
+    ) -> PassPlan:
+        """The plan of a pass over positions ``start..seq_len-1`` (``starts``: packed, from ``min(starts)``).
+
+        ``base (max_len, max_len)`` holds the edges the unmodified model allows; each row's
+        intervention cuts its own. Layers where every intervention has the same
+        ``attention_key`` share one tensor, so memory does not grow with depth.
+        """
+        rows = tuple(interventions)
+        start = min(starts) if starts else start
+        edges = base[start:seq_len, :seq_len]
+        shared: dict[tuple[Any, ...], torch.Tensor] = {}
+        allowed = []
+        for layer in range(num_layers):
+            keys = tuple(iv.attention_key(layer) for iv in rows)
+            if keys not in shared:
+                cut = [
+                    edges if key is None else edges & ~iv.blocked_edges(seq_len, layer)[start:]
+                    for iv, key in zip(rows, keys, strict=True)
+                ]
+                shared[keys] = torch.stack(cut)
+            allowed.append(shared[keys])
+        return PassPlan(allowed, rows, tuple(read), start, head_means, tuple(starts), internals)
+
+    @staticmethod
+    def first_changed(interventions: Sequence[Any], seq_len: int, num_layers: int) -> list[int]:
+        """The first position whose computation each intervention changes (``seq_len`` if none)."""
+        return [iv.first_changed(seq_len, num_layers) for iv in interventions]
+
+    @staticmethod
+    def needs_head_means(interventions: Sequence[Any]) -> bool:
+        """Whether any intervention needs the unmodified model's mean head outputs."""
+        return any(iv.needs_head_means for iv in interventions)
+
+    @property
+    def seq_len(self) -> int:
+        return self.allowed[0].shape[-1]
+
+    @property
+    def pieces(self) -> list[tuple[int, slice, int]]:
+        """Per row: its batch row, its slice of that row's computed positions, and its first position."""
+        if not self.starts:
+            return [(i, slice(None), self.start) for i in range(len(self.rows))]
+        out, offset = [], 0
+        for first in self.starts:
+            out.append((0, slice(offset, offset + self.seq_len - first), first))
+            offset += self.seq_len - first
+        return out
+
+    def editing(self, layer: int, hook: str) -> list[tuple[int, Any]]:
+        """``(row, intervention)`` for the rows that edit ``hook`` at ``layer``."""
+        return [(row, iv) for row, iv in enumerate(self.rows) if hook in iv.hooks(layer)]
+
+    def edit_heads(self, layer: int, x: torch.Tensor, num_heads: int) -> torch.Tensor:
+        """The ``o_proj`` input ``x (batch, pos, head * head_dim)`` after each row's ``edit_heads``."""
+        means = None if self.head_means is None else self.head_means[layer]
+        out = x.clone()
+        pieces = self.pieces
+        for row, iv in self.editing(layer, "heads"):
+            b, span, first = pieces[row]
+            heads = x[b, span].unflatten(-1, (num_heads, -1))
+            out[b, span] = iv.edit_heads(layer, heads, first, means).flatten(-2)
+        return out
+
+    def edit_residual(self, layer: int, y: torch.Tensor) -> torch.Tensor:
+        """The layer output ``y (batch, pos, hidden)`` after each row's ``edit_residual``."""
+        out = y.clone()
+        pieces = self.pieces
+        for row, iv in self.editing(layer, "residual"):
+            b, span, first = pieces[row]
+            out[b, span] = iv.edit_residual(layer, y[b, span], first)
+        return out

@@ -1,0 +1,205 @@
+"""What a pass does, whichever backend attaches it: the calls' arguments, the masks, and each layer's steps.
+
+At each decoder layer, in the order the model runs them, a pass edits what reaches
+self-attention (its ``attention_mask`` argument), the ``o_proj`` input (each head's output)
+and the layer's output (the residual stream) — the hook points of the ``interventions``
+contract — and reads the read positions after the edits. :class:`LayerSteps` is that logic,
+once; a backend only attaches it (an nnsight trace, plain PyTorch hooks). Attention itself is
+the model's own code.
+
+A decoder pass (:func:`decoder_call`) recomputes only the positions a knockout changes (a
+knockout of key ``p`` changes nothing before ``p + 1``), on the captured keys and values of
+the positions before them; the rows' recomputed positions are packed into one sequence
+whose attention mask keeps them apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from vlmask.engine.state import DecoderInputs, ModelInputs, PassPlan, Readout
+from vlmask.model.attention import attention_mask
+from vlmask.model.load import VLModel
+
+
+def packed_allowed(allowed: torch.Tensor, start: int, starts: Sequence[int], cached: int) -> torch.Tensor:
+    """Edges ``(1, packed, cached + packed)`` of a packed pass, from each row's ``allowed (row, seq - start, seq)``.
+
+    Keys are the ``cached`` clean positions, then the packed positions. Row ``i``'s query
+    at position ``q`` sees clean keys before ``starts[i]`` and its own recomputed keys
+    ``starts[i]..q``, as ``allowed`` says; never another row's.
+
+    Example:
+        >>> allowed = torch.ones(2, 2, 3, dtype=torch.bool).tril(1)  # queries 1-2 of 3 positions, causal
+        >>> packed_allowed(allowed, 1, [1, 2], cached=3).int().tolist()
+        [[[1, 0, 0, 1, 0, 0], [1, 0, 0, 1, 1, 0], [1, 1, 0, 0, 0, 1]]]
+    """
+    seq = allowed.shape[-1]
+    total = sum(seq - first for first in starts)
+    out = torch.zeros(total, cached + total, dtype=torch.bool)
+    offset = 0
+    for row, first in enumerate(starts):
+        n = seq - first
+        edges = allowed[row, first - start :]
+        out[offset : offset + n, :first] = edges[:, :first]
+        out[offset : offset + n, cached + offset : cached + offset + n] = edges[:, first:]
+        offset += n
+    return out[None]
+
+
+def layer_masks(vl: VLModel, allowed: list[torch.Tensor], pack: Callable | None = None) -> list[torch.Tensor]:
+    """Attention masks in the implementation's format; layers sharing an ``allowed`` tensor share a mask.
+
+    ``pack``, if given, turns each ``allowed`` into its packed form first.
+    """
+    converted: dict[int, torch.Tensor] = {}
+    for a in allowed:
+        if id(a) not in converted:
+            edges = a if pack is None else pack(a)
+            converted[id(a)] = attention_mask(edges, vl.attn_implementation, vl.dtype).to(vl.device)
+    return [converted[id(a)] for a in allowed]
+
+
+class LayerSteps:
+    """What a pass does at each decoder layer, and what it keeps, whichever backend runs it.
+
+    A backend hands self-attention :attr:`masks` ``[layer]``; where :meth:`wants_heads` it
+    passes the ``o_proj`` input through :meth:`heads` (which edits and reads it), and where
+    :meth:`wants_output` the layer output through :meth:`output`; both return the edited
+    tensor, or None where nothing was edited. ``keep`` marks each kept tensor (nnsight's
+    ``save``; identity for plain hooks).
+    """
+
+    def __init__(
+        self,
+        vl: VLModel,
+        plan: PassPlan,
+        masks: list[torch.Tensor],
+        index: torch.Tensor,
+        mean_heads: bool = False,
+        keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    ) -> None:
+        self.num_heads, self.plan, self.masks, self.index, self.keep = vl.num_heads, plan, masks, index, keep
+        self.edits = [(bool(plan.editing(i, "heads")), bool(plan.editing(i, "residual"))) for i in range(len(masks))]
+        self.residual: list[torch.Tensor] | None = [] if plan.internals else None
+        self.head_reads: list[torch.Tensor] = []
+        self.means: list[torch.Tensor] | None = [] if mean_heads else None
+
+    def wants_heads(self, layer: int) -> bool:
+        return self.edits[layer][0] or self.residual is not None or self.means is not None
+
+    def heads(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Edit the ``o_proj`` input ``x (batch, pos, head * head_dim)`` of ``layer``, then read it."""
+        edited = self.plan.edit_heads(layer, x, self.num_heads) if self.edits[layer][0] else None
+        x = x if edited is None else edited
+        if self.residual is not None:
+            self.head_reads.append(self.keep(x[:, self.index].float().cpu()))
+        if self.means is not None:
+            self.means.append(self.keep(x.float().mean(1).cpu()))
+        return edited
+
+    def wants_output(self, layer: int) -> bool:
+        return self.edits[layer][1] or self.residual is not None
+
+    def output(self, layer: int, y: torch.Tensor) -> torch.Tensor | None:
+        """Edit the output ``y (batch, pos, hidden)`` of ``layer``, then read it."""
+        edited = self.plan.edit_residual(layer, y) if self.edits[layer][1] else None
+        if self.residual is not None:
+            self.residual.append(self.keep((y if edited is None else edited)[:, self.index].float().cpu()))
+        return edited
+
+    def readout(self, logits: torch.Tensor) -> Readout:
+        """What the pass read, its ``logits (batch, read, vocab)`` (float32, CPU) given."""
+        return Readout.of_layers(self.residual, self.head_reads, logits, self.num_heads)
+
+    def head_means(self) -> torch.Tensor | None:
+        """Each layer's head outputs averaged over every computed position, row 0: ``(layer, head, head_dim)``."""
+        if self.means is None:
+            return None
+        return torch.stack([m[0] for m in self.means]).unflatten(-1, (self.num_heads, -1))
+
+
+def model_kwargs(vl: VLModel, inputs: ModelInputs, index: torch.Tensor, capture: bool) -> dict[str, Any]:
+    """The top-level forward's arguments for ``inputs``, keeping the logits at ``index``."""
+    device, batch = vl.device, inputs.input_ids.shape[0]
+    kwargs: dict[str, Any] = {"input_ids": inputs.input_ids.to(device), "use_cache": capture, "logits_to_keep": index}
+    kwargs |= {k: v.to(device) for k, v in vl.family.repeat_inputs(inputs.extra, batch).items()}
+    if inputs.encoder_outputs:
+        kwargs["mm_encoder_outputs"] = vl.family.repeat_encoder_outputs(inputs.encoder_outputs, batch)
+    return kwargs
+
+
+def captured_inputs(vl: VLModel, decoder_kwargs: dict[str, Any], cache: Any) -> DecoderInputs:
+    """The decoder's inputs (its forward's keyword arguments) and the cache the pass filled."""
+    embeds = decoder_kwargs.get("inputs_embeds")
+    if embeds is None:  # a text-only model hands its decoder token ids
+        with torch.inference_mode():
+            embeds = vl.decoder.embed_tokens(decoder_kwargs["input_ids"])
+    return DecoderInputs(
+        embeds=embeds,
+        position_ids=decoder_kwargs.get("position_ids"),
+        keys=[layer.keys for layer in cache.layers],
+        values=[layer.values for layer in cache.layers],
+        extra=vl.family.captured(decoder_kwargs),
+    )
+
+
+@dataclass(frozen=True)
+class DecoderCall:
+    """A decoder pass (packed or batched, see :func:`decoder_call`): ``decode(embeds, positions)``
+    gives the logits at ``index`` (the read positions among the computed ones) and appends
+    the computed keys and values to ``cache`` (which starts with the captured ones);
+    ``masks`` go to self-attention."""
+
+    decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    index: torch.Tensor
+    cache: Any
+    masks: list[torch.Tensor]
+
+
+def _packed(x: torch.Tensor, starts: Sequence[int], dim: int) -> torch.Tensor:
+    """``x`` at positions ``first..`` for each of ``starts``, laid end to end along ``dim``."""
+    return torch.cat([x.narrow(dim, first, x.shape[dim] - first) for first in starts], dim=dim)
+
+
+def decoder_call(vl: VLModel, dec: DecoderInputs, plan: PassPlan) -> DecoderCall:
+    """Set up a decoder pass: cache, inputs, positions, family extras, masks.
+
+    Packed (``plan.starts``): ``dec`` is one sequence and each row recomputes its own
+    positions, laid end to end. Batched (no ``starts``): ``dec`` holds one sequence per
+    row, each cached up to ``plan.start``, and every row computes positions ``start..``.
+    """
+    packed, starts, seq = bool(plan.starts), plan.starts or (plan.start,), plan.seq_len
+    cached = dec.keys[0].shape[2]
+    if min(starts) > cached or (not packed and plan.start != cached):
+        raise ValueError(f"a pass from position {min(starts)} does not fit the {cached} cached positions")
+    cache = DynamicCache(config=vl.text_config)
+    for i, (k, v) in enumerate(zip(dec.keys, dec.values, strict=True)):
+        cache.update(k, v, i)
+    embeds = _packed(dec.embeds[:, :seq], starts, 1)
+    if dec.position_ids is None:  # the decoder numbers positions itself: every rotary axis is the position
+        positions = _packed(torch.arange(seq, device=embeds.device)[None], starts, 1).expand(embeds.shape[0], -1)
+    else:
+        positions = _packed(dec.position_ids[..., :seq], starts, -1)
+    extra = vl.family.packed(dec.extra, starts, seq)
+    if packed:  # each row's reads, at its own offset in the pack
+        offsets = [(piece.start + r - first) for _, piece, first in plan.pieces for r in plan.read]
+    else:
+        offsets = [r - plan.start for r in plan.read]
+    index = torch.tensor(offsets, device=vl.device)
+
+    def decode(embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = vl.decoder(
+            inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True, **extra
+        ).last_hidden_state
+        return vl.hf.lm_head(hidden[:, index])
+
+    pack = (lambda a: packed_allowed(a, plan.start, starts, cached)) if packed else None
+    return DecoderCall(decode, embeds, positions, index, cache, layer_masks(vl, plan.allowed, pack))
