@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from interventions.compose import Compose
+from interventions import At, Compose, Intervention, ModelShape
 from vlmask.engine import trace as _trace
 from vlmask.engine.masks import base_allowed
 from vlmask.inputs.prompt import Prompt
@@ -25,9 +25,9 @@ log = logging.getLogger(__name__)
 NOTHING = Compose()
 
 
-def first_changed(intervention: Any, seq_len: int, num_layers: int) -> int:
+def first_changed(intervention: Intervention, seq_len: int, num_layers: int) -> int:
     """The first position whose computation ``intervention`` changes (``seq_len`` if none)."""
-    return intervention.first_changed(seq_len, num_layers)
+    return intervention.first_changed(seq_len, ModelShape(num_layers))
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,11 @@ class Context:
         for layer in range(self.vl.num_layers):
             keys = tuple(iv.attention_key(layer) for iv in interventions)
             if keys not in shared:
-                rows = [
-                    base if key is None else base & ~iv.blocked_edges(seq_len, layer)[start:]
+                cuts = [
+                    None if key is None else iv.blocked_edges(At(layer, seq_len, start))
                     for iv, key in zip(interventions, keys, strict=True)
                 ]
+                rows = [base if cut is None else base & ~cut[start:] for cut in cuts]
                 shared[keys] = torch.stack(rows)
             per_layer.append(shared[keys])
         return per_layer

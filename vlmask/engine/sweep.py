@@ -28,7 +28,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from interventions.compose import compose
+from interventions import ModelShape, compose
 from vlmask.engine.knockouts import Windows, plan
 from vlmask.engine.packing import packed_cap, parse_size, pass_bytes, plan_batches
 from vlmask.engine.passes import NOTHING, _masked_generation, _pin_unchanged, context, first_changed
@@ -119,7 +119,7 @@ def sweep(
     knockouts = _knockouts(vl, built, mask, mask_unit, over, layers)
     base = NOTHING if base is None else compose(base)
     for iv in [base, *knockouts.values]:
-        iv.check(len(built.tokens), vl.num_layers, vl.num_heads, vl.text_config.hidden_size)
+        iv.check(len(built.tokens), ModelShape(vl.num_layers, vl.num_heads, vl.text_config.hidden_size))
 
     prompt_ids = built.inputs["input_ids"]
     prompt_len = prompt_ids.shape[1]

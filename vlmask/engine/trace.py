@@ -27,6 +27,7 @@ import torch
 from einops import rearrange
 from transformers import DynamicCache
 
+from interventions import At
 from vlmask.model.attention import attention_mask
 
 
@@ -145,7 +146,7 @@ class Plan:
         for row, iv in self.editing(layer, "heads"):
             b, span, first = pieces[row]
             heads = x[b, span].unflatten(-1, (num_heads, -1))
-            out[b, span] = iv.edit_heads(layer, heads, first, means).flatten(-2)
+            out[b, span] = iv.edit_heads(heads, At(layer, self.seq_len, first, means)).flatten(-2)
         return out
 
     def edit_residual(self, layer: int, y: torch.Tensor) -> torch.Tensor:
@@ -154,7 +155,7 @@ class Plan:
         pieces = self.pieces
         for row, iv in self.editing(layer, "residual"):
             b, span, first = pieces[row]
-            out[b, span] = iv.edit_residual(layer, y[b, span], first)
+            out[b, span] = iv.edit_residual(y[b, span], At(layer, self.seq_len, first))
         return out
 
 
