@@ -6,8 +6,9 @@
 - :class:`PatchResidual` — overwrite a layer's output at some positions;
 - :class:`Compose` (or ``a & b``) — several at once.
 
-Each one validates itself when made, serialises with ``to_dict()`` / :func:`from_dict`,
-and follows the call contract of :class:`Intervention`.
+Each one subclasses :class:`Intervention`, validates itself when made, serialises with
+``to_dict()`` / :func:`from_dict`, and implements only the hook points it uses; the engine
+passes it :class:`At` (where a hook runs) and :class:`ModelShape` (what it checks against).
 
 Example:
     >>> from interventions import AblateHeads, BlockKeys, from_dict
@@ -18,21 +19,21 @@ Example:
     True
 """
 
-from interventions._common import HOOKS, Intervention
+from interventions.base import HOOKS, At, Compose, Intervention, ModelShape, compose, from_dict
 from interventions.block_edges import BlockEdges
 from interventions.block_keys import BlockKeys
-from interventions.compose import Compose, compose
 from interventions.heads import AblateHeads
 from interventions.residual import PatchResidual
-from interventions.serial import from_dict
 
 __all__ = [
     "HOOKS",
     "AblateHeads",
+    "At",
     "BlockEdges",
     "BlockKeys",
     "Compose",
     "Intervention",
+    "ModelShape",
     "PatchResidual",
     "compose",
     "from_dict",

@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from interventions._common import check_layers, check_positions, fields_of, ints, layers_or_none
-from interventions.compose import compose
+from interventions._common import check_layers, check_positions, ints, layers_or_none
+from interventions.base import At, Intervention, ModelShape
 
 
 @dataclass(frozen=True)
-class BlockKeys:
+class BlockKeys(Intervention):
     """Block attention to key ``positions`` from every later query, at ``layers`` (all if None).
 
     The blocked scores are removed before softmax, so the remaining weights renormalise.
     A blocked position's own row is untouched: positions <= p compute exactly as in the
-    clean run. The call contract shared by attention interventions is
-    :meth:`blocked_edges`: a boolean ``(query, key)`` matrix of the edges to cut at a layer,
-    the same at every layer where :meth:`acts_on` is true.
+    clean run. The edges cut are the same at every layer where it acts.
 
     Example:
-        >>> BlockKeys((1,)).blocked_edges(seq_len=3, layer=0).int().tolist()
+        >>> BlockKeys((1,)).blocked_edges(At(layer=0, seq_len=3)).int().tolist()
         [[0, 0, 0], [0, 0, 0], [0, 1, 0]]
     """
 
@@ -34,59 +32,35 @@ class BlockKeys:
         object.__setattr__(self, "positions", ints(self.positions, "BlockKeys positions"))
         object.__setattr__(self, "layers", layers_or_none(self.layers, "BlockKeys layers"))
 
-    def __and__(self, other: Any) -> Any:
-        return compose(self, other)
-
-    def hooks(self, layer: int) -> frozenset[str]:
-        """``{"attention"}`` at the layers where keys are blocked."""
-        return frozenset({"attention"}) if self.acts_on(layer) else frozenset()
-
-    def acts_on(self, layer: int) -> bool:
-        """Whether this intervention changes anything at decoder layer ``layer``."""
+    def acts_at(self, layer: int) -> bool:
+        """Whether some key is blocked at ``layer``."""
         return bool(self.positions) and (self.layers is None or layer in self.layers)
 
     def attention_key(self, layer: int) -> Hashable | None:
-        """The same key at every layer where keys are blocked: the edges do not depend on the layer."""
-        return True if self.acts_on(layer) else None
+        """One key at every acting layer: the edges do not depend on the layer."""
+        return True if self.acts_at(layer) else None
 
-    def blocked_edges(self, seq_len: int, layer: int) -> torch.Tensor:
-        """Boolean ``(seq_len, seq_len)``: True where query q may not read key k at ``layer``."""
-        edges = torch.zeros(seq_len, seq_len, dtype=torch.bool)
-        if not self.acts_on(layer):
-            return edges
-        keys = torch.tensor([p for p in self.positions if p < seq_len], dtype=torch.long)
-        later = torch.arange(seq_len)[:, None] > keys[None, :]
-        edges[:, keys] = later
+    def blocked_edges(self, at: At) -> torch.Tensor | None:
+        """Boolean ``(seq_len, seq_len)``: True where a later query q may not read a blocked key k."""
+        if not self.acts_at(at.layer):
+            return None
+        edges = torch.zeros(at.seq_len, at.seq_len, dtype=torch.bool)
+        keys = torch.tensor([p for p in self.positions if p < at.seq_len], dtype=torch.long)
+        edges[:, keys] = torch.arange(at.seq_len)[:, None] > keys[None, :]
         return edges
 
-    def first_changed(self, seq_len: int, num_layers: int) -> int:
+    def first_changed(self, seq_len: int, shape: ModelShape) -> int:
         """One past the first blocked key (``seq_len`` if nothing is blocked at any layer)."""
-        if not any(self.acts_on(layer) for layer in range(num_layers)):
+        if not any(self.acts_at(layer) for layer in range(shape.num_layers)):
             return seq_len
         keys = [p for p in self.positions if p < seq_len]
         return min(keys[0] + 1, seq_len) if keys else seq_len
 
-    @property
-    def needs_head_means(self) -> bool:
-        return False
-
-    def check(
-        self, seq_len: int, num_layers: int, num_heads: int | None = None, hidden_size: int | None = None
-    ) -> None:
-        """Raise :class:`VlmaskError` if a position or layer is out of range for this prompt and model."""
+    def check(self, seq_len: int, shape: ModelShape) -> None:
+        """Refuse a position past the prompt or a layer the model does not have."""
         check_positions(self.positions, seq_len)
-        check_layers(self.layers or (), num_layers)
+        check_layers(self.layers or (), shape.num_layers)
 
-    def to_dict(self) -> dict[str, Any]:
-        """A small JSON-ready dict; :func:`interventions.from_dict` rebuilds the value."""
-        return {
-            "type": "BlockKeys",
-            "positions": list(self.positions),
-            "layers": None if self.layers is None else list(self.layers),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BlockKeys:
-        """Rebuild from :meth:`to_dict` output."""
-        fields = fields_of(data, "BlockKeys", ("positions",), ("layers",))
-        return cls(positions=fields["positions"], layers=fields.get("layers"))
+    def with_layers(self, layers: tuple[int, ...]) -> BlockKeys:
+        """The same keys blocked at ``layers``."""
+        return dataclasses.replace(self, layers=layers)

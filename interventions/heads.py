@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from interventions._common import check_layers, fields_of, ints, one_int
-from interventions.compose import compose
+from interventions._common import check_layers, ints, one_int
+from interventions.base import At, Intervention, ModelShape
 from interventions.errors import VlmaskError
 
 MODES = ("zero", "mean")
 
 
 @dataclass(frozen=True)
-class AblateHeads:
+class AblateHeads(Intervention):
     """Replace the outputs of ``heads`` at decoder layer ``layer``, at every position.
 
     A head's output is its slice of the ``o_proj`` input (``head_dim`` values, head ``h``
@@ -29,10 +28,10 @@ class AblateHeads:
       and step.
 
     Everything from position 0 on can change, so the engine recomputes every position
-    for it (``first_changed`` is 0).
+    for it (``first_changed`` is 0, the default).
 
     Example:
-        >>> AblateHeads(layer=1, heads=(0, 2)).edit_heads(1, torch.ones(2, 3, 1), 0, None)[:, :, 0].tolist()
+        >>> AblateHeads(layer=1, heads=(0, 2)).edit_heads(torch.ones(2, 3, 1), At(layer=1, seq_len=2))[:, :, 0].tolist()
         [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]
     """
 
@@ -48,58 +47,33 @@ class AblateHeads:
         if self.mode not in MODES:
             raise VlmaskError(f"AblateHeads mode {self.mode!r} is not known: expected one of {MODES}")
 
-    def __and__(self, other: Any) -> Any:
-        return compose(self, other)
-
-    def hooks(self, layer: int) -> frozenset[str]:
-        """``{"heads"}`` at its layer."""
-        return frozenset({"heads"}) if layer == self.layer else frozenset()
-
-    def acts_on(self, layer: int) -> bool:
+    def acts_at(self, layer: int) -> bool:
         """Whether ``layer`` is the ablated layer."""
         return layer == self.layer
 
-    def attention_key(self, layer: int) -> None:
-        """Cuts no attention edge."""
-        return None
-
-    def edit_heads(self, layer: int, heads: torch.Tensor, start: int, means: torch.Tensor | None) -> torch.Tensor:
-        """``heads (pos, head, head_dim)`` with the ablated heads replaced; ``means (head, head_dim)`` for "mean"."""
+    def edit_heads(self, heads: torch.Tensor, at: At) -> torch.Tensor:
+        """``heads (pos, head, head_dim)`` with the ablated heads replaced (by ``at.head_means`` for "mean")."""
         out = heads.clone()
         index = list(self.heads)
         if self.mode == "zero":
             out[:, index] = 0
-        elif means is None:
+        elif at.head_means is None:
             raise VlmaskError("AblateHeads(mode='mean') needs the unmodified model's mean head outputs; none given")
         else:
-            out[:, index] = means[index].to(out.dtype).to(out.device)
+            out[:, index] = at.head_means[index].to(out.dtype).to(out.device)
         return out
-
-    def first_changed(self, seq_len: int, num_layers: int) -> int:
-        """0: every position's head output is replaced."""
-        return 0 if self.layer < num_layers else seq_len
 
     @property
     def needs_head_means(self) -> bool:
+        """Whether the mode is "mean"."""
         return self.mode == "mean"
 
-    def check(
-        self, seq_len: int, num_layers: int, num_heads: int | None = None, hidden_size: int | None = None
-    ) -> None:
-        """Raise :class:`VlmaskError` if the layer or a head is out of range for this model."""
-        check_layers((self.layer,), num_layers)
+    def check(self, seq_len: int, shape: ModelShape) -> None:
+        """Refuse a layer or a head the model does not have."""
+        check_layers((self.layer,), shape.num_layers)
         for head in self.heads:
-            if num_heads is not None and head >= num_heads:
+            if shape.num_heads is not None and head >= shape.num_heads:
                 raise VlmaskError(
-                    f"head {head} is out of range: layer {self.layer} has {num_heads} heads (0-{num_heads - 1})"
+                    f"head {head} is out of range: layer {self.layer} has {shape.num_heads} heads"
+                    f" (0-{shape.num_heads - 1})"
                 )
-
-    def to_dict(self) -> dict[str, Any]:
-        """A small JSON-ready dict; :func:`interventions.from_dict` rebuilds the value."""
-        return {"type": "AblateHeads", "layer": self.layer, "heads": list(self.heads), "mode": self.mode}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AblateHeads:
-        """Rebuild from :meth:`to_dict` output."""
-        fields = fields_of(data, "AblateHeads", ("layer", "heads"), ("mode",))
-        return cls(fields["layer"], fields["heads"], fields.get("mode", "zero"))

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from interventions._common import check_layers, check_positions, fields_of, ints, one_int
-from interventions.compose import compose
+from interventions._common import check_layers, check_positions, ints, one_int
+from interventions.base import At, Intervention, ModelShape
 from interventions.errors import VlmaskError
 
 
@@ -29,7 +29,7 @@ def _rows(source: Any) -> tuple[tuple[float, ...], ...]:
 
 
 @dataclass(frozen=True, repr=False)
-class PatchResidual:
+class PatchResidual(Intervention):
     """Replace the output of decoder layer ``layer`` at ``positions`` with ``source``.
 
     ``source`` has one row per position, in the order of ``positions``: row ``i`` is the
@@ -45,7 +45,7 @@ class PatchResidual:
 
     Example:
         >>> patch = PatchResidual(layer=0, positions=(1,), source=[[5.0, 5.0]])
-        >>> patch.edit_residual(0, torch.zeros(3, 2), start=0).tolist()
+        >>> patch.edit_residual(torch.zeros(3, 2), At(layer=0, seq_len=3)).tolist()
         [[0.0, 0.0], [5.0, 5.0], [0.0, 0.0]]
     """
 
@@ -69,28 +69,18 @@ class PatchResidual:
         shape = f"{len(self.source)}x{len(self.source[0])}"
         return f"PatchResidual(layer={self.layer}, positions={self.positions}, source=<{shape} float32>)"
 
-    def __and__(self, other: Any) -> Any:
-        return compose(self, other)
-
     @cached_property
     def source_tensor(self) -> torch.Tensor:
         """``source`` as a float32 ``(len(positions), hidden)`` tensor."""
         return torch.tensor(self.source, dtype=torch.float32)
 
-    def hooks(self, layer: int) -> frozenset[str]:
-        """``{"residual"}`` at its layer."""
-        return frozenset({"residual"}) if layer == self.layer else frozenset()
-
-    def acts_on(self, layer: int) -> bool:
+    def acts_at(self, layer: int) -> bool:
         """Whether ``layer`` is the patched layer."""
         return layer == self.layer
 
-    def attention_key(self, layer: int) -> None:
-        """Cuts no attention edge."""
-        return None
-
-    def edit_residual(self, layer: int, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        """``hidden (pos, hidden_size)`` at positions ``start..`` with the patched positions overwritten."""
+    def edit_residual(self, hidden: torch.Tensor, at: At) -> torch.Tensor:
+        """``hidden (pos, hidden_size)`` at positions ``at.start..`` with the patched positions overwritten."""
+        start = at.start
         rows = [(i, p - start) for i, p in enumerate(self.positions) if start <= p < start + hidden.shape[0]]
         if not rows:
             return hidden
@@ -99,37 +89,16 @@ class PatchResidual:
         out[[r for _, r in rows]] = source[[i for i, _ in rows]]
         return out
 
-    def first_changed(self, seq_len: int, num_layers: int) -> int:
+    def first_changed(self, seq_len: int, shape: ModelShape) -> int:
         """The first patched position."""
-        return min(min(self.positions), seq_len) if self.layer < num_layers else seq_len
+        return min(min(self.positions), seq_len) if self.layer < shape.num_layers else seq_len
 
-    @property
-    def needs_head_means(self) -> bool:
-        return False
-
-    def check(
-        self, seq_len: int, num_layers: int, num_heads: int | None = None, hidden_size: int | None = None
-    ) -> None:
-        """Raise :class:`VlmaskError` if the layer, a position or the hidden size does not fit."""
-        check_layers((self.layer,), num_layers)
+    def check(self, seq_len: int, shape: ModelShape) -> None:
+        """Refuse a layer or a position that does not exist, or source rows of the wrong width."""
+        check_layers((self.layer,), shape.num_layers)
         check_positions(self.positions, seq_len, "patched position")
         width = len(self.source[0])
-        if hidden_size is not None and width != hidden_size:
+        if shape.hidden_size is not None and width != shape.hidden_size:
             raise VlmaskError(
-                f"PatchResidual source rows have {width} values but the model's hidden size is {hidden_size}"
+                f"PatchResidual source rows have {width} values but the model's hidden size is {shape.hidden_size}"
             )
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict, ``source`` as nested lists; :func:`interventions.from_dict` rebuilds the value."""
-        return {
-            "type": "PatchResidual",
-            "layer": self.layer,
-            "positions": list(self.positions),
-            "source": [list(row) for row in self.source],
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PatchResidual:
-        """Rebuild from :meth:`to_dict` output."""
-        fields = fields_of(data, "PatchResidual", ("layer", "positions", "source"))
-        return cls(fields["layer"], fields["positions"], fields["source"])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("interventions", "vlmask")
-ACYCLIC = ("vlmask",)  # interventions joins once its compose <-> serial registry cycle is gone
+ACYCLIC = ("interventions", "vlmask")
 
 LAYERS = (
     ("interventions",),

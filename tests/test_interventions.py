@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -10,8 +11,21 @@ import pytest
 import torch
 import xarray as xr
 
+import interventions
 import vlmask
-from interventions import AblateHeads, BlockEdges, BlockKeys, Compose, PatchResidual, from_dict
+from interventions import (
+    HOOKS,
+    AblateHeads,
+    At,
+    BlockEdges,
+    BlockKeys,
+    Compose,
+    Intervention,
+    ModelShape,
+    PatchResidual,
+    compose,
+    from_dict,
+)
 from tests.reference import edited_run, extended
 from vlmask import VlmaskError
 from vlmask.engine.passes import NOTHING, PromptPasses
@@ -142,7 +156,7 @@ CHANGES = [
 @pytest.mark.parametrize(("iv", "first"), CHANGES, ids=[type(c[0]).__name__ for c in CHANGES])
 def test_positions_before_first_changed_are_bit_identical(tiny, built, iv, first):
     seq = len(built.tokens)
-    assert iv.first_changed(seq, tiny.num_layers) == (seq if first is None else first)
+    assert iv.first_changed(seq, ModelShape(tiny.num_layers)) == (seq if first is None else first)
     clean, got = _engine(tiny, built, NOTHING), _engine(tiny, built, iv)
     stop = seq if first is None else first
     assert torch.equal(got[0][:, :stop], clean[0][:, :stop]) and torch.equal(got[1][:, :stop], clean[1][:, :stop])
@@ -241,7 +255,7 @@ def test_base_and_knockout_equal_the_composed_reference(tiny, images, built, whi
 
 def test_sweep_over_a_list_of_interventions_matches_the_reference(tiny, images, built):
     vision, question = _places(built)
-    seq, head_dim = len(built.tokens), tiny.text_config.head_dim
+    seq = len(built.tokens)
     means = edited_run(tiny, built.inputs)[1].mean(1)  # (layer, H*d), the unmodified prompt means
     source = torch.randn(1, tiny.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
     over = [
@@ -260,7 +274,7 @@ def test_sweep_over_a_list_of_interventions_matches_the_reference(tiny, images, 
             _kl(clean[2][seq - 1], masked[2][seq - 1]), abs=1e-5
         ), f"intervention {i}"
         assert from_dict(json.loads(ds["intervention_json"].values[i])) == iv
-        assert head_dim and float(ds["kl"].sel(step=0, intervention=i)) > 0
+        assert float(ds["kl"].sel(step=0, intervention=i)) > 0, f"intervention {i} changed nothing"
 
 
 def test_patches_recomputed_from_a_later_position_match_the_reference(tiny, images, built):
@@ -347,7 +361,12 @@ def test_json_round_trip(seed):
     text = json.dumps(data)
     back = from_dict(json.loads(text))
     assert back == value and hash(back) == hash(value) and back.to_dict() == data
-    assert (value & BlockKeys((1,))).to_dict()["type"] == "Compose" or isinstance(value, Compose)
+    extra = BlockKeys((1,))
+    parts = (*(value.parts if isinstance(value, Compose) else (value,)), extra)
+    both = value & extra
+    assert (both.parts if isinstance(both, Compose) else (both,)) == parts  # flattened, in order, value first
+    assert both.to_dict()["type"] == ("BlockKeys" if len(parts) == 1 else "Compose")
+    assert from_dict(both.to_dict()) == both
 
 
 def test_composition_flattens_and_combines():
@@ -355,9 +374,12 @@ def test_composition_flattens_and_combines():
     assert (a & b) & c == a & (b & c) == Compose([a, b, c])
     assert Compose() & a == a and (a & b).parts == (a, b)
     both = a & c
-    assert both.blocked_edges(6, 2).tolist() == (a.blocked_edges(6, 2) | c.blocked_edges(6, 2)).tolist()
+    at = At(layer=2, seq_len=6)
+    assert both.blocked_edges(at).tolist() == (a.blocked_edges(at) | c.blocked_edges(at)).tolist()
+    assert both.blocked_edges(At(layer=0, seq_len=6)).tolist() == a.blocked_edges(At(layer=0, seq_len=6)).tolist()
     assert both.attention_key(0) != both.attention_key(2) and both.attention_key(0) is not None
-    assert Compose([b]).attention_key(0) is None and not Compose().acts_on(0)
+    assert Compose([b]).attention_key(0) is None and not Compose().acts_at(0)
+    assert Compose([b]).blocked_edges(At(layer=0, seq_len=6)) is None
 
 
 @pytest.mark.parametrize(
@@ -375,9 +397,9 @@ def test_composition_flattens_and_combines():
         (lambda: from_dict({"type": "BlockKeys", "positions": [1], "layer": 2}), "has no field 'layer'"),
         (lambda: from_dict({"type": "Nope"}), "unknown intervention type 'Nope'"),
         (lambda: vlmask.windows(k=4), "positive odd number"),
-        (lambda: AblateHeads(0, (5,)).check(10, 3, num_heads=4), "head 5 is out of range: layer 0 has 4 heads"),
-        (lambda: PatchResidual(0, (1,), [[1.0]]).check(10, 3, hidden_size=64), "hidden size is 64"),
-        (lambda: BlockEdges((1,), (12,)).check(10, 3), "target position 12 is out of range"),
+        (lambda: AblateHeads(0, (5,)).check(10, ModelShape(3, num_heads=4)), "head 5 is out of range: layer 0 has 4"),
+        (lambda: PatchResidual(0, (1,), [[1.0]]).check(10, ModelShape(3, hidden_size=64)), "hidden size is 64"),
+        (lambda: BlockEdges((1,), (12,)).check(10, ModelShape(3)), "target position 12 is out of range"),
     ],
 )
 def test_validation_messages(make, match):
@@ -390,3 +412,94 @@ def test_sweep_refuses_mask_with_over(tiny):
         vlmask.sweep(tiny, "test", mask="text", over=[BlockKeys((0,))], progress=False)
     with pytest.raises(VlmaskError, match="head 9 is out of range"):
         vlmask.sweep(tiny, "test", base=AblateHeads(0, (9,)), progress=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleResidual(Intervention):
+    """A user-defined value: decoder layer ``layer``'s output scaled by ``factor`` at every position."""
+
+    layer: int
+    factor: float
+
+    def acts_at(self, layer: int) -> bool:
+        return layer == self.layer
+
+    def edit_residual(self, hidden: torch.Tensor, at: At) -> torch.Tensor:
+        return hidden * self.factor
+
+
+def test_a_subclass_registers_itself_and_runs_through_sweep(images):
+    vl = vlmask.load_model()  # the built-in model
+    built = build_prompt(vl.processor, PROMPT, [images["square"]])
+    value = ScaleResidual(layer=1, factor=0.25)
+    assert value.to_dict() == {"type": "ScaleResidual", "layer": 1, "factor": 0.25}
+    assert from_dict(json.loads(json.dumps(value.to_dict()))) == value
+    ds = vlmask.sweep(vl, PROMPT, [images["square"]], over=[value, value & BlockKeys((2,))], progress=False)
+    assert ds["intervention_type"].values.tolist() == ["ScaleResidual", "Compose"]
+    assert vlmask.interventions_of(ds)[1].values.tolist() == [value, value & BlockKeys((2,))]
+    seq = len(built.tokens)
+    clean = edited_run(vl, built.inputs)[2][seq - 1]
+    scaled = edited_run(vl, built.inputs, outputs={1: lambda y: y * 0.25})[2][seq - 1]
+    got = float(ds["kl"].sel(step=0, intervention=0))
+    assert got == pytest.approx(_kl(clean, scaled), abs=1e-5) and got > 0
+
+
+def test_hooks_are_derived_from_the_methods_a_subclass_overrides():
+    @dataclasses.dataclass(frozen=True)
+    class Nothing(Intervention):
+        pass
+
+    @dataclasses.dataclass(frozen=True)
+    class HeadsAndResidual(Intervention):
+        layer: int = 0
+
+        def acts_at(self, layer: int) -> bool:
+            return layer == self.layer
+
+        def edit_residual(self, hidden: torch.Tensor, at: At) -> torch.Tensor:
+            return hidden
+
+        def edit_heads(self, heads: torch.Tensor, at: At) -> torch.Tensor:
+            return heads
+
+    @dataclasses.dataclass(frozen=True)
+    class Cut(Intervention):
+        def blocked_edges(self, at: At) -> torch.Tensor:
+            return torch.ones(at.seq_len, at.seq_len, dtype=torch.bool).tril(-1)
+
+    assert HOOKS == ("attention", "heads", "residual")
+    nothing, both, cut = Nothing(), HeadsAndResidual(layer=2), Cut()
+    assert nothing.hooks(0) == frozenset() and nothing.attention_key(0) is None
+    assert nothing.first_changed(7, ModelShape(4)) == 7 and not nothing.needs_head_means
+    assert both.hooks(2) == {"heads", "residual"} and both.hooks(1) == frozenset()
+    assert both.first_changed(7, ModelShape(4)) == 0 and both.first_changed(7, ModelShape(2)) == 7
+    assert cut.hooks(3) == {"attention"} and cut.attention_key(3) == 3 and cut.attention_key(0) != 3
+    assert (both & cut).hooks(2) == {"attention", "heads", "residual"} and (both & cut).hooks(0) == {"attention"}
+    x = torch.randn(3, 2)
+    assert torch.equal(Intervention.edit_residual(nothing, x, At(0, 3)), x) and nothing.blocked_edges(At(0, 3)) is None
+    assert nothing.check(5, ModelShape(1)) is None and nothing.to_dict() == {"type": "Nothing"}
+    assert from_dict({"type": "HeadsAndResidual", "layer": 2}) == both
+
+
+def test_with_layers_moves_only_values_that_take_layers():
+    keys, heads, patch = BlockKeys((1,)), AblateHeads(0, (1,)), PatchResidual(0, (1,), [[1.0]])
+    assert keys.with_layers((2, 3)) == BlockKeys((1,), layers=(2, 3))
+    assert BlockEdges((0,), (4,)).with_layers((1,)) == BlockEdges((0,), (4,), layers=(1,))
+    assert (keys & heads).with_layers((2,)) == BlockKeys((1,), layers=(2,)) & heads
+    for value in (heads, patch, heads & patch, Compose(), ScaleResidual(0, 2.0)):
+        with pytest.raises(VlmaskError, match="acts at its own layer: layers and windows apply only to"):
+            value.with_layers((0,))
+
+
+def test_a_type_name_is_taken_once_and_values_must_be_dataclasses():
+    with pytest.raises(VlmaskError, match=r"'BlockKeys' is already interventions\.block_keys\.BlockKeys"):
+        type("BlockKeys", (Intervention,), {})
+    assert from_dict(BlockKeys((1,)).to_dict()) == BlockKeys((1,))  # the built-in is still the one registered
+
+    class NotADataclass(Intervention):
+        pass
+
+    with pytest.raises(VlmaskError, match="NotADataclass is not a dataclass"):
+        NotADataclass().to_dict()
+    assert compose(NotADataclass()).hooks(0) == frozenset()
+    assert set(interventions.__all__) >= {"At", "Intervention", "ModelShape", "from_dict"}

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from interventions import BlockKeys, from_dict
+from interventions import At, BlockKeys, ModelShape, from_dict
 from vlmask import VlmaskError
 from vlmask.engine.masks import base_allowed
 from vlmask.inputs.selection import parse_indices, parse_mask
@@ -32,20 +32,20 @@ def test_masks_that_cannot_block_are_refused(name):
 
 
 def test_block_keys_table():
-    edges = BlockKeys((1, 3)).blocked_edges(5, layer=0)
+    edges = BlockKeys((1, 3)).blocked_edges(At(layer=0, seq_len=5))
     expected = [[q > k and k in (1, 3) for k in range(5)] for q in range(5)]
     assert edges.tolist() == expected
-    assert not BlockKeys((1,), layers=(2,)).blocked_edges(5, layer=0).any()
-    assert BlockKeys((1,), layers=(2,)).acts_on(2)
+    assert BlockKeys((1,), layers=(2,)).blocked_edges(At(layer=0, seq_len=5)) is None  # cuts nothing at layer 0
+    assert BlockKeys((1,), layers=(2,)).acts_at(2) and not BlockKeys((1,), layers=(2,)).acts_at(0)
 
 
 def test_block_keys_validation_and_json():
     with pytest.raises(VlmaskError, match="non-negative integers"):
         BlockKeys((-1,))
     with pytest.raises(VlmaskError, match="key position 9 is out of range: the prompt has 5 tokens"):
-        BlockKeys((9,)).check(seq_len=5, num_layers=2)
+        BlockKeys((9,)).check(5, ModelShape(num_layers=2))
     with pytest.raises(VlmaskError, match="layer 4 is out of range"):
-        BlockKeys((1,), layers=(4,)).check(seq_len=5, num_layers=2)
+        BlockKeys((1,), layers=(4,)).check(5, ModelShape(num_layers=2))
     value = BlockKeys((3, 1), layers=(0,))
     assert from_dict(json.loads(json.dumps(value.to_dict()))) == value
     with pytest.raises(VlmaskError, match="unknown intervention type"):

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from interventions.serial import from_dict
+from interventions import from_dict
 from vlmask.engine.masks import VISION_ATTENTION
 from vlmask.engine.packing import parse_size
 from vlmask.errors import VlmaskError

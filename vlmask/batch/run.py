@@ -21,7 +21,7 @@ from typing import Any
 
 import xarray as xr
 
-from interventions.serial import from_dict
+from interventions import from_dict
 from vlmask.batch.config import Config, Item, read_config
 from vlmask.engine.sweep import sweep
 from vlmask.errors import VlmaskError

@@ -8,7 +8,6 @@ dimension: each entry is knocked out at each window in turn.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,10 +16,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from interventions import BlockKeys, from_dict
 from interventions._common import ints, one_int
-from interventions.block_keys import BlockKeys
-from interventions.compose import Compose
-from interventions.serial import from_dict
 from vlmask.errors import VlmaskError
 from vlmask.inputs.units import unit_coords
 
@@ -79,28 +76,6 @@ def windows(k: int = 9, centres: Sequence[int] | None = None) -> Windows:
         [(0, 1), (0, 1, 2), (1, 2)]
     """
     return Windows(k, None if centres is None else tuple(centres))
-
-
-def with_layers(value: Any, layers: tuple[int, ...]) -> Any:
-    """``value`` acting at ``layers``: its own ``layers`` field, or that of each part of a composition that has one."""
-    if isinstance(value, Compose):
-        if not any(_has_layers(part) for part in value.parts):
-            raise _no_layers(value)
-        return Compose(tuple(with_layers(p, layers) if _has_layers(p) else p for p in value.parts))
-    if not _has_layers(value):
-        raise _no_layers(value)
-    return dataclasses.replace(value, layers=layers)
-
-
-def _has_layers(value: Any) -> bool:
-    return dataclasses.is_dataclass(value) and "layers" in {f.name for f in dataclasses.fields(value)}
-
-
-def _no_layers(value: Any) -> VlmaskError:
-    return VlmaskError(
-        f"layers= cannot be applied to {value!r}: it acts at its own layer; layers= and windows apply to"
-        " BlockKeys, BlockEdges and compositions holding them (pass layers=None)"
-    )
 
 
 @dataclass(frozen=True)
@@ -174,9 +149,9 @@ def plan(
             raise VlmaskError("over= is an empty list: give at least one intervention to knock out")
         base = entries
     if window_layers is not None:
-        values = [with_layers(v, w) for v in base for w in window_layers]
+        values = [v.with_layers(w) for v in base for w in window_layers]
     elif fixed is not None:
-        values = [with_layers(v, tuple(fixed)) for v in base]
+        values = [v.with_layers(tuple(fixed)) for v in base]
     else:
         values = base
     return Knockouts(dim, entries, fixed, layers if window_layers is not None else None, window_layers, values)

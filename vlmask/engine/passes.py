@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from interventions.compose import Compose, compose
+from interventions import Compose, compose
 from vlmask.engine.backend import Backend, DecoderPass, ModelPass
 from vlmask.engine.masks import base_allowed
 from vlmask.engine.packing import packed_cap, pass_bytes, plan_batches

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from einops import rearrange
 
+from interventions import At, Intervention, ModelShape
 from vlmask.model.load import VLModel
 
 
@@ -188,7 +189,7 @@ class PassPlan:
     """
 
     allowed: list[torch.Tensor]
-    rows: tuple[Any, ...]
+    rows: tuple[Intervention, ...]
     read: tuple[int, ...]
     start: int = 0
     head_means: torch.Tensor | None = None
@@ -198,7 +199,7 @@ class PassPlan:
     @staticmethod
     def build(
         base: torch.Tensor,
-        interventions: Sequence[Any],
+        interventions: Sequence[Intervention],
         num_layers: int,
         seq_len: int,
         read: Sequence[int],
@@ -222,21 +223,22 @@ class PassPlan:
         for layer in range(num_layers):
             keys = tuple(iv.attention_key(layer) for iv in rows)
             if keys not in shared:
-                cut = [
-                    edges if key is None else edges & ~iv.blocked_edges(seq_len, layer)[start:]
+                cuts = [
+                    None if key is None else iv.blocked_edges(At(layer, seq_len, start))
                     for iv, key in zip(rows, keys, strict=True)
                 ]
-                shared[keys] = torch.stack(cut)
+                shared[keys] = torch.stack([edges if cut is None else edges & ~cut[start:] for cut in cuts])
             allowed.append(shared[keys])
         return PassPlan(allowed, rows, tuple(read), start, head_means, tuple(starts), internals)
 
     @staticmethod
-    def first_changed(interventions: Sequence[Any], seq_len: int, num_layers: int) -> list[int]:
+    def first_changed(interventions: Sequence[Intervention], seq_len: int, num_layers: int) -> list[int]:
         """The first position whose computation each intervention changes (``seq_len`` if none)."""
-        return [iv.first_changed(seq_len, num_layers) for iv in interventions]
+        shape = ModelShape(num_layers)
+        return [iv.first_changed(seq_len, shape) for iv in interventions]
 
     @staticmethod
-    def needs_head_means(interventions: Sequence[Any]) -> bool:
+    def needs_head_means(interventions: Sequence[Intervention]) -> bool:
         """Whether any intervention needs the unmodified model's mean head outputs."""
         return any(iv.needs_head_means for iv in interventions)
 
@@ -255,7 +257,7 @@ class PassPlan:
             offset += self.seq_len - first
         return out
 
-    def editing(self, layer: int, hook: str) -> list[tuple[int, Any]]:
+    def editing(self, layer: int, hook: str) -> list[tuple[int, Intervention]]:
         """``(row, intervention)`` for the rows that edit ``hook`` at ``layer``."""
         return [(row, iv) for row, iv in enumerate(self.rows) if hook in iv.hooks(layer)]
 
@@ -267,7 +269,7 @@ class PassPlan:
         for row, iv in self.editing(layer, "heads"):
             b, span, first = pieces[row]
             heads = x[b, span].unflatten(-1, (num_heads, -1))
-            out[b, span] = iv.edit_heads(layer, heads, first, means).flatten(-2)
+            out[b, span] = iv.edit_heads(heads, At(layer, self.seq_len, first, means)).flatten(-2)
         return out
 
     def edit_residual(self, layer: int, y: torch.Tensor) -> torch.Tensor:
@@ -276,5 +278,5 @@ class PassPlan:
         pieces = self.pieces
         for row, iv in self.editing(layer, "residual"):
             b, span, first = pieces[row]
-            out[b, span] = iv.edit_residual(layer, y[b, span], first)
+            out[b, span] = iv.edit_residual(y[b, span], At(layer, self.seq_len, first))
         return out

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import xarray as xr
 
-from interventions.compose import compose
+from interventions import ModelShape, compose
 from vlmask.engine.knockouts import Windows, plan
 from vlmask.engine.packing import parse_size
 from vlmask.engine.passes import NOTHING, PromptPasses
@@ -107,7 +107,7 @@ def sweep(
     knockouts = _knockouts(vl, built, mask, mask_unit, over, layers)
     base = NOTHING if base is None else compose(base)
     for iv in [base, *knockouts.values]:
-        iv.check(len(built.tokens), vl.num_layers, vl.num_heads, vl.text_config.hidden_size)
+        iv.check(len(built.tokens), ModelShape(vl.num_layers, vl.num_heads, vl.text_config.hidden_size))
 
     prompt_ids = built.inputs["input_ids"]
     passes = PromptPasses.of(vl, built, prompt_ids.shape[1] + num_tokens - 1, vision_attention, backend)
