@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from interventions.compose import compose
 from vlmask.engine.knockouts import Windows, plan
+from vlmask.engine.labels import sweep_record
 from vlmask.engine.packing import packed_cap, parse_size, pass_bytes, plan_batches
 from vlmask.engine.passes import NOTHING, _masked_generation, _pin_unchanged, context, first_changed
 from vlmask.errors import VlmaskError
@@ -37,7 +38,7 @@ from vlmask.inputs.prompt import Prompt, build_prompt
 from vlmask.inputs.selection import parse_mask
 from vlmask.inputs.units import group_units
 from vlmask.model.load import VLModel
-from vlmask.results.dataset import SweepRecord, to_dataset
+from vlmask.results.dataset import Measured, to_dataset
 from vlmask.results.metrics import logit_metrics, vector_distances
 
 log = logging.getLogger(__name__)
@@ -157,20 +158,24 @@ def sweep(
     if knockouts.dim == "token":
         mask = "text" if mask is None else mask
         mask_text = mask if isinstance(mask, str) else ",".join(map(str, sorted(set(mask))))
-    record = SweepRecord(
-        prompt=built,
-        vl=vl,
-        knockouts=knockouts,
-        base=None if base == NOTHING else base.to_dict(),
-        mask=mask_text,
-        mask_unit=mask_unit if knockouts.dim == "token" else "",
-        vision_attention=vision_attention,
+    measured = Measured(
         clean_ids=clean_ids.tolist(),
         clean_top_logprob=torch.log_softmax(clean.logits[0], -1).max(-1).values,
         residual=torch.cat(residual),
         heads=torch.cat(heads),
         logits=torch.cat(logits),
         masked_ids=torch.cat(generated),
-        video_fps=video_fps,
     )
-    return to_dataset(record)
+    return to_dataset(
+        sweep_record(
+            vl,
+            built,
+            knockouts,
+            measured,
+            video_fps,
+            base=None if base == NOTHING else base.to_dict(),
+            mask=mask_text,
+            mask_unit=mask_unit if knockouts.dim == "token" else "",
+            vision_attention=vision_attention,
+        )
+    )

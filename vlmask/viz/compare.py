@@ -18,13 +18,26 @@ import xarray as xr
 
 from vlmask.errors import VlmaskError
 from vlmask.results.metrics import LOGIT_METRICS
+from vlmask.results.schema import (
+    TOKEN_COL,
+    TOKEN_COLS,
+    TOKEN_IMAGE,
+    TOKEN_KIND,
+    TOKEN_ROW,
+    TOKEN_ROWS,
+    TOKEN_T,
+    TOKEN_TEXT,
+    TOKEN_VIDEO,
+    VISION,
+    json_attr,
+)
 from vlmask.viz.page import Numbers, page, write_page
 from vlmask.viz.report import check_dims
 
 log = logging.getLogger(__name__)
 
 COMPARED = tuple(m for m in LOGIT_METRICS if m != "top_changed")
-_CELL = ("token_image", "token_video", "token_t", "token_row", "token_col", "token_rows", "token_cols")
+_CELL = (TOKEN_IMAGE, TOKEN_VIDEO, TOKEN_T, TOKEN_ROW, TOKEN_COL, TOKEN_ROWS, TOKEN_COLS)
 
 
 def align(a: xr.Dataset, b: xr.Dataset) -> list[tuple[int, int]]:
@@ -35,15 +48,16 @@ def align(a: xr.Dataset, b: xr.Dataset) -> list[tuple[int, int]]:
     video, frame group and cells.
 
     Example:
-        >>> align(with_image, text_only)[:2]  # doctest: +SKIP
-        [(0, 0), (1, 1)]
+        >>> pairs = align(ds, text_only)  # ds also masks the image's markers and rows, which text_only lacks
+        >>> pairs[:2], len(pairs) == text_only.sizes["token"]
+        ([(1, 0), (8, 1)], True)
     """
     pairs = []
-    kind_a, kind_b = a["token_kind"].values, b["token_kind"].values
-    words_a = [i for i, k in enumerate(kind_a) if k != "vision"]
-    words_b = [i for i, k in enumerate(kind_b) if k != "vision"]
-    text_a = [str(a["token_text"].values[i]) for i in words_a]
-    text_b = [str(b["token_text"].values[i]) for i in words_b]
+    kind_a, kind_b = a[TOKEN_KIND].values, b[TOKEN_KIND].values
+    words_a = [i for i, k in enumerate(kind_a) if k != VISION]
+    words_b = [i for i, k in enumerate(kind_b) if k != VISION]
+    text_a = [str(a[TOKEN_TEXT].values[i]) for i in words_a]
+    text_b = [str(b[TOKEN_TEXT].values[i]) for i in words_b]
     matcher = difflib.SequenceMatcher(None, text_a, text_b, autojunk=False)
     for block in matcher.get_matching_blocks():
         pairs += [(words_a[block.a + k], words_b[block.b + k]) for k in range(block.size)]
@@ -52,8 +66,8 @@ def align(a: xr.Dataset, b: xr.Dataset) -> list[tuple[int, int]]:
         if not all(c in ds.coords for c in _CELL):
             return {}
         keys = zip(*(ds[c].values.tolist() for c in _CELL), strict=True)
-        kinds = ds["token_kind"].values
-        return {key: i for i, (key, kind) in enumerate(zip(keys, kinds, strict=True)) if kind == "vision"}
+        kinds = ds[TOKEN_KIND].values
+        return {key: i for i, (key, kind) in enumerate(zip(keys, kinds, strict=True)) if kind == VISION}
 
     vision_b = cells(b)
     pairs += [(i, vision_b[key]) for key, i in cells(a).items() if key in vision_b]
@@ -71,9 +85,9 @@ def compare(a: xr.Dataset, b: xr.Dataset) -> xr.Dataset:
     ``step_token_b``. Attributes name both prompts and list the unmatched units as JSON.
 
     Example:
-        >>> a, b = vlmask.open_results("with_image.nc"), vlmask.open_results("text_only.nc")  # doctest: +SKIP
-        >>> both = vlmask.compare(a, b)  # doctest: +SKIP
-        >>> both["kl_diff"].sel(step=0).to_series().sort_values().tail(3)  # doctest: +SKIP
+        >>> both = compare(ds, text_only)  # or ds.vlmask.compare(text_only)
+        >>> bool((both["kl_diff"] == both["kl_a"] - both["kl_b"]).all()), both.attrs["diff"]
+        (True, 'a - b')
     """
     check_dims(a)
     check_dims(b)
@@ -157,7 +171,7 @@ def compare_data(both: xr.Dataset, names: tuple[str, str] = ("A", "B")) -> dict[
             "text_b": [str(t) for t in both["token_text_b"].values],
             "kind": [str(k) for k in both["token_kind"].values],
         },
-        "unmatched": {s: json.loads(both.attrs[f"unmatched_{s}"]) for s in ("a", "b")},
+        "unmatched": {s: json_attr(both, f"unmatched_{s}") for s in ("a", "b")},
         "metrics": list(metrics),
         "values": values,
     }
@@ -169,8 +183,8 @@ def write_compare(
     """Write a self-contained HTML page comparing ``a`` and ``b`` token by token (see :func:`compare`).
 
     Example:
-        >>> vlmask.write_compare(with_image, text_only, "compare.html", names=("image", "text"))  # doctest: +SKIP
-        PosixPath('compare.html')
+        >>> write_compare(ds, text_only, tmp / "compare.html", names=("image", "text")).name
+        'compare.html'
     """
     html = page("compare.js", compare_data(compare(a, b), names), "vlmask compare")
     out = write_page(html, path, overwrite=overwrite)
