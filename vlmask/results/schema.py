@@ -261,11 +261,17 @@ def interventions_of(ds: xr.Dataset) -> tuple[Any, xr.DataArray]:
     """
     base_dict = json_attr(ds, ATTR.base, None)
     listed = json_attr(ds, ATTR.interventions)
+    if not isinstance(listed, list) or not all(isinstance(d, dict) for d in listed):
+        raise _malformed(ATTR.interventions, listed, "a list of intervention dicts")
+    if not (base_dict is None or isinstance(base_dict, dict)):
+        raise _malformed(ATTR.base, base_dict, "an intervention dict or null")
     try:
         base = None if base_dict is None else from_dict(base_dict)
         values = [from_dict(d) for d in listed]
-    except (TypeError, AttributeError) as err:
-        raise _malformed(ATTR.interventions, listed, f"a list of intervention dicts ({err})") from None
+    except (TypeError, ValueError, KeyError) as err:
+        raise VlmaskError(
+            f"this is not a vlmask result: an intervention it records cannot be rebuilt ({err})"
+        ) from None
     dims = knockout_dims(ds)
     shape = tuple(ds.sizes[d] for d in dims)
     if int(np.prod(shape)) != len(values):
