@@ -178,4 +178,3 @@ def plan(
     else:
         values = base
     return Knockouts(dim, entries, fixed, layers if window_layers is not None else None, window_layers, values)
-

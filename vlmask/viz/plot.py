@@ -6,6 +6,7 @@ import hashlib
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -91,11 +92,6 @@ def plot_heatmap(
         >>> plot_heatmap(ds, tmp / "run.png", metric="kl") == tmp / "run.png"  # or ds.vlmask.plot(...)
         True
     """
-    from matplotlib import colormaps
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
-
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise VlmaskError(f"heatmap output '{path}' must end in .png")
@@ -103,6 +99,20 @@ def plot_heatmap(
     pictures = panel_pictures(ds, heat)
     if path.exists() and not overwrite:
         raise VlmaskError(f"output '{path}' already exists: choose another -o or pass --overwrite")
+    fig = _figure(heat, pictures, cmap, alpha)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    log.info("wrote heatmap %s", path)
+    return path
+
+
+def _figure(heat: xr.DataArray, pictures: list[tuple[Image.Image, str]], cmap: str, alpha: float) -> Any:
+    """The matplotlib Figure of :func:`plot_heatmap`: a panel per picture, a shared colour bar, a title."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    metric, step = heat.attrs["metric"], heat.attrs["step"]
     finite = heat.values[np.isfinite(heat.values)]
     norm = Normalize(float(finite.min()), float(finite.max()))
     colormap = colormaps[cmap]
@@ -128,6 +138,4 @@ def plot_heatmap(
         f" unit {heat.attrs['mask_unit']}",
         fontsize=10,
     )
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    log.info("wrote heatmap %s", path)
-    return path
+    return fig
