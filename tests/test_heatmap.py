@@ -37,7 +37,7 @@ def hot(tiny, flat, images):
 
 
 def test_heatmap_has_the_grid_shape_and_the_hot_cell(hot):
-    heat = vlmask.heatmap(hot)
+    heat = hot.vlmask.heatmap()
     assert heat.dims == ("panel", "row", "col") and heat.shape == (2, 4, 6)  # 4x4 and 3x6, padded to 4x6
     assert heat["panel_source"].values.tolist() == ["image", "image"]
     assert heat["panel_rows"].values.tolist() == [4, 3] and heat["panel_cols"].values.tolist() == [4, 6]
@@ -49,20 +49,20 @@ def test_heatmap_has_the_grid_shape_and_the_hot_cell(hot):
 
 
 def test_layer_metrics(hot):
-    residual = vlmask.heatmap(hot, "residual:l2", layer=1, step=1)
+    residual = hot.vlmask.heatmap("residual:l2", layer=1, step=1)
     want = hot["residual"].sel(step=1, layer=1, metric="l2")
     pos = int(hot["token"][0])
     r, c = int(hot["token_row"].sel(token=pos)), int(hot["token_col"].sel(token=pos))
     assert float(residual.sel(panel=0, row=r, col=c)) == pytest.approx(float(want.sel(token=pos)))
-    assert vlmask.heatmap(hot, "residual:cosine").attrs["layer"] == str(hot.sizes["layer"] - 1)  # default: last
-    mean = vlmask.heatmap(hot, "heads:l2", layer=0)
-    top = vlmask.heatmap(hot, "heads:l2:max", layer="0")
+    assert hot.vlmask.heatmap("residual:cosine").attrs["layer"] == str(hot.sizes["layer"] - 1)  # default: last
+    mean = hot.vlmask.heatmap("heads:l2", layer=0)
+    top = hot.vlmask.heatmap("heads:l2:max", layer="0")
     assert (top.fillna(0) >= mean.fillna(0) - 1e-7).all() and (top.fillna(0) > mean.fillna(0)).any()
 
 
 def test_units_paint_every_member_cell(tiny, flat):
     ds = vlmask.sweep(tiny, PROMPT, [flat], mask="vision", mask_unit="row", progress=False)
-    heat = vlmask.heatmap(ds, "kl").sel(panel=0)
+    heat = ds.vlmask.heatmap("kl").sel(panel=0)
     for row in range(4):
         value = float(ds["kl"].sel(step=0).where(ds["token_row"] == row, drop=True).item())
         assert np.allclose(heat.sel(row=row).values, value)
@@ -86,7 +86,7 @@ def _blend(value: float) -> np.ndarray:
 
 
 def test_png_puts_the_hottest_overlay_over_the_target_cell(hot, tmp_path):
-    path = vlmask.plot_heatmap(hot, tmp_path / "hot.png", alpha=ALPHA)
+    path = hot.vlmask.plot(tmp_path / "hot.png", alpha=ALPHA)
     png = np.asarray(Image.open(path).convert("RGB")).astype(int)
     assert png.shape[0] > 200 and png.shape[1] > 400
     near = {name: np.abs(png - _blend(v)).max(-1) <= 3 for name, v in (("hot", 1.0), ("cold", 0.0))}
@@ -145,7 +145,7 @@ def test_bad_inputs_are_one_line_and_exit_2(tiny, images, tmp_path, capsys):
         assert message in err and len(err.strip().splitlines()) == 1, (case, err)
         assert not out.exists(), case
     with pytest.raises(VlmaskError, match=r"must end in \.png"):
-        vlmask.plot_heatmap(ds, tmp_path / "x.jpg")
+        ds.vlmask.plot(tmp_path / "x.jpg")
 
 
 def test_cli_run_with_video_and_units_then_heatmap(tiny_dir, images, tmp_path, capsys):
@@ -161,6 +161,6 @@ def test_cli_run_with_video_and_units_then_heatmap(tiny_dir, images, tmp_path, c
     ds = vlmask.open_results(tmp_path / "v.nc")
     assert ds.attrs["mask_unit"] == "row" and ds.sizes["token"] == 3 + 3 + 3  # rows of the image and two groups
     assert main(["heatmap", str(tmp_path / "v.nc"), "--metric", "heads:cosine:max", "--layer", "final"]) == 0
-    heat = vlmask.heatmap(ds)
+    heat = ds.vlmask.heatmap()
     assert heat.sizes["panel"] == 3 and heat["panel_t"].values.tolist() == [0, 0, 1]
     assert Image.open(tmp_path / "v.png").size[0] > 3 * 200

@@ -16,6 +16,7 @@ import vlmask
 from tests.browser import needs_chromium, open_page, screenshot
 from vlmask import VlmaskError
 from vlmask.cli import main
+from vlmask.results.schema import json_attr, vision_ranges
 from vlmask.viz.page import encode
 from vlmask.viz.report import picture_panels, report_data
 
@@ -177,12 +178,12 @@ def test_video_frame_groups_show_their_first_frame(tiny, images, tmp_path):
 
 
 def test_compare_aligns_text_tokens_across_the_image(with_image, text_only):
-    both = vlmask.compare(with_image, text_only)
+    both = with_image.vlmask.compare(text_only)
     images = with_image.sizes["seq"] - text_only.sizes["seq"]  # the image's tokens and its start/end markers
     assert images == 18
     assert set(both["token_kind"].values) == {"text"} and both.sizes["token"] == text_only.sizes["token"]
     assert (both["token_text"].values == both["token_text_b"].values).all()
-    after = both["token_a"].values > json.loads(with_image.attrs["vision_ranges"])[0][0]  # "user" comes before
+    after = both["token_a"].values > vision_ranges(with_image)[0][0]  # "user" comes before
     assert after.sum() == both.sizes["token"] - 1
     np.testing.assert_array_equal((both["token_a"] - both["token_b"]).values, np.where(after, images, 0))
     np.testing.assert_array_equal(both["kl_a"].values, with_image["kl"].sel(token=both["token_a"].values).values)
@@ -190,15 +191,15 @@ def test_compare_aligns_text_tokens_across_the_image(with_image, text_only):
     np.testing.assert_allclose(both["kl_diff"], both["kl_a"] - both["kl_b"])
     final = with_image["residual"].isel(layer=-1).sel(token=both["token_a"].values, metric="cosine").values
     np.testing.assert_array_equal(both["residual_a"].sel(metric="cosine").values, final)
-    unmatched = {str(with_image["seq_kind"].values[pos]) for pos, _ in json.loads(both.attrs["unmatched_a"])}
-    assert json.loads(both.attrs["unmatched_b"]) == [] and unmatched == {"vision", "special"}
+    unmatched = {str(with_image["seq_kind"].values[pos]) for pos, _ in json_attr(both, "unmatched_a")}
+    assert json_attr(both, "unmatched_b") == [] and unmatched == {"vision", "special"}
     assert both.attrs["prompt_a"] == both.attrs["prompt_b"] == PROMPT
 
 
 def test_compare_with_nothing_in_common_names_both_sides(with_image, text_only):
     vision = with_image.isel(token=(with_image["token_kind"] == "vision").values)
     with pytest.raises(VlmaskError, match=r"no masked token of A \(16: '<\|image_pad\|>'"):
-        vlmask.compare(vision, text_only)
+        vision.vlmask.compare(text_only)
 
 
 def test_report_cli_default_path_overwrite_and_bad_output(pages, capsys):
@@ -226,7 +227,7 @@ def test_results_the_page_cannot_lay_out_are_refused(tmp_path):
     with pytest.raises(
         VlmaskError, match=r"residual has dims \(step, token, window, layer, metric\).*isel\(window=i\)"
     ):
-        vlmask.write_report(windows, tmp_path / "w.html")
+        windows.vlmask.report(tmp_path / "w.html")
     with pytest.raises(VlmaskError, match="pick one window"):
         vlmask.compare(small, windows)
     assert not (tmp_path / "w.html").exists()
@@ -235,7 +236,7 @@ def test_results_the_page_cannot_lay_out_are_refused(tmp_path):
 def test_large_result_is_compact_and_quick_to_write(tmp_path):
     ds = synthetic()
     start = time.perf_counter()
-    path = vlmask.write_report(ds, tmp_path / "large.html")
+    path = ds.vlmask.report(tmp_path / "large.html")
     assert time.perf_counter() - start < 30
     size = path.stat().st_size
     numbers = ds["residual"].size + ds["heads"].size + 4 * ds["kl"].size

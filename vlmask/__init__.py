@@ -12,35 +12,40 @@ Example:
     (4, 0, 1)
 """
 
+import vlmask.viz.accessor  # noqa: F401  (registers the ``ds.vlmask`` accessor)
 from vlmask.batch.run import open_batch, run_batch
-from vlmask.engine.knockouts import interventions_of, windows
+from vlmask.engine.knockouts import windows
 from vlmask.engine.probe import capture_residual, positions
 from vlmask.engine.sweep import sweep
 from vlmask.errors import VlmaskError
 from vlmask.model.load import VLModel, load_model
-from vlmask.results.io import long_table, open_results, save_results
-from vlmask.viz.compare import compare, write_compare
-from vlmask.viz.heatmap import heatmap
-from vlmask.viz.plot import plot_heatmap
-from vlmask.viz.report import write_report
+from vlmask.results.io import long_table as long_table  # the free functions behind ds.vlmask: thin aliases
+from vlmask.results.io import open_results, save_results
+from vlmask.results.schema import interventions_of as interventions_of
+from vlmask.viz.compare import compare
+from vlmask.viz.compare import write_compare as write_compare
+from vlmask.viz.heatmap import heatmap as heatmap
+from vlmask.viz.plot import plot_heatmap as plot_heatmap
+from vlmask.viz.report import write_report as write_report
 
-__all__ = [
+# Grouped by what a user does, like xarray's; the methods of one result are ds.vlmask.* (heatmap, plot,
+# report, table, interventions, compare, write_compare), whose free functions stay importable from here.
+__all__ = [  # noqa: RUF022
+    # models
     "VLModel",
-    "VlmaskError",
-    "capture_residual",
-    "compare",
-    "heatmap",
-    "interventions_of",
     "load_model",
-    "long_table",
-    "open_batch",
-    "open_results",
-    "plot_heatmap",
+    # sweeps: ds = sweep(vl, prompt, images, ...); what to mask, at which layers
+    "capture_residual",
     "positions",
-    "run_batch",
-    "save_results",
     "sweep",
     "windows",
-    "write_compare",
-    "write_report",
+    # results: files, and two results side by side (one result's methods are ds.vlmask.*)
+    "compare",
+    "open_results",
+    "save_results",
+    # batches of sweeps from a YAML file
+    "open_batch",
+    "run_batch",
+    # the one exception type
+    "VlmaskError",
 ]

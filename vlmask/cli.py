@@ -6,7 +6,6 @@ User mistakes end in one line on stderr and exit status 2, with no output file l
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -26,6 +25,33 @@ from vlmask.inputs.units import UNITS, parse_unit
 from vlmask.inputs.video import read_video
 from vlmask.model.load import DTYPES, load_model
 from vlmask.results.io import FORMATS, open_results, save_results, write_tables
+from vlmask.results.schema import (
+    ATTR,
+    KL,
+    LOGPROB_DROP,
+    MASKED_CONTINUATION,
+    PROB_CHANGE_PCT,
+    SEQ,
+    SEQ_COL,
+    SEQ_IMAGE,
+    SEQ_KIND,
+    SEQ_ROW,
+    SEQ_T,
+    SEQ_TEXT,
+    SEQ_VIDEO,
+    STEP,
+    TOKEN,
+    TOKEN_COL,
+    TOKEN_IMAGE,
+    TOKEN_KIND,
+    TOKEN_ROW,
+    TOKEN_SIZE,
+    TOKEN_T,
+    TOKEN_TEXT,
+    TOKEN_VIDEO,
+    VISION,
+    vision_ranges,
+)
 from vlmask.viz.compare import write_compare
 from vlmask.viz.heatmap import METRICS
 from vlmask.viz.plot import plot_heatmap
@@ -121,15 +147,16 @@ def _targets(args: argparse.Namespace) -> tuple[Path, list[str]]:
 
 
 def _print_tokens(ds: xr.Dataset) -> None:
-    print(f"model input ({ds.sizes['seq']} tokens, chat template {ds.attrs['chat_template']}):")
+    print(f"model input ({ds.sizes[SEQ]} tokens, chat template {ds.attrs[ATTR.chat_template]}):")
     print(f"  {'pos':>4}  {'kind':<7} {'img':>5} {'row':>3} {'col':>3}  token")
-    for pos in ds["seq"].values:
+    for pos in ds[SEQ].values:
         row = ds.sel(seq=pos)
-        image = _source(row) if row["seq_kind"].item() == "vision" else ""
-        cell = [int(row[f"seq_{c}"]) if row["seq_kind"].item() == "vision" else "" for c in ("row", "col")]
+        vision = row[SEQ_KIND].item() == VISION
+        image = _source(row) if vision else ""
+        cell = [int(row[name]) if vision else "" for name in (SEQ_ROW, SEQ_COL)]
         print(
-            f"  {pos:>4}  {row['seq_kind'].item()!s:<7} {image:>5} {cell[0]!s:>3} {cell[1]!s:>3}"
-            f"  {row['seq_text'].item()!r}"
+            f"  {pos:>4}  {row[SEQ_KIND].item()!s:<7} {image:>5} {cell[0]!s:>3} {cell[1]!s:>3}"
+            f"  {row[SEQ_TEXT].item()!r}"
         )
     ranges = _vision_ranges(ds)
     if ranges:
@@ -141,46 +168,42 @@ def _print_tokens(ds: xr.Dataset) -> None:
 
 def _source(row: xr.Dataset) -> str:
     """``0`` for image 0, ``v0:1`` for video 0's frame group 1."""
-    image = int(row["seq_image"])
-    return str(image) if image >= 0 else f"v{int(row['seq_video'])}:{int(row['seq_t'])}"
+    image = int(row[SEQ_IMAGE])
+    return str(image) if image >= 0 else f"v{int(row[SEQ_VIDEO])}:{int(row[SEQ_T])}"
 
 
 def _vision_ranges(ds: xr.Dataset) -> list[tuple[str, tuple[int, int]]]:
-    ranges = json.loads(ds.attrs["vision_ranges"])
     out = []
-    for start, end in ranges:
-        image, video, t = (int(ds[f"seq_{c}"].values[start]) for c in ("image", "video", "t"))
+    for start, end in vision_ranges(ds):
+        image, video, t = (int(ds[name].values[start]) for name in (SEQ_IMAGE, SEQ_VIDEO, SEQ_T))
         out.append((f"image {image}" if image >= 0 else f"video {video} frame group {t}", (start, end)))
     return out
 
 
 def _label(row: xr.Dataset) -> str:
     """A masked unit as a person reads it: its text, or for vision tokens where it sits."""
-    if row["token_kind"].item() != "vision":
-        return repr(row["token_text"].item())
-    media = (
-        f"video {int(row['token_video'])} t{int(row['token_t'])}"
-        if int(row["token_video"]) >= 0
-        else (f"image {int(row['token_image'])}")
-    )
-    size = int(row["token_size"])
-    return f"{media} r{int(row['token_row'])} c{int(row['token_col'])}" + (f" ({size} tokens)" if size > 1 else "")
+    if row[TOKEN_KIND].item() != VISION:
+        return repr(row[TOKEN_TEXT].item())
+    video = int(row[TOKEN_VIDEO])
+    media = f"video {video} t{int(row[TOKEN_T])}" if video >= 0 else f"image {int(row[TOKEN_IMAGE])}"
+    size = int(row[TOKEN_SIZE])
+    return f"{media} r{int(row[TOKEN_ROW])} c{int(row[TOKEN_COL])}" + (f" ({size} tokens)" if size > 1 else "")
 
 
 def _print_ranking(ds: xr.Dataset, top: int) -> None:
-    kl = ds["kl"].mean("step")
-    order = kl.sortby(kl, ascending=False)["token"].values[:top]
-    print(f"clean continuation: {ds.attrs['clean_continuation']!r}")
-    print(f"top {len(order)} of {ds.sizes['token']} masked units by KL(clean || masked), mean over steps:")
+    kl = ds[KL].mean(STEP)
+    order = kl.sortby(kl, ascending=False)[TOKEN].values[:top]
+    print(f"clean continuation: {ds.attrs[ATTR.clean_continuation]!r}")
+    print(f"top {len(order)} of {ds.sizes[TOKEN]} masked units by KL(clean || masked), mean over steps:")
     labels = {pos: _label(ds.sel(token=pos)) for pos in order}
     width = max([16, *(len(label) for label in labels.values())])
     print(f"  {'pos':>4}  {'token':<{width}} {'kind':<7} {'KL':>9} {'logp drop':>9} {'dP %':>8}  masked continuation")
     for pos in order:
         row = ds.sel(token=pos)
         print(
-            f"  {pos:>4}  {labels[pos]:<{width}} {row['token_kind'].item():<7}"
-            f" {float(row['kl'].mean()):>9.4f} {float(row['logprob_drop'].mean()):>9.4f}"
-            f" {float(row['prob_change_pct'].mean()):>8.2f}  {row['masked_continuation'].item()!r}"
+            f"  {pos:>4}  {labels[pos]:<{width}} {row[TOKEN_KIND].item():<7}"
+            f" {float(row[KL].mean()):>9.4f} {float(row[LOGPROB_DROP].mean()):>9.4f}"
+            f" {float(row[PROB_CHANGE_PCT].mean()):>8.2f}  {row[MASKED_CONTINUATION].item()!r}"
         )
 
 

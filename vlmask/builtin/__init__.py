@@ -187,8 +187,9 @@ def make_random_checkpoint(out: str | Path, words: Iterable[str], seed: int = 0)
     For tests and as a placeholder default: its outputs mean nothing.
 
     Example:
-        >>> make_random_checkpoint("/tmp/random-qwen3vl", ["hello"])  # doctest: +SKIP
-        PosixPath('/tmp/random-qwen3vl')
+        >>> path = make_random_checkpoint(tmp / "random-qwen3vl", ["hello"])
+        >>> (path / "config.json").is_file(), (path / "tokenizer.json").is_file()
+        (True, True)
     """
     import torch
     from transformers import Qwen3VLForConditionalGeneration

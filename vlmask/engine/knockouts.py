@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import xarray as xr
 
-from interventions import BlockKeys, from_dict
+from interventions import BlockKeys
 from interventions._common import ints, one_int
 from vlmask.errors import VlmaskError
 from vlmask.inputs.units import unit_coords
@@ -155,27 +154,3 @@ def plan(
     else:
         values = base
     return Knockouts(dim, entries, fixed, layers if window_layers is not None else None, window_layers, values)
-
-
-def interventions_of(ds: xr.Dataset) -> tuple[Any, xr.DataArray]:
-    """What a sweep applied: its ``base`` (None if none) and each knockout, labeled like the results.
-
-    The knockouts come as an object DataArray over ``token`` or ``intervention`` (and
-    ``window``), holding intervention values rebuilt from the result's attributes.
-
-    Example:
-        >>> base, knockouts = interventions_of(vlmask.open_results("output/run.nc"))  # doctest: +SKIP
-        >>> knockouts.sel(token=5).item()  # doctest: +SKIP
-        BlockKeys(positions=(5,), layers=None)
-    """
-    base_dict = json.loads(ds.attrs.get("base", "null"))
-    base = None if base_dict is None else from_dict(base_dict)
-    values = [from_dict(d) for d in json.loads(ds.attrs["interventions"])]
-    dims = [d for d in ("token", "intervention", "window") if d in ds.dims]
-    shape = tuple(ds.sizes[d] for d in dims)
-    if int(np.prod(shape)) != len(values):
-        sizes = dict(zip(dims, shape, strict=True))
-        raise VlmaskError(f"this result records {len(values)} interventions, but its knockout dims are {sizes}")
-    table = np.empty(len(values), dtype=object)
-    table[:] = values
-    return base, xr.DataArray(table.reshape(shape), dims=dims, coords={d: ds[d].values for d in dims})

@@ -17,6 +17,7 @@ import xarray as xr
 
 from interventions import ModelShape, compose
 from vlmask.engine.knockouts import Windows, plan
+from vlmask.engine.labels import sweep_record
 from vlmask.engine.packing import parse_size
 from vlmask.engine.passes import NOTHING, PromptPasses
 from vlmask.errors import VlmaskError
@@ -24,7 +25,7 @@ from vlmask.inputs.prompt import Prompt, build_prompt
 from vlmask.inputs.selection import parse_mask
 from vlmask.inputs.units import group_units
 from vlmask.model.load import VLModel
-from vlmask.results.dataset import SweepRecord, to_dataset
+from vlmask.results.dataset import Measured, to_dataset
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def sweep(
 
     prompt_ids = built.inputs["input_ids"]
     passes = PromptPasses.of(vl, built, prompt_ids.shape[1] + num_tokens - 1, vision_attention, backend)
-    measured = passes.measure(
+    out = passes.measure(
         prompt_ids, num_tokens, base, knockouts.values, batch_size=batch_size, budget=budget, progress=progress
     )
 
@@ -119,20 +120,24 @@ def sweep(
     if knockouts.dim == "token":
         mask = "text" if mask is None else mask
         mask_text = mask if isinstance(mask, str) else ",".join(map(str, sorted(set(mask))))
-    record = SweepRecord(
-        prompt=built,
-        vl=vl,
-        knockouts=knockouts,
-        base=None if base == NOTHING else base.to_dict(),
-        mask=mask_text,
-        mask_unit=mask_unit if knockouts.dim == "token" else "",
-        vision_attention=vision_attention,
-        clean_ids=measured.clean.tokens.tolist(),
-        clean_top_logprob=torch.log_softmax(measured.clean.readout.logits[0], -1).max(-1).values,
-        residual=measured.residual,
-        heads=measured.heads,
-        logits=measured.logits,
-        masked_ids=measured.masked_ids,
-        video_fps=video_fps,
+    measured = Measured(
+        clean_ids=out.clean.tokens.tolist(),
+        clean_top_logprob=torch.log_softmax(out.clean.readout.logits[0], -1).max(-1).values,
+        residual=out.residual,
+        heads=out.heads,
+        logits=out.logits,
+        masked_ids=out.masked_ids,
     )
-    return to_dataset(record)
+    return to_dataset(
+        sweep_record(
+            vl,
+            built,
+            knockouts,
+            measured,
+            video_fps,
+            base=None if base == NOTHING else base.to_dict(),
+            mask=mask_text,
+            mask_unit=mask_unit if knockouts.dim == "token" else "",
+            vision_attention=vision_attention,
+        )
+    )

@@ -60,9 +60,11 @@ def read_video(path: str | Path) -> VideoFile:
     """Read every frame image of directory ``path`` as RGB; all frames must share one size.
 
     Example:
-        >>> video = read_video("clip/")  # doctest: +SKIP
-        >>> len(video.frames), video.frame_names[:2]  # doctest: +SKIP
-        (8, ('0000.png', '0001.png'))
+        >>> for i in range(4):
+        ...     Image.new("RGB", (64, 48), (60 * i, 0, 0)).save(tmp / f"{i:04d}.png")
+        >>> video = read_video(tmp)
+        >>> len(video.frames), video.frame_names[:2], video.frames[0].size
+        (4, ('0000.png', '0001.png'), (64, 48))
     """
     paths = frame_paths(path)
     frames = [read_image(p).image for p in paths]

@@ -1,4 +1,9 @@
-"""Labeled results: the sweep's xarray Dataset, netCDF files, and long-form tables."""
+"""Labeled results: a sweep's measurements and plain labels turned into the xarray Dataset of the schema.
+
+Nothing here sees the model or its processor: the engine decodes the tokens and passes
+strings and numbers (:class:`SweepRecord`); :func:`to_dataset` lays them out under the names
+declared in :mod:`vlmask.results.schema`.
+"""
 
 from __future__ import annotations
 
@@ -11,32 +16,90 @@ import numpy as np
 import torch
 import xarray as xr
 
-from vlmask.inputs.grid import grids
-from vlmask.inputs.prompt import tokenizer_of
+from vlmask.inputs.grid import Grid
+from vlmask.inputs.prompt import TokenTable
 from vlmask.results.metrics import LOGIT_METRICS, VECTOR_METRICS
-
-SCHEMA_VERSION = 3
-METRIC_VARIABLES = ("residual", "heads", *LOGIT_METRICS)
+from vlmask.results.schema import (
+    ATTR,
+    CLEAN_TOP_LOGPROB,
+    DESCRIPTIONS,
+    HEAD,
+    HEADS,
+    LAYER,
+    MASKED_CONTINUATION,
+    MASKED_TOKEN_ID,
+    METRIC,
+    RESIDUAL,
+    SCHEMA_VERSION,
+    SEQ,
+    STEP,
+    STEP_POSITION,
+    STEP_TOKEN,
+    STEP_TOKEN_ID,
+    TOP_CHANGED,
+    RecordedMedia,
+)
 
 
 @dataclass(frozen=True)
-class SweepRecord:
-    """Everything a sweep measured, before labeling."""
+class ModelLabels:
+    """What a result records of the model that ran: names and sizes, no weights."""
 
-    prompt: Any
-    vl: Any
-    knockouts: Any  # vlmask.engine.knockouts.Knockouts: what was knocked out, one row per entry x window
-    base: dict[str, Any] | None  # the base intervention applied to every pass, clean included
-    mask: str
-    mask_unit: str
-    vision_attention: str
-    clean_ids: list[int]
+    name: str
+    family: str
+    builtin: bool
+    num_layers: int
+    num_heads: int
+    attn_implementation: str
+    dtype: str  # like "float32"
+    device: str
+    video_frames_per_group: int = 0  # frames merged into one frame group (0: the model reads no video)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """The numbers a sweep measured, one row per knockout (row-major over the knockout dims)."""
+
+    clean_ids: list[int]  # the clean continuation, one token id per step
     clean_top_logprob: torch.Tensor  # (step,)
     residual: torch.Tensor  # (knockout, layer, step, metric)
     heads: torch.Tensor  # (knockout, layer, step, head, metric)
     logits: torch.Tensor  # (knockout, step, logit metric)
     masked_ids: torch.Tensor  # (knockout, step)
-    video_fps: float = 2.0
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    """Everything a sweep measured, with plain labels: decoded texts, the token table, what was knocked out.
+
+    ``knockout_coords`` holds the coordinates of ``knockout_dims`` (``token`` or ``intervention``
+    [, ``window``]); ``interventions`` each knockout's ``to_dict()``, row-major over those dims.
+    """
+
+    model: ModelLabels
+    tokens: TokenTable
+    prompt: str
+    model_input_text: str
+    chat_template: bool
+    media: RecordedMedia
+    grids: list[Grid]
+    step_text: list[str]  # each clean step's token, decoded
+    clean_continuation: str
+    continuations: list[str]  # each knockout's greedy continuation, decoded
+    knockout_dims: tuple[str, ...]
+    knockout_coords: dict[str, Any]
+    interventions: list[dict[str, Any]]
+    measured: Measured
+    mask: str = ""
+    mask_unit: str = ""
+    vision_attention: str = "native"
+    layers: list[int] | None = None
+    windows: dict[str, Any] | None = None  # {k, centres, layers} of a windowed sweep
+    base: dict[str, Any] | None = None  # the base intervention applied to every pass, clean included
+
+    @property
+    def knockout_shape(self) -> tuple[int, ...]:
+        return tuple(len(self.knockout_coords[d]) for d in self.knockout_dims)
 
 
 def _versions() -> dict[str, str]:
@@ -50,101 +113,103 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def to_dataset(rec: SweepRecord) -> xr.Dataset:
-    """Label a :class:`SweepRecord`: dims ``step, token`` (or ``intervention``) ``[, window], layer, head, metric``."""
-    tokens = rec.prompt.tokens
-    tokenizer = tokenizer_of(rec.vl.processor)
-    step_text = [tokenizer.decode([i], skip_special_tokens=False) for i in rec.clean_ids]
-    prompt_len = len(tokens)
-    ko = rec.knockouts
-    dims, shape = ko.dims, ko.shape
+def _data(rec: SweepRecord) -> dict[str, Any]:
+    """The data variables: each knockout row unfolded onto the knockout dims."""
+    dims, shape, m = rec.knockout_dims, rec.knockout_shape, rec.measured
 
     def entries(t: torch.Tensor, step_axis: int) -> np.ndarray:
         """``(knockout, ...)`` as ``(step, *knockout dims, ...)``: the flat knockout rows unfolded."""
         return np.moveaxis(t.numpy().reshape(*shape, *t.shape[1:]), step_axis, 0)
 
-    residual = entries(rec.residual, -2)
-    heads = entries(rec.heads, -3)
-    logits = entries(rec.logits, -2)
-    continuations = [tokenizer.decode(row, skip_special_tokens=False) for row in rec.masked_ids.tolist()]
-    data = {
-        "residual": (("step", *dims, "layer", "metric"), residual),
-        "heads": (("step", *dims, "layer", "head", "metric"), heads),
+    logits = entries(m.logits, -2)
+    return {
+        RESIDUAL: ((STEP, *dims, LAYER, METRIC), entries(m.residual, -2)),
+        HEADS: ((STEP, *dims, LAYER, HEAD, METRIC), entries(m.heads, -3)),
         **{
-            name: (("step", *dims), logits[..., i].astype(bool) if name == "top_changed" else logits[..., i])
+            name: ((STEP, *dims), logits[..., i].astype(bool) if name == TOP_CHANGED else logits[..., i])
             for i, name in enumerate(LOGIT_METRICS)
         },
-        "masked_token_id": ((*dims, "step"), rec.masked_ids.numpy().astype(np.int64).reshape(*shape, -1)),
-        "masked_continuation": (dims, np.array(continuations, dtype=object).reshape(shape)),
-        "clean_top_logprob": (("step",), rec.clean_top_logprob.numpy()),
+        MASKED_TOKEN_ID: ((*dims, STEP), m.masked_ids.numpy().astype(np.int64).reshape(*shape, -1)),
+        MASKED_CONTINUATION: (dims, np.array(rec.continuations, dtype=object).reshape(shape)),
+        CLEAN_TOP_LOGPROB: ((STEP,), m.clean_top_logprob.numpy()),
     }
-    coords = {
-        "step": np.arange(len(rec.clean_ids)),
-        "step_token": ("step", np.array(step_text, dtype=object)),
-        "step_token_id": ("step", np.array(rec.clean_ids, dtype=np.int64)),
-        "step_position": ("step", np.arange(len(rec.clean_ids)) + prompt_len - 1),
-        **ko.coords(tokens, rec.vl.num_layers),
-        "layer": np.arange(rec.vl.num_layers),
-        "head": np.arange(rec.vl.num_heads),
-        "metric": list(VECTOR_METRICS),
-        "seq": np.arange(prompt_len),
-        "seq_id": ("seq", np.array(tokens.ids, dtype=np.int64)),
-        "seq_text": ("seq", np.array(tokens.text, dtype=object)),
-        "seq_kind": ("seq", np.array(tokens.kind, dtype=object)),
-        "seq_image": ("seq", np.array(tokens.image_index, dtype=np.int64)),
-        **{
-            f"seq_{name}": ("seq", np.array(getattr(tokens, field), dtype=np.int64))
-            for name, field in (("video", "video_index"), ("t", "t"), ("row", "row"), ("col", "col"))
-        },
+
+
+def _coords(rec: SweepRecord) -> dict[str, Any]:
+    """Coordinates: the steps, the knockouts, layers, heads, metrics, and the token table on ``seq``."""
+    tokens, steps = rec.tokens, len(rec.measured.clean_ids)
+    table = {
+        "id": (tokens.ids, np.int64),
+        "text": (tokens.text, object),
+        "kind": (tokens.kind, object),
+        "image": (tokens.image_index, np.int64),
+        "video": (tokens.video_index, np.int64),
+        "t": (tokens.t, np.int64),
+        "row": (tokens.row, np.int64),
+        "col": (tokens.col, np.int64),
     }
-    images, videos = rec.prompt.images, rec.prompt.videos
-    inputs = rec.prompt.inputs
-    vision_grids = grids(
-        *(inputs[k].tolist() if k in inputs else None for k in ("image_grid_thw", "video_grid_thw")),
-        getattr(getattr(rec.vl.processor, "image_processor", None), "merge_size", 1),
-    )
-    attrs = {
-        "schema_version": SCHEMA_VERSION,
-        "model": rec.vl.name,
-        "model_family": rec.vl.family.name,
-        "builtin_model": int(rec.vl.builtin),
-        "prompt": rec.prompt.prompt,
-        "model_input_text": rec.prompt.text,
-        "chat_template": "on" if rec.prompt.chat_template else "off",
-        "image_files": json.dumps([f.path for f in images]),
-        "image_sha256": json.dumps([f.sha256 for f in images]),
-        "video_files": json.dumps([v.path for v in videos]),
-        "video_sha256": json.dumps([v.sha256 for v in videos]),
-        "video_frames": json.dumps([list(v.frame_names) for v in videos]),
-        "video_fps": float(rec.video_fps),
-        "video_frames_per_group": int(
-            getattr(getattr(rec.vl.processor, "video_processor", None), "temporal_patch_size", 0)
-        ),
-        "vision_grids": json.dumps([g.to_dict() for g in vision_grids]),
-        "vision_ranges": json.dumps(tokens.vision_ranges),
-        "clean_continuation": tokenizer.decode(rec.clean_ids, skip_special_tokens=False),
-        "num_tokens": len(rec.clean_ids),
-        "mask": rec.mask,
-        "mask_unit": rec.mask_unit,
-        "layers": json.dumps(ko.layers),
-        "windows": json.dumps(None if ko.windows is None else {**ko.windows.to_dict(), "layers": ko.window_layers}),
-        "vision_attention": rec.vision_attention,
-        "vision_attention_native": int(rec.vision_attention == "native"),
-        "over": ko.dim,
-        "intervention": json.dumps({"over": ko.dim, "dims": list(dims), "layers": ko.layers}),
-        "base": json.dumps(rec.base),
-        "interventions": json.dumps([v.to_dict() for v in ko.values]),
-        "measured_position": "last position of each step's sequence (teacher-forced on the clean continuation)",
-        "attn_implementation": rec.vl.attn_implementation,
-        "dtype": str(rec.vl.dtype).removeprefix("torch."),
-        "device": str(rec.vl.device),
-        "versions": json.dumps(_versions()),
+    return {
+        STEP: np.arange(steps),
+        STEP_TOKEN: (STEP, np.array(rec.step_text, dtype=object)),
+        STEP_TOKEN_ID: (STEP, np.array(rec.measured.clean_ids, dtype=np.int64)),
+        STEP_POSITION: (STEP, np.arange(steps) + len(tokens) - 1),
+        **rec.knockout_coords,
+        LAYER: np.arange(rec.model.num_layers),
+        HEAD: np.arange(rec.model.num_heads),
+        METRIC: list(VECTOR_METRICS),
+        SEQ: np.arange(len(tokens)),
+        **{f"{SEQ}_{name}": (SEQ, np.array(values, dtype=dtype)) for name, (values, dtype) in table.items()},
     }
-    ds = xr.Dataset(data, coords=coords, attrs=attrs)
-    ds["residual"].attrs["description"] = "decoder layer output at the measured position, knockout vs clean"
-    ds["heads"].attrs["description"] = "each head's slice of the o_proj input at the measured position, vs clean"
-    ds["kl"].attrs["description"] = "KL(clean || masked) of the next-token distribution (nats)"
-    ds["logprob_drop"].attrs["description"] = "clean log-prob of the clean top token minus its masked log-prob"
-    ds["prob_change_pct"].attrs["description"] = "(masked - clean) / clean probability of the clean top token, %"
-    ds["top_changed"].attrs["description"] = "whether the knockout changed the top token"
+
+
+def _attrs(rec: SweepRecord) -> dict[str, Any]:
+    """The attributes: provenance as strings and numbers, structured values as JSON text."""
+    model, media, over = rec.model, rec.media, rec.knockout_dims[0]
+    return {
+        ATTR.schema_version: SCHEMA_VERSION,
+        ATTR.model: model.name,
+        ATTR.model_family: model.family,
+        ATTR.builtin_model: int(model.builtin),
+        ATTR.prompt: rec.prompt,
+        ATTR.model_input_text: rec.model_input_text,
+        ATTR.chat_template: "on" if rec.chat_template else "off",
+        ATTR.image_files: json.dumps([f.path for f in media.images]),
+        ATTR.image_sha256: json.dumps([f.sha256 for f in media.images]),
+        ATTR.video_files: json.dumps([v.path for v in media.videos]),
+        ATTR.video_sha256: json.dumps([v.sha256 for v in media.videos]),
+        ATTR.video_frames: json.dumps([list(v.frames) for v in media.videos]),
+        ATTR.video_fps: float(media.fps),
+        ATTR.video_frames_per_group: int(model.video_frames_per_group),
+        ATTR.vision_grids: json.dumps([g.to_dict() for g in rec.grids]),
+        ATTR.vision_ranges: json.dumps(rec.tokens.vision_ranges),
+        ATTR.clean_continuation: rec.clean_continuation,
+        ATTR.num_tokens: len(rec.measured.clean_ids),
+        ATTR.mask: rec.mask,
+        ATTR.mask_unit: rec.mask_unit,
+        ATTR.layers: json.dumps(rec.layers),
+        ATTR.windows: json.dumps(rec.windows),
+        ATTR.vision_attention: rec.vision_attention,
+        ATTR.vision_attention_native: int(rec.vision_attention == "native"),
+        ATTR.over: over,
+        ATTR.intervention: json.dumps({"over": over, "dims": list(rec.knockout_dims), "layers": rec.layers}),
+        ATTR.base: json.dumps(rec.base),
+        ATTR.interventions: json.dumps(rec.interventions),
+        ATTR.measured_position: "last position of each step's sequence (teacher-forced on the clean continuation)",
+        ATTR.attn_implementation: model.attn_implementation,
+        ATTR.dtype: model.dtype,
+        ATTR.device: model.device,
+        ATTR.versions: json.dumps(_versions()),
+    }
+
+
+def to_dataset(rec: SweepRecord) -> xr.Dataset:
+    """Label a :class:`SweepRecord`: dims ``step, token`` (or ``intervention``) ``[, window], layer, head, metric``.
+
+    Example:
+        >>> ds[RESIDUAL].dims, ds[RESIDUAL].attrs["description"] == DESCRIPTIONS[RESIDUAL]
+        (('step', 'token', 'layer', 'metric'), True)
+    """
+    ds = xr.Dataset(_data(rec), coords=_coords(rec), attrs=_attrs(rec))
+    for name, text in DESCRIPTIONS.items():
+        ds[name].attrs["description"] = text
     return ds

@@ -12,8 +12,23 @@ import pandas as pd
 import xarray as xr
 
 from vlmask.errors import VlmaskError
-from vlmask.results.dataset import METRIC_VARIABLES
 from vlmask.results.metrics import LOGIT_METRICS
+from vlmask.results.schema import (
+    HEAD,
+    INTERVENTION,
+    INTERVENTION_TYPE,
+    LAYER,
+    METRIC,
+    METRIC_VARIABLES,
+    STEP,
+    STEP_TOKEN,
+    TOKEN,
+    TOKEN_KIND,
+    TOKEN_TEXT,
+    WINDOW,
+    WINDOW_END,
+    WINDOW_START,
+)
 
 FORMATS = ("nc", "csv", "json")
 
@@ -44,8 +59,8 @@ def save_results(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -
     """Write ``ds`` to netCDF atomically (a temporary file, then a rename).
 
     Example:
-        >>> save_results(ds, "output/run.nc")  # doctest: +SKIP
-        PosixPath('output/run.nc')
+        >>> save_results(ds, tmp / "run.nc") == tmp / "run.nc"
+        True
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -57,8 +72,10 @@ def open_results(path: str | Path) -> xr.Dataset:
     """Open a result file written by :func:`save_results` (loaded into memory).
 
     Example:
-        >>> ds = open_results("output/run.nc")  # doctest: +SKIP
-        >>> ds["kl"].sel(step=0).to_series().nlargest(3)  # doctest: +SKIP
+        >>> same = open_results(save_results(ds, tmp / "run.nc"))
+        >>> xr.testing.assert_identical(same, ds)
+        >>> int(same["kl"].sel(step=0).idxmax("token")) in same["token"].values
+        True
     """
     path = Path(path)
     if not path.exists():
@@ -77,35 +94,28 @@ def long_table(ds: xr.Dataset) -> pd.DataFrame:
     metric, value``; ``layer`` and ``head`` are empty where they do not apply. Intervention
     sweeps add ``intervention, intervention_type`` (``token`` is empty), windowed ones
     ``window, window_start, window_end``.
+
+    Example:
+        >>> table = long_table(ds)  # or ds.vlmask.table()
+        >>> len(table) == sum(ds[name].size for name in METRIC_VARIABLES)
+        True
     """
     frames = []
     for name in METRIC_VARIABLES:
         da = ds[name].astype(float)
-        if "metric" not in da.dims:
-            da = da.expand_dims(metric=[name])
+        if METRIC not in da.dims:
+            da = da.expand_dims({METRIC: [name]})
         frame = da.to_dataframe(name="value").reset_index()
         frame["variable"] = "logits" if name in LOGIT_METRICS else name
         frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
-    extra = [c for c in ("intervention", "intervention_type", "window", "window_start", "window_end") if c in table]
-    columns = [
-        "step",
-        "step_token",
-        "token",
-        "token_text",
-        "token_kind",
-        *extra,
-        "layer",
-        "head",
-        "variable",
-        "metric",
-        "value",
-    ]
+    extra = [c for c in (INTERVENTION, INTERVENTION_TYPE, WINDOW, WINDOW_START, WINDOW_END) if c in table]
+    columns = [STEP, STEP_TOKEN, TOKEN, TOKEN_TEXT, TOKEN_KIND, *extra, LAYER, HEAD, "variable", METRIC, "value"]
     for col in columns:
         if col not in table:
             table[col] = pd.NA
     table = table[columns]
-    table[["layer", "head"]] = table[["layer", "head"]].astype("Int64")
+    table[[LAYER, HEAD]] = table[[LAYER, HEAD]].astype("Int64")
     return table
 
 

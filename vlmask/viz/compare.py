@@ -18,13 +18,34 @@ import xarray as xr
 
 from vlmask.errors import VlmaskError
 from vlmask.results.metrics import LOGIT_METRICS
+from vlmask.results.schema import (
+    ATTR,
+    LAYER,
+    METRIC,
+    RESIDUAL,
+    STEP,
+    STEP_TOKEN,
+    TOKEN,
+    TOKEN_COL,
+    TOKEN_COLS,
+    TOKEN_IMAGE,
+    TOKEN_KIND,
+    TOKEN_ROW,
+    TOKEN_ROWS,
+    TOKEN_T,
+    TOKEN_TEXT,
+    TOKEN_VIDEO,
+    TOP_CHANGED,
+    VISION,
+    json_attr,
+)
 from vlmask.viz.page import Numbers, page, write_page
 from vlmask.viz.report import check_dims
 
 log = logging.getLogger(__name__)
 
-COMPARED = tuple(m for m in LOGIT_METRICS if m != "top_changed")
-_CELL = ("token_image", "token_video", "token_t", "token_row", "token_col", "token_rows", "token_cols")
+COMPARED = tuple(m for m in LOGIT_METRICS if m != TOP_CHANGED)
+_CELL = (TOKEN_IMAGE, TOKEN_VIDEO, TOKEN_T, TOKEN_ROW, TOKEN_COL, TOKEN_ROWS, TOKEN_COLS)
 
 
 def align(a: xr.Dataset, b: xr.Dataset) -> list[tuple[int, int]]:
@@ -35,15 +56,16 @@ def align(a: xr.Dataset, b: xr.Dataset) -> list[tuple[int, int]]:
     video, frame group and cells.
 
     Example:
-        >>> align(with_image, text_only)[:2]  # doctest: +SKIP
-        [(0, 0), (1, 1)]
+        >>> pairs = align(ds, text_only)  # ds also masks the image's markers and rows, which text_only lacks
+        >>> pairs[:2], len(pairs) == text_only.sizes["token"]
+        ([(1, 0), (8, 1)], True)
     """
     pairs = []
-    kind_a, kind_b = a["token_kind"].values, b["token_kind"].values
-    words_a = [i for i, k in enumerate(kind_a) if k != "vision"]
-    words_b = [i for i, k in enumerate(kind_b) if k != "vision"]
-    text_a = [str(a["token_text"].values[i]) for i in words_a]
-    text_b = [str(b["token_text"].values[i]) for i in words_b]
+    kind_a, kind_b = a[TOKEN_KIND].values, b[TOKEN_KIND].values
+    words_a = [i for i, k in enumerate(kind_a) if k != VISION]
+    words_b = [i for i, k in enumerate(kind_b) if k != VISION]
+    text_a = [str(a[TOKEN_TEXT].values[i]) for i in words_a]
+    text_b = [str(b[TOKEN_TEXT].values[i]) for i in words_b]
     matcher = difflib.SequenceMatcher(None, text_a, text_b, autojunk=False)
     for block in matcher.get_matching_blocks():
         pairs += [(words_a[block.a + k], words_b[block.b + k]) for k in range(block.size)]
@@ -52,8 +74,8 @@ def align(a: xr.Dataset, b: xr.Dataset) -> list[tuple[int, int]]:
         if not all(c in ds.coords for c in _CELL):
             return {}
         keys = zip(*(ds[c].values.tolist() for c in _CELL), strict=True)
-        kinds = ds["token_kind"].values
-        return {key: i for i, (key, kind) in enumerate(zip(keys, kinds, strict=True)) if kind == "vision"}
+        kinds = ds[TOKEN_KIND].values
+        return {key: i for i, (key, kind) in enumerate(zip(keys, kinds, strict=True)) if kind == VISION}
 
     vision_b = cells(b)
     pairs += [(i, vision_b[key]) for key, i in cells(a).items() if key in vision_b]
@@ -71,21 +93,21 @@ def compare(a: xr.Dataset, b: xr.Dataset) -> xr.Dataset:
     ``step_token_b``. Attributes name both prompts and list the unmatched units as JSON.
 
     Example:
-        >>> a, b = vlmask.open_results("with_image.nc"), vlmask.open_results("text_only.nc")  # doctest: +SKIP
-        >>> both = vlmask.compare(a, b)  # doctest: +SKIP
-        >>> both["kl_diff"].sel(step=0).to_series().sort_values().tail(3)  # doctest: +SKIP
+        >>> both = compare(ds, text_only)  # or ds.vlmask.compare(text_only)
+        >>> bool((both["kl_diff"] == both["kl_a"] - both["kl_b"]).all()), both.attrs["diff"]
+        (True, 'a - b')
     """
     check_dims(a)
     check_dims(b)
     pairs = align(a, b)
     if not pairs:
         raise VlmaskError(
-            f"no masked token of A ({a.sizes['token']}: {_preview(a)}) matches one of B "
-            f"({b.sizes['token']}: {_preview(b)}) by text or image cell: compare results of the same question"
+            f"no masked token of A ({a.sizes[TOKEN]}: {_preview(a)}) matches one of B "
+            f"({b.sizes[TOKEN]}: {_preview(b)}) by text or image cell: compare results of the same question"
         )
     ia, ib = (np.array(side, dtype=np.int64) for side in zip(*pairs, strict=True))
-    steps = min(a.sizes["step"], b.sizes["step"])
-    metrics = [m for m in a["metric"].values.tolist() if m in b["metric"].values.tolist()]
+    steps = min(a.sizes[STEP], b.sizes[STEP])
+    metrics = [m for m in a[METRIC].values.tolist() if m in b[METRIC].values.tolist()]
 
     def side(ds: xr.Dataset, index: np.ndarray) -> xr.Dataset:
         picked = ds.isel(token=index, step=slice(0, steps))
@@ -96,41 +118,51 @@ def compare(a: xr.Dataset, b: xr.Dataset) -> xr.Dataset:
     for name in COMPARED:
         data[f"{name}_a"], data[f"{name}_b"] = sa[name], sb[name]
         data[f"{name}_diff"] = sa[name] - sb[name]
-    data["top_changed_a"], data["top_changed_b"] = sa["top_changed"], sb["top_changed"]
-    final_a = sa["residual"].isel(layer=-1, drop=True).sel(metric=metrics)
-    final_b = sb["residual"].isel(layer=-1, drop=True).sel(metric=metrics)
+    data["top_changed_a"], data["top_changed_b"] = sa[TOP_CHANGED], sb[TOP_CHANGED]
+    final_a = sa[RESIDUAL].isel(layer=-1, drop=True).sel(metric=metrics)
+    final_b = sb[RESIDUAL].isel(layer=-1, drop=True).sel(metric=metrics)
     data["residual_a"], data["residual_b"], data["residual_diff"] = final_a, final_b, final_a - final_b
     out = xr.Dataset({k: v.reset_coords(drop=True) for k, v in data.items()})
-    unmatched_a = sorted(set(range(a.sizes["token"])) - set(ia.tolist()))
-    unmatched_b = sorted(set(range(b.sizes["token"])) - set(ib.tolist()))
     out = out.assign_coords(
-        token=np.arange(len(pairs)),
-        token_a=("token", a["token"].values[ia]),
-        token_b=("token", b["token"].values[ib]),
-        token_text=("token", a["token_text"].values[ia]),
-        token_text_b=("token", b["token_text"].values[ib]),
-        token_kind=("token", a["token_kind"].values[ia]),
-        step_token_a=("step", a["step_token"].values[:steps]),
-        step_token_b=("step", b["step_token"].values[:steps]),
+        {
+            TOKEN: np.arange(len(pairs)),
+            f"{TOKEN}_a": (TOKEN, a[TOKEN].values[ia]),
+            f"{TOKEN}_b": (TOKEN, b[TOKEN].values[ib]),
+            TOKEN_TEXT: (TOKEN, a[TOKEN_TEXT].values[ia]),
+            f"{TOKEN_TEXT}_b": (TOKEN, b[TOKEN_TEXT].values[ib]),
+            TOKEN_KIND: (TOKEN, a[TOKEN_KIND].values[ia]),
+            f"{STEP_TOKEN}_a": (STEP, a[STEP_TOKEN].values[:steps]),
+            f"{STEP_TOKEN}_b": (STEP, b[STEP_TOKEN].values[:steps]),
+        }
     )
-    out.attrs = {
-        **{f"{key}_{s}": str(ds.attrs.get(key, "")) for s, ds in (("a", a), ("b", b)) for key in _ATTRS},
-        "diff": "a - b",
-        "residual_layer_a": int(a.sizes["layer"] - 1),
-        "residual_layer_b": int(b.sizes["layer"] - 1),
-        "same_continuation": int(list(out["step_token_a"].values) == list(out["step_token_b"].values)),
-        "unmatched_a": json.dumps([[int(a["token"][i]), str(a["token_text"].values[i])] for i in unmatched_a]),
-        "unmatched_b": json.dumps([[int(b["token"][i]), str(b["token_text"].values[i])] for i in unmatched_b]),
-    }
+    out.attrs = _attrs(a, b, ia, ib, same=list(out["step_token_a"].values) == list(out["step_token_b"].values))
     return out
 
 
-_ATTRS = ("prompt", "model", "clean_continuation", "image_files", "mask", "mask_unit")
+_ATTRS = (ATTR.prompt, ATTR.model, ATTR.clean_continuation, ATTR.image_files, ATTR.mask, ATTR.mask_unit)
+
+
+def _attrs(a: xr.Dataset, b: xr.Dataset, ia: np.ndarray, ib: np.ndarray, same: bool) -> dict[str, Any]:
+    """The comparison's attributes: both sides' provenance, and the units of each left unmatched (JSON)."""
+
+    def unmatched(ds: xr.Dataset, matched: np.ndarray) -> str:
+        left = sorted(set(range(ds.sizes[TOKEN])) - set(matched.tolist()))
+        return json.dumps([[int(ds[TOKEN][i]), str(ds[TOKEN_TEXT].values[i])] for i in left])
+
+    return {
+        **{f"{key}_{s}": str(ds.attrs.get(key, "")) for s, ds in (("a", a), ("b", b)) for key in _ATTRS},
+        "diff": "a - b",
+        "residual_layer_a": int(a.sizes[LAYER] - 1),
+        "residual_layer_b": int(b.sizes[LAYER] - 1),
+        "same_continuation": int(same),
+        "unmatched_a": unmatched(a, ia),
+        "unmatched_b": unmatched(b, ib),
+    }
 
 
 def _preview(ds: xr.Dataset, n: int = 4) -> str:
-    words = [repr(str(t)) for t in ds["token_text"].values[:n]]
-    return ", ".join(words) + (", ..." if ds.sizes["token"] > n else "")
+    words = [repr(str(t)) for t in ds[TOKEN_TEXT].values[:n]]
+    return ", ".join(words) + (", ..." if ds.sizes[TOKEN] > n else "")
 
 
 def compare_data(both: xr.Dataset, names: tuple[str, str] = ("A", "B")) -> dict[str, Any]:
@@ -142,7 +174,7 @@ def compare_data(both: xr.Dataset, names: tuple[str, str] = ("A", "B")) -> dict[
         parts = {}
         for s in ("a", "b", "diff"):
             da = both[f"{metric}_{s}"] if label in COMPARED else both[f"residual_{s}"].sel(metric=metric)
-            parts[s] = Numbers(da.transpose("step", "token").values)
+            parts[s] = Numbers(da.transpose(STEP, TOKEN).values)
         values[label] = parts
     return {
         "kind": "compare",
@@ -157,7 +189,7 @@ def compare_data(both: xr.Dataset, names: tuple[str, str] = ("A", "B")) -> dict[
             "text_b": [str(t) for t in both["token_text_b"].values],
             "kind": [str(k) for k in both["token_kind"].values],
         },
-        "unmatched": {s: json.loads(both.attrs[f"unmatched_{s}"]) for s in ("a", "b")},
+        "unmatched": {s: json_attr(both, f"unmatched_{s}") for s in ("a", "b")},
         "metrics": list(metrics),
         "values": values,
     }
@@ -169,8 +201,8 @@ def write_compare(
     """Write a self-contained HTML page comparing ``a`` and ``b`` token by token (see :func:`compare`).
 
     Example:
-        >>> vlmask.write_compare(with_image, text_only, "compare.html", names=("image", "text"))  # doctest: +SKIP
-        PosixPath('compare.html')
+        >>> write_compare(ds, text_only, tmp / "compare.html", names=("image", "text")).name
+        'compare.html'
     """
     html = page("compare.js", compare_data(compare(a, b), names), "vlmask compare")
     out = write_page(html, path, overwrite=overwrite)

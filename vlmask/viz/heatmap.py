@@ -5,7 +5,6 @@ Pure functions over a result Dataset; :mod:`vlmask.viz.plot` draws them over the
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,6 +12,25 @@ import xarray as xr
 
 from vlmask.errors import VlmaskError
 from vlmask.results.metrics import LOGIT_METRICS, VECTOR_METRICS
+from vlmask.results.schema import (
+    ATTR,
+    COL,
+    HEAD,
+    HEADS,
+    LAYER,
+    PANEL,
+    RESIDUAL,
+    ROW,
+    SEQ_ROW,
+    STEP,
+    STEP_TOKEN,
+    TOKEN,
+    TOKEN_KIND,
+    TOKEN_MEMBERS,
+    VISION,
+    WINDOW,
+    vision_grids,
+)
 
 HEAD_REDUCTIONS = ("mean", "max")
 METRICS = (
@@ -31,7 +49,7 @@ def _layer(ds: xr.Dataset, metric: str, layer: int | str | None) -> int | None:
                 f"metric {metric!r} is measured on the final output, not at a layer: leave out --layer (or pass final)"
             )
         return None
-    last = ds.sizes["layer"] - 1
+    last = ds.sizes[LAYER] - 1
     if final:
         return last
     try:
@@ -54,26 +72,28 @@ def unit_values(
     layer). ``heads:M`` is the mean over heads; ``heads:M:max`` takes the largest head.
 
     Example:
-        >>> values, layer = unit_values(ds, "residual:cosine", layer=2)  # doctest: +SKIP
+        >>> values, layer = unit_values(ds, "residual:cosine", layer=2)
+        >>> values.dims, layer
+        (('token',), 2)
     """
     name, _, rest = metric.partition(":")
     sub, _, reduce = rest.partition(":")
     known = name in LOGIT_METRICS and not rest
-    known |= name == "residual" and sub in VECTOR_METRICS and not reduce
-    known |= name == "heads" and sub in VECTOR_METRICS and reduce in ("", *HEAD_REDUCTIONS)
+    known |= name == RESIDUAL and sub in VECTOR_METRICS and not reduce
+    known |= name == HEADS and sub in VECTOR_METRICS and reduce in ("", *HEAD_REDUCTIONS)
     if not known:
         raise VlmaskError(
             f"metric {metric!r} is not known: expected one of {', '.join(METRICS)} (heads:M:max for the largest head)"
         )
-    steps = ds["step"].values.tolist()
+    steps = ds[STEP].values.tolist()
     if step not in steps:
         raise VlmaskError(f"step {step} is out of range: the result has {len(steps)} steps (0-{len(steps) - 1})")
     where = _layer(ds, name, layer)
     if name in LOGIT_METRICS:
         return ds[name].sel(step=step).astype(float), None
     values = ds[name].sel(step=step, layer=where, metric=sub)
-    if name == "heads":
-        values = values.max("head") if reduce == "max" else values.mean("head")
+    if name == HEADS:
+        values = values.max(HEAD) if reduce == "max" else values.mean(HEAD)
     return values.astype(float), where
 
 
@@ -85,16 +105,16 @@ def panels(ds: xr.Dataset) -> list[dict[str, int | str]]:
     """One panel per image and per video frame group: ``source, index, t, rows, cols``, in prompt order.
 
     Example:
-        >>> [(p["source"], p["t"]) for p in panels(ds)]  # doctest: +SKIP
-        [('image', 0), ('video', 0), ('video', 1)]
+        >>> panels(ds)
+        [{'source': 'image', 'index': 0, 'rows': 4, 'cols': 4, 't': 0}]
     """
-    if "vision_grids" not in ds.attrs or "seq_row" not in ds.coords:
-        version = ds.attrs.get("schema_version", "unknown")
+    if ATTR.vision_grids not in ds.attrs or SEQ_ROW not in ds.coords:
+        version = ds.attrs.get(ATTR.schema_version, "unknown")
         raise VlmaskError(f"this result (schema {version}) has no vision-token grid: rerun it with this vlmask")
     out = []
-    for grid in json.loads(ds.attrs["vision_grids"]):
-        for t in range(grid["t"] if grid["source"] == "video" else 1):
-            out.append({**{k: grid[k] for k in ("source", "index", "rows", "cols")}, "t": t})
+    for grid in vision_grids(ds):
+        for t in range(grid.t if grid.source == "video" else 1):
+            out.append({"source": grid.source, "index": grid.index, "rows": grid.rows, "cols": grid.cols, "t": t})
     return out
 
 
@@ -109,17 +129,17 @@ def heatmap(
     masked are NaN. Every cell of a unit (a row, a region, a whole image) gets the unit's value.
 
     Example:
-        >>> import vlmask
-        >>> ds = vlmask.sweep(vl, "what is this ?", ["photo.png"], mask="vision")  # doctest: +SKIP
-        >>> vlmask.heatmap(ds, "kl").sel(panel=0).plot()  # doctest: +SKIP
+        >>> heat = heatmap(ds, "kl")  # or ds.vlmask.heatmap("kl")
+        >>> heat.dims, heat.shape, int(heat.notnull().sum())  # one 4x4 image, every cell masked
+        (('panel', 'row', 'col'), (1, 4, 4), 16)
     """
-    if "token" not in ds.dims or "window" in ds.dims:
+    if TOKEN not in ds.dims or WINDOW in ds.dims:
         raise VlmaskError(
             "a heatmap needs a token sweep at one set of layers: this result has dims"
             f" {sorted(ds.dims)}; select one window first, like ds.sel(window=3)"
         )
     values, where = unit_values(ds, metric, layer, step)
-    vision = ds["token_kind"].values == "vision"
+    vision = ds[TOKEN_KIND].values == VISION
     if not vision.any():
         raise VlmaskError(
             "this result has no masked vision tokens to draw: run the sweep with an image or video and --mask vision"
@@ -130,28 +150,28 @@ def heatmap(
     cols = max(p["cols"] for p in layout)
     grid = np.full((len(layout), rows, cols), np.nan)
     seq = {name: ds[f"seq_{name}"].values for name in ("image", "video", "t", "row", "col")}
-    for unit, value in zip(ds["token_members"].values[vision], values.values[vision], strict=True):
+    for unit, value in zip(ds[TOKEN_MEMBERS].values[vision], values.values[vision], strict=True):
         for pos in _members(unit):
             source = "image" if seq["image"][pos] >= 0 else "video"
             panel = index[(source, int(seq[source][pos]), int(seq["t"][pos]))]
             grid[panel, seq["row"][pos], seq["col"][pos]] = value
     return xr.DataArray(
         grid,
-        dims=("panel", "row", "col"),
+        dims=(PANEL, ROW, COL),
         coords={
-            "panel": np.arange(len(layout)),
-            **{f"panel_{k}": ("panel", [p[k] for p in layout]) for k in ("source", "index", "t", "rows", "cols")},
-            "row": np.arange(rows),
-            "col": np.arange(cols),
+            PANEL: np.arange(len(layout)),
+            **{f"{PANEL}_{k}": (PANEL, [p[k] for p in layout]) for k in ("source", "index", "t", "rows", "cols")},
+            ROW: np.arange(rows),
+            COL: np.arange(cols),
         },
         name=metric,
         attrs={
             "metric": metric,
             "layer": "final output" if where is None else str(where),
             "step": int(step),
-            "step_token": str(ds["step_token"].sel(step=step).item()),
-            "prompt": ds.attrs.get("prompt", ""),
-            "mask_unit": ds.attrs.get("mask_unit", "token"),
+            "step_token": str(ds[STEP_TOKEN].sel(step=step).item()),
+            "prompt": ds.attrs.get(ATTR.prompt, ""),
+            "mask_unit": ds.attrs.get(ATTR.mask_unit, "token"),
         },
     )
 

@@ -82,7 +82,7 @@ def page(script: str, data: dict[str, Any], title: str) -> str:
     """The HTML text of a page: ``templates/page.html`` with the style, ``common.js`` + ``script`` and ``data``.
 
     Example:
-        >>> "vlmask-data" in page("report.js", {"kind": "report"}, "vlmask report")  # doctest: +SKIP
+        >>> "vlmask-data" in page("report.js", {"kind": "report"}, "vlmask report")
         True
     """
     boot = _asset("boot.js")

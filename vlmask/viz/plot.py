@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -15,6 +15,7 @@ from PIL import Image
 from vlmask.errors import VlmaskError
 from vlmask.inputs.video import frame_paths, video_hash
 from vlmask.results.io import atomic_write
+from vlmask.results.schema import PANEL_COLS, PANEL_INDEX, PANEL_ROWS, PANEL_SOURCE, PANEL_T, recorded_media
 from vlmask.viz.heatmap import cell_colors, heatmap, paint
 
 log = logging.getLogger(__name__)
@@ -44,24 +45,23 @@ def panel_pictures(ds: xr.Dataset, layout: xr.DataArray) -> list[tuple[Image.Ima
 
     An image panel shows the image; a video frame group shows its first frame.
     """
-    images = [
-        _image(p, h)
-        for p, h in zip(json.loads(ds.attrs["image_files"]), json.loads(ds.attrs["image_sha256"]), strict=True)
-    ]
-    video_files = json.loads(ds.attrs.get("video_files", "[]"))
-    for path, expected in zip(video_files, json.loads(ds.attrs.get("video_sha256", "[]")), strict=True):
-        if not Path(path).is_dir():
-            raise VlmaskError(f"video directory '{path}' recorded in the result does not exist: restore it or rerun")
-        _checked(Path(path), video_hash(path), expected, "video directory")
-    per_group = int(ds.attrs.get("video_frames_per_group", 2))
+    media = recorded_media(ds)
+    images = [_image(f.path, f.sha256) for f in media.images]
+    for video in media.videos:
+        if not Path(video.path).is_dir():
+            raise VlmaskError(
+                f"video directory '{video.path}' recorded in the result does not exist: restore it or rerun"
+            )
+        _checked(Path(video.path), video_hash(video.path), video.sha256, "video directory")
+    per_group = media.frames_per_group
     out = []
     for source, index, t in zip(
-        layout["panel_source"].values, layout["panel_index"].values, layout["panel_t"].values, strict=True
+        layout[PANEL_SOURCE].values, layout[PANEL_INDEX].values, layout[PANEL_T].values, strict=True
     ):
         if source == "image":
-            out.append((images[index], f"image {index}: {Path(json.loads(ds.attrs['image_files'])[index]).name}"))
+            out.append((images[index], f"image {index}: {Path(media.images[index].path).name}"))
             continue
-        frames = frame_paths(video_files[index])
+        frames = frame_paths(media.videos[index].path)
         first = min(t * per_group, len(frames) - 1)
         last = min(first + per_group - 1, len(frames) - 1)
         with Image.open(frames[first]) as handle:
@@ -89,15 +89,9 @@ def plot_heatmap(
     must still have the recorded SHA-256. The file is written atomically.
 
     Example:
-        >>> ds = vlmask.open_results("output/run.nc")  # doctest: +SKIP
-        >>> vlmask.plot_heatmap(ds, "output/run.png", metric="kl")  # doctest: +SKIP
-        PosixPath('output/run.png')
+        >>> plot_heatmap(ds, tmp / "run.png", metric="kl") == tmp / "run.png"  # or ds.vlmask.plot(...)
+        True
     """
-    from matplotlib import colormaps
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
-
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise VlmaskError(f"heatmap output '{path}' must end in .png")
@@ -105,6 +99,20 @@ def plot_heatmap(
     pictures = panel_pictures(ds, heat)
     if path.exists() and not overwrite:
         raise VlmaskError(f"output '{path}' already exists: choose another -o or pass --overwrite")
+    fig = _figure(heat, pictures, cmap, alpha)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    log.info("wrote heatmap %s", path)
+    return path
+
+
+def _figure(heat: xr.DataArray, pictures: list[tuple[Image.Image, str]], cmap: str, alpha: float) -> Any:
+    """The matplotlib Figure of :func:`plot_heatmap`: a panel per picture, a shared colour bar, a title."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    metric, step = heat.attrs["metric"], heat.attrs["step"]
     finite = heat.values[np.isfinite(heat.values)]
     norm = Normalize(float(finite.min()), float(finite.max()))
     colormap = colormaps[cmap]
@@ -119,7 +127,7 @@ def plot_heatmap(
         picture, label = pictures[i]
         picture = picture.copy()
         picture.thumbnail((MAX_SIDE, MAX_SIDE))
-        cells = heat.isel(panel=i).values[: int(heat["panel_rows"][i]), : int(heat["panel_cols"][i])]
+        cells = heat.isel(panel=i).values[: int(heat[PANEL_ROWS][i]), : int(heat[PANEL_COLS][i])]
         colors = cell_colors(cells, colormap(norm(np.nan_to_num(cells))), alpha)
         ax.imshow(paint(np.asarray(picture), colors), interpolation="nearest")
         ax.set_title(label, fontsize=9)
@@ -130,6 +138,4 @@ def plot_heatmap(
         f" unit {heat.attrs['mask_unit']}",
         fontsize=10,
     )
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    log.info("wrote heatmap %s", path)
-    return path
+    return fig

@@ -21,12 +21,36 @@ from PIL import Image
 from vlmask.errors import VlmaskError
 from vlmask.inputs.video import frame_paths, video_hash
 from vlmask.results.metrics import LOGIT_METRICS
+from vlmask.results.schema import (
+    ATTR,
+    HEAD,
+    HEADS,
+    KL,
+    LAYER,
+    MASKED_CONTINUATION,
+    MASKED_TOKEN_ID,
+    METRIC,
+    RESIDUAL,
+    SEQ,
+    SEQ_ROW,
+    STEP,
+    STEP_TOKEN,
+    STEP_TOKEN_ID,
+    TOKEN,
+    TOKEN_KIND,
+    TOKEN_MEMBERS,
+    TOKEN_TEXT,
+    WINDOW,
+    recorded_media,
+)
 from vlmask.viz.heatmap import panels
 from vlmask.viz.page import Numbers, page, write_page
 
 log = logging.getLogger(__name__)
 
 MAX_SIDE = 1024  # larger pictures are shrunk to this many pixels on their longest side
+ORDER = {RESIDUAL: (STEP, TOKEN, LAYER, METRIC), HEADS: (STEP, TOKEN, LAYER, HEAD, METRIC)}
+"""The dims the pages lay the vector metrics out in (row-major), and the only ones they accept."""
 BROWSER_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
 
 
@@ -87,20 +111,16 @@ def picture_panels(ds: xr.Dataset) -> list[dict[str, Any]]:
     matches; otherwise ``src`` is None and ``note`` says why.
 
     Example:
-        >>> [(p["label"], p["src"] is not None) for p in picture_panels(ds)]  # doctest: +SKIP
-        [('image 0: photo.png', True)]
+        >>> [(p["label"], p["src"] is not None) for p in picture_panels(ds)]
+        [('image 0: shapes.png', True)]
     """
-    if "vision_grids" not in ds.attrs or "seq_row" not in ds.coords:
+    if ATTR.vision_grids not in ds.attrs or SEQ_ROW not in ds.coords:
         return []
-    image_files = json.loads(ds.attrs.get("image_files", "[]"))
-    image_sha = json.loads(ds.attrs.get("image_sha256", "[]"))
-    video_files = json.loads(ds.attrs.get("video_files", "[]"))
-    video_sha = json.loads(ds.attrs.get("video_sha256", "[]"))
-    per_group = int(ds.attrs.get("video_frames_per_group", 2))
-    images = [
-        _picture(Path(p), _file_hash(Path(p)), h, "image file") for p, h in zip(image_files, image_sha, strict=False)
-    ]
-    videos = [(Path(p), _dir_hash(Path(p)), h) for p, h in zip(video_files, video_sha, strict=False)]
+    media = recorded_media(ds)
+    image_files = [f.path for f in media.images]
+    per_group = media.frames_per_group
+    images = [_picture(Path(f.path), _file_hash(Path(f.path)), f.sha256, "image file") for f in media.images]
+    videos = [(Path(v.path), _dir_hash(Path(v.path)), v.sha256) for v in media.videos]
     out = []
     for panel in panels(ds):
         index, t = int(panel["index"]), int(panel["t"])
@@ -128,13 +148,12 @@ def check_dims(ds: xr.Dataset) -> None:
         ...
         vlmask.VlmaskError: this is not a vlmask result: it has no 'residual' variable
     """
-    for name in ("residual", "heads", "kl"):
+    for name in (RESIDUAL, HEADS, KL):
         if name not in ds:
             raise VlmaskError(f"this is not a vlmask result: it has no {name!r} variable")
-    want = {"residual": ("step", "token", "layer", "metric"), "heads": ("step", "token", "layer", "head", "metric")}
-    for name, dims in (*want.items(), ("kl", ("step", "token"))):
+    for name, dims in (*ORDER.items(), (KL, (STEP, TOKEN))):
         if set(ds[name].dims) != set(dims):
-            extra = " (pick one window first: ds.isel(window=i))" if "window" in ds[name].dims else ""
+            extra = " (pick one window first: ds.isel(window=i))" if WINDOW in ds[name].dims else ""
             raise VlmaskError(
                 f"{name} has dims ({', '.join(map(str, ds[name].dims))}): the report shows results over masked tokens "
                 f"with dims ({', '.join(dims)}){extra}"
@@ -155,38 +174,37 @@ def report_data(ds: xr.Dataset) -> dict[str, Any]:
     metrics, rounded to 4 significant digits.
 
     Example:
-        >>> data = report_data(ds)  # doctest: +SKIP
-        >>> data["layers"], len(data["units"]["pos"])  # doctest: +SKIP
-        (3, 22)
+        >>> data = report_data(ds)
+        >>> data["layers"], data["heads"], len(data["units"]["pos"]) == ds.sizes["token"]
+        (4, 8, True)
     """
     check_dims(ds)
-    order = {"residual": ("step", "token", "layer", "metric"), "heads": ("step", "token", "layer", "head", "metric")}
-    values: dict[str, Numbers] = {name: Numbers(ds[name].transpose(*dims).values) for name, dims in order.items()}
+    values: dict[str, Numbers] = {name: Numbers(ds[name].transpose(*dims).values) for name, dims in ORDER.items()}
     for name in LOGIT_METRICS:
         if name in ds:
-            values[name] = Numbers(ds[name].transpose("step", "token").values.astype(np.float32))
-    seq = {name: ds[f"seq_{name}"] for name in ("text", "kind", "image", "video", "t", "row", "col")}
-    members = [[int(p) for p in str(m).split(",") if p] for m in ds["token_members"].values]
-    masked_ids = ds["masked_token_id"].transpose("token", "step").values.tolist()
-    clean = _ints(ds["step_token_id"].values)
+            values[name] = Numbers(ds[name].transpose(STEP, TOKEN).values.astype(np.float32))
+    seq = {name: ds[f"{SEQ}_{name}"] for name in ("text", "kind", "image", "video", "t", "row", "col")}
+    members = [[int(p) for p in str(m).split(",") if p] for m in ds[TOKEN_MEMBERS].values]
+    masked_ids = ds[MASKED_TOKEN_ID].transpose(TOKEN, STEP).values.tolist()
+    clean = _ints(ds[STEP_TOKEN_ID].values)
     return {
         "kind": "report",
-        "prompt": str(ds.attrs.get("prompt", "")),
-        "model": str(ds.attrs.get("model", "")),
-        "clean_continuation": str(ds.attrs.get("clean_continuation", "")),
+        "prompt": str(ds.attrs.get(ATTR.prompt, "")),
+        "model": str(ds.attrs.get(ATTR.model, "")),
+        "clean_continuation": str(ds.attrs.get(ATTR.clean_continuation, "")),
         "attrs": [[str(k), _attr(v)] for k, v in ds.attrs.items()],
-        "layers": int(ds.sizes["layer"]),
-        "heads": int(ds.sizes["head"]),
-        "metrics": _text(ds["metric"].values),
+        "layers": int(ds.sizes[LAYER]),
+        "heads": int(ds.sizes[HEAD]),
+        "metrics": _text(ds[METRIC].values),
         "logit_metrics": [name for name in LOGIT_METRICS if name in ds],
-        "steps": {"token": _text(ds["step_token"].values), "id": _ints(ds["step_token_id"].values)},
+        "steps": {"token": _text(ds[STEP_TOKEN].values), "id": _ints(ds[STEP_TOKEN_ID].values)},
         "seq": {name: _text(da.values) if name in ("text", "kind") else _ints(da.values) for name, da in seq.items()},
         "units": {
-            "pos": _ints(ds["token"].values),
-            "text": _text(ds["token_text"].values),
-            "kind": _text(ds["token_kind"].values),
+            "pos": _ints(ds[TOKEN].values),
+            "text": _text(ds[TOKEN_TEXT].values),
+            "kind": _text(ds[TOKEN_KIND].values),
             "members": members,
-            "continuation": _text(ds["masked_continuation"].values),
+            "continuation": _text(ds[MASKED_CONTINUATION].values),
             "changed": [[int(i) != c for i, c in zip(row, clean, strict=True)] for row in masked_ids],
         },
         "values": values,
@@ -203,9 +221,8 @@ def write_report(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -
     attribute. Its URL hash keeps the view: ``report.html#metric=residual:cosine&step=1&token=5``.
 
     Example:
-        >>> ds = vlmask.open_results("output/run.nc")  # doctest: +SKIP
-        >>> vlmask.write_report(ds, "output/run.html")  # doctest: +SKIP
-        PosixPath('output/run.html')
+        >>> write_report(ds, tmp / "run.html") == tmp / "run.html"  # or ds.vlmask.report(...)
+        True
     """
     html = page("report.js", report_data(ds), "vlmask report")
     out = write_page(html, path, overwrite=overwrite)
