@@ -179,25 +179,3 @@ def tiny_config(
         pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=True,
     )
-
-
-def make_random_checkpoint(out: str | Path, words: Iterable[str], seed: int = 0) -> Path:
-    """Save an untrained (randomly initialised) tiny Qwen3-VL and its processor to ``out``.
-
-    For tests and as a placeholder default: its outputs mean nothing.
-
-    Example:
-        >>> path = make_random_checkpoint(tmp / "random-qwen3vl", ["hello"])
-        >>> (path / "config.json").is_file(), (path / "tokenizer.json").is_file()
-        (True, True)
-    """
-    import torch
-    from transformers import Qwen3VLForConditionalGeneration
-
-    processor = make_processor(words)
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(tiny_config(len(processor.tokenizer), layers=4)).eval()
-    out = Path(out)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out

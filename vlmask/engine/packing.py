@@ -8,7 +8,7 @@ from typing import Any
 
 from vlmask.errors import VlmaskError
 
-UNITS = {
+SIZE_UNITS = {
     "": 1,
     "b": 1,
     "k": 2**10,
@@ -32,10 +32,10 @@ def parse_size(text: str) -> int:
     """
     match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
     unit = match.group(2).lower() if match else None
-    if not match or unit not in UNITS:
+    if not match or unit not in SIZE_UNITS:
         raise VlmaskError(f"memory size {text!r} is not understood: write e.g. 2GiB, 512MB or 1e9 (bytes)")
     try:
-        return int(float(match.group(1)) * UNITS[unit])
+        return int(float(match.group(1)) * SIZE_UNITS[unit])
     except ValueError:
         raise VlmaskError(f"memory size {text!r} is not understood: write e.g. 2GiB, 512MB or 1e9 (bytes)") from None
 
