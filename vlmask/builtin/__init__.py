@@ -116,6 +116,45 @@ def make_processor(
     )
 
 
+def _text_config(vocab_size: int, hidden_size: int, layers: int, heads: int, kv_heads: int) -> dict:
+    """The language decoder's settings: M-RoPE over a quarter/quarter/half split of each head's rotary pairs."""
+    head_dim = hidden_size // heads
+    quarter = head_dim // 2 // 4
+    mrope = [head_dim // 2 - 2 * quarter, quarter, quarter]
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 2,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": mrope,
+            "mrope_interleaved": True,
+        },
+    }
+
+
+def _vision_config(vision_hidden: int, vision_depth: int, out_hidden: int) -> dict:
+    """The vision encoder's settings: 16-pixel patches merged 2x2, DeepStack from its first (up to) 3 blocks."""
+    return {
+        "depth": vision_depth,
+        "hidden_size": vision_hidden,
+        "intermediate_size": vision_hidden * 2,
+        "num_heads": 2,
+        "out_hidden_size": out_hidden,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "num_position_embeddings": 256,
+        "deepstack_visual_indexes": list(range(min(vision_depth, 3))),
+    }
+
+
 def tiny_config(
     vocab_size: int,
     *,
@@ -137,40 +176,11 @@ def tiny_config(
         3
     """
     ids = token_ids or {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-    head_dim = hidden_size // heads
-    quarter = head_dim // 2 // 4
-    mrope = [head_dim // 2 - 2 * quarter, quarter, quarter]
+    text = _text_config(vocab_size, hidden_size, layers, heads, kv_heads)
+    text.update(pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
     return Qwen3VLConfig(
-        text_config={
-            "vocab_size": vocab_size,
-            "hidden_size": hidden_size,
-            "intermediate_size": hidden_size * 2,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads,
-            "head_dim": head_dim,
-            "max_position_embeddings": 4096,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": mrope,
-                "mrope_interleaved": True,
-            },
-            "pad_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-        },
-        vision_config={
-            "depth": vision_depth,
-            "hidden_size": vision_hidden,
-            "intermediate_size": vision_hidden * 2,
-            "num_heads": 2,
-            "out_hidden_size": hidden_size,
-            "patch_size": 16,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "num_position_embeddings": 256,
-            "deepstack_visual_indexes": list(range(min(vision_depth, 3))),
-        },
+        text_config=text,
+        vision_config=_vision_config(vision_hidden, vision_depth, hidden_size),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
