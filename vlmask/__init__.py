@@ -19,12 +19,14 @@ from vlmask.engine.sweep import sweep
 from vlmask.errors import VlmaskError
 from vlmask.model.load import VLModel, load_model
 from vlmask.results.io import long_table, open_results, save_results
+from vlmask.spec import SweepSpec
 from vlmask.viz.compare import compare, write_compare
 from vlmask.viz.heatmap import heatmap
 from vlmask.viz.plot import plot_heatmap
 from vlmask.viz.report import write_report
 
 __all__ = [
+    "SweepSpec",
     "VLModel",
     "VlmaskError",
     "capture_residual",

@@ -29,57 +29,48 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from interventions.compose import compose
-from vlmask.engine.knockouts import Windows, plan
-from vlmask.engine.packing import packed_cap, parse_size, pass_bytes, plan_batches
+from vlmask.engine.knockouts import plan
+from vlmask.engine.packing import packed_cap, pass_bytes, plan_batches
 from vlmask.engine.passes import NOTHING, _masked_generation, _pin_unchanged, context, first_changed
 from vlmask.errors import VlmaskError
 from vlmask.inputs.prompt import Prompt, build_prompt
-from vlmask.inputs.selection import parse_mask
+from vlmask.inputs.selection import parse_indices, parse_mask
 from vlmask.inputs.units import group_units
 from vlmask.model.load import VLModel
 from vlmask.results.dataset import SweepRecord, to_dataset
 from vlmask.results.metrics import logit_metrics, vector_distances
+from vlmask.spec import SweepSpec
 
 log = logging.getLogger(__name__)
 
 
-def _knockouts(vl: VLModel, built: Prompt, mask: Any, mask_unit: str, over: Any, layers: Any) -> Any:
-    """The sweep's :class:`~vlmask.engine.knockouts.Knockouts`: masked token units, or the values ``over``."""
-    if over is None:
-        kinds = built.tokens.kind
-        mask = "text" if mask is None else mask
-        positions = parse_mask(mask, kinds, built.prompt_positions) if isinstance(mask, str) else sorted(set(mask))
-        if not positions:
-            raise VlmaskError("no positions to mask: pass text, prompt, vision, all, or a list of positions")
-        return plan(vl.num_layers, units=group_units(positions, built.tokens, mask_unit), layers=layers)
-    if mask is not None or mask_unit != "token":
-        raise VlmaskError(
-            "pass either mask=/mask_unit= (a sweep over tokens) or over= (a list of interventions), not both"
-        )
-    values = [over] if hasattr(over, "to_dict") else list(over)
-    return plan(vl.num_layers, over=[compose(v) for v in values], layers=layers)
+def _knockouts(vl: VLModel, built: Prompt, spec: SweepSpec) -> Any:
+    """The sweep's :class:`~vlmask.engine.knockouts.Knockouts`: masked token units, or the values ``spec.over``."""
+    layers = spec.layers
+    if isinstance(layers, str):
+        among = f"the model has {vl.num_layers} decoder layers"
+        layers = parse_indices(layers, vl.num_layers, "layer", among=among)
+    if spec.over is not None:
+        return plan(vl.num_layers, over=[compose(v) for v in spec.over], layers=layers)
+    mask = "text" if spec.mask is None else spec.mask
+    positions = parse_mask(mask, built.tokens.kind, built.prompt_positions) if isinstance(mask, str) else list(mask)
+    return plan(vl.num_layers, units=group_units(positions, built.tokens, spec.mask_unit), layers=layers)
 
 
 def sweep(
     vl: VLModel,
-    prompt: str,
+    spec_or_prompt: SweepSpec | str,
     images: Sequence[str | Path] = (),
     *,
-    mask: str | Sequence[int] | None = None,
-    mask_unit: str = "token",
-    over: Any = None,
-    base: Any = None,
-    videos: Sequence[str | Path] = (),
-    video_fps: float = 2.0,
-    num_tokens: int = 1,
-    layers: Sequence[int] | Windows | None = None,
-    chat_template: str = "auto",
-    vision_attention: str = "native",
-    batch_size: int | None = None,
-    max_memory: int | str = "2GiB",
     progress: bool = True,
+    **options: Any,
 ) -> xr.Dataset:
     """Knock out each chosen token (or each intervention of ``over``) in turn and measure what changes.
+
+    Takes a :class:`~vlmask.spec.SweepSpec`, or the prompt, its images and any option of
+    one by name (``mask``, ``mask_unit``, ``over``, ``base``, ``videos``, ``video_fps``,
+    ``num_tokens``, ``layers``, ``chat_template``, ``vision_attention``, ``batch_size``,
+    ``max_memory``); ``progress`` switches the progress bar.
 
     By default every masked position ``p`` (``mask``, default ``"text"``) is blocked at
     ``layers`` (all if None): queries after ``p`` cannot attend to it; results have a
@@ -96,12 +87,9 @@ def sweep(
     decoder-layer outputs, per-head attention outputs and the next-token distribution,
     against the clean run. Knockouts share packed forward passes of at most ``batch_size``
     knockouts (None: no limit) whose estimated memory fits ``max_memory`` (bytes, or text
-    such as ``"2GiB"``).
-
-    ``mask_unit`` groups the masked vision tokens into units blocked together (one entry
-    of ``token`` each): ``token``, ``row``, ``column``, ``region:K`` (KxK merged tokens) or
-    ``image`` (a whole image or video frame group). ``videos`` are directories of frame
-    images (sorted by name), taken as sampled at ``video_fps``.
+    such as ``"2GiB"``). ``mask_unit`` groups the masked vision tokens into units blocked
+    together: ``token``, ``row``, ``column``, ``region:K`` or ``image``. ``videos`` are
+    directories of frame images (sorted by name), taken as sampled at ``video_fps``.
 
     Example:
         >>> import vlmask
@@ -109,25 +97,28 @@ def sweep(
         >>> ds = vlmask.sweep(vl, "what color is the circle ?", ["examples/shapes.png"], progress=False)
         >>> sorted(ds["residual"].dims)
         ['layer', 'metric', 'step', 'token']
+        >>> spec = vlmask.SweepSpec("what color is the circle ?", images=["examples/shapes.png"], mask="vision")
+        >>> vlmask.sweep(vl, spec, progress=False).sizes["token"]
+        16
     """
-    if num_tokens < 1:
-        raise VlmaskError(f"--num-tokens must be at least 1, got {num_tokens}")
-    if batch_size is not None and batch_size < 1:
-        raise VlmaskError(f"--batch-size must be at least 1, got {batch_size}")
-    budget = parse_size(max_memory) if isinstance(max_memory, str) else int(max_memory)
-    built: Prompt = build_prompt(vl.processor, prompt, list(images), chat_template, list(videos), video_fps)
-    knockouts = _knockouts(vl, built, mask, mask_unit, over, layers)
-    base = NOTHING if base is None else compose(base)
+    if isinstance(spec_or_prompt, SweepSpec) and (images or options):
+        raise VlmaskError("pass a SweepSpec alone, or a prompt with its images and options, not both")
+    spec = spec_or_prompt if isinstance(spec_or_prompt, SweepSpec) else SweepSpec(spec_or_prompt, images, **options)
+    built: Prompt = build_prompt(
+        vl.processor, spec.prompt, list(spec.images), spec.chat_template, list(spec.videos), spec.video_fps
+    )
+    knockouts = _knockouts(vl, built, spec)
+    base = NOTHING if spec.base is None else compose(spec.base)
     for iv in [base, *knockouts.values]:
         iv.check(len(built.tokens), vl.num_layers, vl.num_heads, vl.text_config.hidden_size)
 
     prompt_ids = built.inputs["input_ids"]
     prompt_len = prompt_ids.shape[1]
-    full_len = prompt_len + num_tokens - 1
-    ctx = context(vl, built, full_len, vision_attention)
+    full_len = prompt_len + spec.num_tokens - 1
+    ctx = context(vl, built, full_len, spec.vision_attention)
     if any(iv.needs_head_means for iv in [base, *knockouts.values]):
         ctx = ctx.with_head_means(prompt_ids)
-    clean_ids, clean, decoder_inputs = ctx.clean_pass(prompt_ids, num_tokens, base)
+    clean_ids, clean, decoder_inputs = ctx.clean_pass(prompt_ids, spec.num_tokens, base)
     read = list(range(prompt_len - 1, full_len))
     firsts = [first_changed(iv, full_len, vl.num_layers) for iv in knockouts.values]
     rows = [compose(base, iv) for iv in knockouts.values]
@@ -137,11 +128,11 @@ def sweep(
 
     def fits(positions: int, count: int) -> bool:
         memory = pass_bytes(vl.text_config, full_len, positions, count, len(read), vl.dtype.itemsize)
-        return positions <= cap and memory <= budget
+        return positions <= cap and memory <= spec.max_memory
 
     residual, heads, logits, generated = [], [], [], []
     bar = tqdm(total=len(rows), desc="knockouts", unit="knockout", disable=not progress)
-    for batch in plan_batches(starts, full_len, batch_size, fits):
+    for batch in plan_batches(starts, full_len, spec.batch_size, fits):
         chunk = rows[batch]
         out = ctx.run_fast(decoder_inputs, chunk, read, starts[batch])
         out = _pin_unchanged(out, clean, firsts[batch], read)
@@ -155,7 +146,7 @@ def sweep(
 
     mask_text = ""
     if knockouts.dim == "token":
-        mask = "text" if mask is None else mask
+        mask = "text" if spec.mask is None else spec.mask
         mask_text = mask if isinstance(mask, str) else ",".join(map(str, sorted(set(mask))))
     record = SweepRecord(
         prompt=built,
@@ -163,14 +154,14 @@ def sweep(
         knockouts=knockouts,
         base=None if base == NOTHING else base.to_dict(),
         mask=mask_text,
-        mask_unit=mask_unit if knockouts.dim == "token" else "",
-        vision_attention=vision_attention,
+        mask_unit=spec.mask_unit if knockouts.dim == "token" else "",
+        vision_attention=spec.vision_attention,
         clean_ids=clean_ids.tolist(),
         clean_top_logprob=torch.log_softmax(clean.logits[0], -1).max(-1).values,
         residual=torch.cat(residual),
         heads=torch.cat(heads),
         logits=torch.cat(logits),
         masked_ids=torch.cat(generated),
-        video_fps=video_fps,
+        video_fps=spec.video_fps,
     )
     return to_dataset(record)

@@ -104,7 +104,7 @@ def plot_heatmap(
     heat = heatmap(ds, metric, layer, step)
     pictures = panel_pictures(ds, heat)
     if path.exists() and not overwrite:
-        raise VlmaskError(f"output '{path}' already exists: choose another -o or pass --overwrite")
+        raise VlmaskError(f"output '{path}' already exists: choose another path or allow overwriting (overwrite=True)")
     finite = heat.values[np.isfinite(heat.values)]
     norm = Normalize(float(finite.min()), float(finite.max()))
     colormap = colormaps[cmap]
