@@ -237,12 +237,15 @@ def batch(args: argparse.Namespace) -> int:
 
     def show(outcome: Outcome) -> None:
         if outcome.status == "failed":
-            print(f"failed  {outcome.name}: {outcome.error}", file=sys.stderr)
+            print(f"failed  {outcome.name} (line {outcome.line}): {outcome.error}", file=sys.stderr)
         else:
             took = f" ({outcome.seconds:.1f} s)" if outcome.status == "done" else " (up to date)"
             print(f"{outcome.status:<7} {outcome.name} -> {outcome.path}{took}")
 
-    shard = parse_shard(args.shard)
+    try:
+        shard = parse_shard(args.shard)
+    except VlmaskError as err:
+        raise VlmaskError(f"--shard: {err}") from None
     outcomes = run_batch(args.config, args.output_dir, shard=shard, progress=not args.no_progress, report=show)
     counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "skipped", "failed")}
     print(
