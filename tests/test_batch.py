@@ -179,5 +179,5 @@ def test_config_problems_are_reported_together_with_lines_before_any_model_loads
     assert message.startswith(f"{bad} has {len(expected)} problems")
     assert main(["batch", str(bad)]) == 2
     assert not (tmp_path / "out").exists()
-    with pytest.raises(VlmaskError, match="^shard '2/2' is not understood"):
+    with pytest.raises(VlmaskError, match=r"^shard '2/2' is not understood"):
         batch_module.parse_shard("2/2")

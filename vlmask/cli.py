@@ -207,8 +207,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_existing(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise VlmaskError(f"output '{path}' already exists: choose another -o or pass --overwrite")
+
+
 def heatmap(args: argparse.Namespace) -> int:
     path = Path(args.output) if args.output else Path(args.result).with_suffix(".png")
+    _refuse_existing(path, args.overwrite)
     ds = open_results(args.result)
     plot_heatmap(ds, path, args.metric, args.layer, args.step, overwrite=args.overwrite)
     print(f"wrote {path}")
@@ -217,12 +223,14 @@ def heatmap(args: argparse.Namespace) -> int:
 
 def report(args: argparse.Namespace) -> int:
     path = Path(args.output) if args.output else Path(args.result).with_suffix(".html")
+    _refuse_existing(path, args.overwrite)
     write_report(open_results(args.result), path, overwrite=args.overwrite)
     print(f"wrote {path}")
     return 0
 
 
 def compare(args: argparse.Namespace) -> int:
+    _refuse_existing(Path(args.output), args.overwrite)
     a, b = open_results(args.a), open_results(args.b)
     names = (Path(args.a).stem, Path(args.b).stem)
     if names[0] == names[1]:
