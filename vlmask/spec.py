@@ -171,7 +171,16 @@ def _over(name: str, value: Any) -> tuple[Any, ...] | None:
     return tuple(_intervention(v) for v in values)
 
 
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise VlmaskError(f'{text!r} is not JSON ({err.msg}): write e.g. \'{{"type": "AblateHeads", ...}}\'') from None
+
+
 def _base(name: str, value: Any) -> Any:
+    if isinstance(value, str):
+        value = _json(value)
     return None if value is None else _intervention(value)
 
 
@@ -202,13 +211,6 @@ def _size(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
         raise VlmaskError(f"{name} must be a number of bytes or text like 2GiB, got {value!r}")
     return int(value)
-
-
-def _json(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise VlmaskError(f'{text!r} is not JSON ({err.msg}): write e.g. \'{{"type": "AblateHeads", ...}}\'') from None
 
 
 def about(help: str, check: Callable[[str, Any], Any], **more: Any) -> dict[str, Any]:
@@ -262,9 +264,7 @@ class SweepSpec:
     )
     base: Any = field(
         default=None,
-        metadata=about(
-            "an intervention applied to the clean run and every knockout (JSON on the command line)", _base, parse=_json
-        ),
+        metadata=about("an intervention applied to the clean run and every knockout (JSON on the command line)", _base),
     )
     layers: str | tuple[int, ...] | Windows | None = field(
         default=None, metadata=about("decoder layers where knockouts act, like 0:4,7 (default: all)", _layers)

@@ -125,9 +125,19 @@ def _hash(spec: SweepSpec, model: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def _value(node: yaml.Node) -> Any:
-    """The Python value of ``node``; a plain scalar with a ``:`` stays text (YAML 1.1 reads ``3:1`` as 181)."""
-    if isinstance(node, yaml.ScalarNode) and not node.style and ":" in node.value:
+CHOICES = {f.name: f.metadata.get("choices", ()) for f in dataclasses.fields(SweepSpec)}
+
+
+def _value(key: str, node: yaml.Node) -> Any:
+    """The Python value of ``node``; a plain scalar with a ``:``, or one of the option's choices, stays text.
+
+    YAML 1.1 reads ``3:1`` as 181 and ``off`` as False.
+    """
+    if (
+        isinstance(node, yaml.ScalarNode)
+        and not node.style
+        and (":" in node.value or node.value in CHOICES.get(key, ()))
+    ):
         return node.value
     return yaml.safe_load(yaml.serialize(node))
 
@@ -157,7 +167,7 @@ def _item(index: int, node: yaml.Node, defaults: dict, problems: _Problems, base
     for key, (key_node, _) in entries.items():
         if key not in ITEM_KEYS:
             problems.add(key_node, f"{label}: unknown key {key!r}: expected some of {', '.join(ITEM_KEYS)}")
-    raw = {k: _value(v) for k, (_, v) in entries.items() if k in ITEM_KEYS}
+    raw = {k: _value(k, v) for k, (_, v) in entries.items() if k in ITEM_KEYS}
     name = raw.get("name")
     if "name" not in raw:
         problems.add(node, f"{label}: missing 'name'")
