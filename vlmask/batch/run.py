@@ -107,9 +107,14 @@ def run_batch(
     model (default: :func:`vlmask.load_model`, looked up when called).
 
     Example:
-        >>> outcomes = run_batch("batch.yaml", "results", shard=(0, 2))  # doctest: +SKIP
-        >>> [o.status for o in outcomes]  # doctest: +SKIP
-        ['done', 'skipped']
+        >>> import pathlib, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> config = folder / "batch.yaml"
+        >>> _ = config.write_text("items:\\n  - {name: a, prompt: test}\\n  - {name: b, prompt: describe it}\\n")
+        >>> [o.status for o in run_batch(config, folder / "results", shard=(0, 2))]  # item a only
+        ['done']
+        >>> [o.status for o in run_batch(config, folder / "results")]  # a is up to date
+        ['skipped', 'done']
     """
     cfg = config if isinstance(config, Config) else read_config(config)
     load = load_model if load is None else load
@@ -195,8 +200,13 @@ def open_batch(source: str | Path | Sequence[str | Path]) -> xr.Dataset:
     one of the files again while the view is open can fail with "NetCDF: HDF error").
 
     Example:
-        >>> ds = open_batch("results")  # doctest: +SKIP
-        >>> ds["kl"].sel(step=0).max("token").to_series()  # doctest: +SKIP
+        >>> import pathlib, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / "b.yaml").write_text("items:\\n  - {name: a, prompt: test}\\n  - {name: b, prompt: hi}\\n")
+        >>> _ = run_batch(folder / "b.yaml", folder / "results")
+        >>> with open_batch(folder / "results") as ds:
+        ...     ds["prompt"].values.tolist(), ds["kl"].dims
+        (['a', 'b'], ('prompt', 'step', 'token'))
     """
     files = _files(source)
     missing = [f for f in files if not f.exists()]
