@@ -103,14 +103,12 @@ def run_batch(
 
     The configuration is validated as a whole first (:class:`VlmaskError` listing every
     problem). ``output_dir`` wins over the file's ``output_dir``, which wins over
-    ``output``. ``report`` is called as each item finishes. ``load`` loads each distinct
-    model (default: :func:`vlmask.load_model`, looked up when called).
+    ``output``. ``report`` is called as each item finishes; ``load`` defaults to ``load_model``.
 
     Example:
         >>> import pathlib, tempfile
         >>> folder = pathlib.Path(tempfile.mkdtemp())
-        >>> config = folder / "batch.yaml"
-        >>> _ = config.write_text("items:\\n  - {name: a, prompt: test}\\n  - {name: b, prompt: describe it}\\n")
+        >>> _ = (config := folder / "b.yaml").write_text("[{name: a, prompt: test}, {name: b, prompt: hi}]")
         >>> [o.status for o in run_batch(config, folder / "results", shard=(0, 2))]  # item a only
         ['done']
         >>> [o.status for o in run_batch(config, folder / "results")]  # a is up to date

@@ -67,29 +67,18 @@ def sweep(
 ) -> xr.Dataset:
     """Knock out each chosen token (or each intervention of ``over``) in turn and measure what changes.
 
-    Takes a :class:`~vlmask.spec.SweepSpec`, or the prompt, its images and any option of
-    one by name (``mask``, ``mask_unit``, ``over``, ``base``, ``videos``, ``video_fps``,
-    ``num_tokens``, ``layers``, ``chat_template``, ``vision_attention``, ``batch_size``,
-    ``max_memory``); ``progress`` switches the progress bar.
+    Takes a :class:`~vlmask.spec.SweepSpec`, or the prompt, its images and any of its options
+    by name (``mask``, ``mask_unit``, ``over``, ``base``, ``layers``, ``num_tokens``, ...: each
+    field's help says what it does); ``progress`` switches the progress bar.
 
-    By default every masked position ``p`` (``mask``, default ``"text"``) is blocked at
-    ``layers`` (all if None): queries after ``p`` cannot attend to it; results have a
-    ``token`` dimension. ``over`` instead takes a list of intervention values
-    (``BlockKeys``, ``BlockEdges``, ``AblateHeads``, ``PatchResidual``, ``Compose``), each
-    knocked out in turn: dimension ``intervention``. ``layers`` may be :func:`vlmask.windows`:
-    every knockout then runs at each window of layers (dimension ``window``, its coordinate
-    the centre layer); for ``over`` values, ``layers`` replaces their own ``layers``.
-    ``base`` is applied to the clean run and to every knockout alike (for example a head
-    ablation: which tokens matter with that head gone?), and every metric compares
-    ``base & knockout`` with ``base`` alone.
-
-    Measured at the last position of each of the ``num_tokens`` teacher-forced steps:
-    decoder-layer outputs, per-head attention outputs and the next-token distribution,
-    against the clean run. Knockouts share packed forward passes of at most ``batch_size``
-    knockouts (None: no limit) whose estimated memory fits ``max_memory`` (bytes, or text
-    such as ``"2GiB"``). ``mask_unit`` groups the masked vision tokens into units blocked
-    together: ``token``, ``row``, ``column``, ``region:K`` or ``image``. ``videos`` are
-    directories of frame images (sorted by name), taken as sampled at ``video_fps``.
+    Each masked unit (``mask``, default every text token) is blocked at ``layers`` (all if
+    None): no later query attends to it; dimension ``token``. ``over`` knocks out each of its
+    intervention values instead: dimension ``intervention``. With ``layers=vlmask.windows(k)``
+    every knockout runs at each window of layers (dimension ``window``). ``base`` is applied
+    to the clean run and every knockout alike, and every metric compares ``base & knockout``
+    with ``base`` alone. Measured at the last position of each of the ``num_tokens``
+    teacher-forced steps: decoder-layer outputs, per-head attention outputs and the next-token
+    distribution, against the clean run.
 
     Example:
         >>> import vlmask
