@@ -20,7 +20,7 @@ from vlmask.spec import Windows
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = [f.name for f in dataclasses.fields(SweepSpec)]
 
-# One non-default value per option: (Python value, CLI arguments, YAML text). A new option needs a row here.
+# A non-default value per option: (Python value, CLI arguments, YAML text); None: not on the command line.
 EXAMPLES = {
     "prompt": ("what is red ?", ["--prompt", "what is red ?"], "prompt: what is red ?"),
     "images": (["{square}"], ["--image", "{square}"], "image: {square}"),
@@ -60,8 +60,14 @@ def _fill(value, paths):
     return value
 
 
-def test_every_option_has_an_example_row():
-    assert sorted(EXAMPLES) == sorted(NAMES)
+def test_every_option_is_a_flag_and_an_item_key_with_its_default(tmp_path):
+    cli_names = [f.name for f in dataclasses.fields(SweepSpec) if f.metadata["cli"]]
+    assert sorted(cli.FLAGS) == sorted(cli_names) and set(NAMES) <= set(SWEEP_KEYS)
+    assert cli._spec(cli._parser().parse_args(["run", "--prompt", "hi"])) == SweepSpec("hi")
+    config = tmp_path / "batch.yaml"
+    config.write_text("items:\n  - {name: a, prompt: hi}\n")
+    assert read_config(config).items[0].spec == SweepSpec("hi")
+    assert set(EXAMPLES) <= set(NAMES)  # rows below: a value of each option through both
 
 
 def test_round_trip_through_a_json_ready_dict():
@@ -95,7 +101,6 @@ def test_from_dict_refuses_unknown_keys_and_lists_the_known_ones():
 def test_every_option_reaches_the_cli(paths):
     given = {name: _fill(row[0], paths) for name, row in EXAMPLES.items() if row is not None}
     args = [arg for row in EXAMPLES.values() if row is not None for arg in _fill(row[1], paths)]
-    assert sorted(cli.FLAGS) == sorted(given)
     assert cli._spec(cli._parser().parse_args(["run", *args])) == SweepSpec(**given)
 
 
@@ -109,7 +114,6 @@ def test_every_option_reaches_the_yaml_batch(paths, tmp_path):
     over = tmp_path / "over.yaml"
     over.write_text("items:\n  - name: b\n    prompt: hi\n    over: [{type: BlockKeys, positions: [1]}]\n")
     assert read_config(over).items[0].spec.over == (BlockKeys((1,)),)
-    assert set(NAMES) <= set(SWEEP_KEYS)
 
 
 BAD = [
