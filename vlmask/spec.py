@@ -116,14 +116,16 @@ def _paths(name: str, value: Any) -> tuple[str, ...]:
     return tuple(str(p) for p in values)
 
 
-def _count(name: str, value: Any) -> int | None:
-    if value is None and name == "batch_size":
-        return None
+def _count(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise VlmaskError(f"{name} must be a whole number, got {value!r}")
     if value < 1:
         raise VlmaskError(f"{name} must be at least 1, got {value}")
     return value
+
+
+def _count_or_none(name: str, value: Any) -> int | None:
+    return None if value is None else _count(name, value)
 
 
 def _fps(name: str, value: Any) -> float:
@@ -282,7 +284,9 @@ class SweepSpec:
     )
     batch_size: int | None = field(
         default=None,
-        metadata=about("at most this many knockouts per packed pass (default: as memory allows)", _count, parse=int),
+        metadata=about(
+            "at most this many knockouts per packed pass (default: as memory allows)", _count_or_none, parse=int
+        ),
     )
     max_memory: int | str = field(
         default="2GiB", metadata=about("memory budget of one packed pass of knockouts", _size)
