@@ -38,6 +38,9 @@ FLAGS = {
 """The ``vlmask run`` flag of each sweep option (those the command line takes)."""
 
 
+_TYPES = {"int": int, "float": float}
+
+
 def _add_sweep_options(run: argparse.ArgumentParser) -> None:
     """One flag per :class:`SweepSpec` field, from its metadata: help, default, choices, repeated or not."""
     for f in dataclasses.fields(SweepSpec):
@@ -46,7 +49,12 @@ def _add_sweep_options(run: argparse.ArgumentParser) -> None:
             continue
         default = None if f.default is dataclasses.MISSING else f.default
         shown = f" (default {default})" if default not in (None, ()) and not meta.get("choices") else ""
-        kwargs = {"dest": f.name, "help": meta["help"] + shown, "type": meta["parse"], "choices": meta.get("choices")}
+        kwargs = {
+            "dest": f.name,
+            "help": meta["help"] + shown,
+            "type": _TYPES.get(str(f.type).split(" |")[0], str),
+            "choices": meta.get("choices"),
+        }
         if "one" in meta:
             kwargs.update(
                 action="append", default=[], help=f"{meta['help']}; repeat for several", metavar=meta["one"].upper()

@@ -219,10 +219,10 @@ def about(help: str, check: Callable[[str, Any], Any], **more: Any) -> dict[str,
     """A :class:`SweepSpec` field's metadata: ``help`` (one line), ``check``, and for the CLI and YAML:
 
     ``choices`` (argparse's), ``one`` (the singular YAML key and repeated flag, as ``image``
-    for ``images``), ``parse`` (how a flag's text becomes a value; default: kept as text)
-    and ``cli=False`` for an option the command line does not take.
+    for ``images``) and ``cli=False`` for an option the command line does not take. A flag's
+    text is read as the first type of the field's annotation (``int | None``: an int).
     """
-    return {"help": help, "check": check, "cli": True, "parse": str, **more}
+    return {"help": help, "check": check, "cli": True, **more}
 
 
 @dataclass(frozen=True)
@@ -246,10 +246,8 @@ class SweepSpec:
     videos: tuple[str, ...] = field(
         default=(), metadata=about("a directory of frame images (sorted by name)", _paths, one="video")
     )
-    video_fps: float = field(
-        default=2.0, metadata=about("frames per second the video frames were sampled at", _fps, parse=float)
-    )
-    num_tokens: int = field(default=1, metadata=about("greedy clean continuation length = steps", _count, parse=int))
+    video_fps: float = field(default=2.0, metadata=about("frames per second the video frames were sampled at", _fps))
+    num_tokens: int = field(default=1, metadata=about("greedy clean continuation length = steps", _count))
     mask: str | tuple[int, ...] | None = field(
         default=None,
         metadata=about(
@@ -284,11 +282,9 @@ class SweepSpec:
     )
     batch_size: int | None = field(
         default=None,
-        metadata=about(
-            "at most this many knockouts per packed pass (default: as memory allows)", _count_or_none, parse=int
-        ),
+        metadata=about("at most this many knockouts per packed pass (default: as memory allows)", _count_or_none),
     )
-    max_memory: int | str = field(
+    max_memory: str | int = field(
         default="2GiB", metadata=about("memory budget of one packed pass of knockouts", _size)
     )
 
