@@ -94,7 +94,7 @@ def _bad(tiny_dir, tmp_path, *extra, prompt="test"):
         ("missing-image", "does not exist"),
         ("not-an-image", "is not an image"),
         ("empty-prompt", "prompt is empty"),
-        ("vision-without-image", "needs vision tokens"),
+        ("vision-without-image", "--mask: mask vision needs an image or a video"),
         ("out-of-range", "key position 99 is out of range"),
         ("unknown-model", "is not a local directory"),
         ("bad-layer", "layer 7 is out of range"),

@@ -17,6 +17,7 @@ LAYERS = (
     ("vlmask.model",),
     ("vlmask.inputs",),
     ("vlmask.results",),
+    ("vlmask.spec",),
     ("vlmask.engine",),
     ("vlmask.viz",),
     ("vlmask.batch",),

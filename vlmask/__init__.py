@@ -22,6 +22,7 @@ from vlmask.model.load import VLModel, load_model
 from vlmask.results.io import long_table as long_table  # the free functions behind ds.vlmask: thin aliases
 from vlmask.results.io import open_results, save_results
 from vlmask.results.schema import interventions_of as interventions_of
+from vlmask.spec import SweepSpec
 from vlmask.viz.compare import compare
 from vlmask.viz.compare import write_compare as write_compare
 from vlmask.viz.heatmap import heatmap as heatmap
@@ -34,7 +35,8 @@ __all__ = [  # noqa: RUF022
     # models
     "VLModel",
     "load_model",
-    # sweeps: ds = sweep(vl, prompt, images, ...); what to mask, at which layers
+    # sweeps: ds = sweep(vl, prompt, images, ...) or sweep(vl, SweepSpec(...)); what to mask, at which layers
+    "SweepSpec",
     "capture_residual",
     "positions",
     "sweep",

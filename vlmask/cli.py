@@ -6,6 +6,7 @@ User mistakes end in one line on stderr and exit status 2, with no output file l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -15,14 +16,8 @@ import xarray as xr
 
 from vlmask.batch.run import Outcome, parse_shard, run_batch
 from vlmask.builtin import DEFAULT_MODEL_PATH
-from vlmask.engine.masks import VISION_ATTENTION
 from vlmask.engine.sweep import sweep
 from vlmask.errors import VlmaskError
-from vlmask.inputs.media import read_image
-from vlmask.inputs.prompt import CHAT_TEMPLATE_MODES
-from vlmask.inputs.selection import parse_indices
-from vlmask.inputs.units import UNITS, parse_unit
-from vlmask.inputs.video import read_video
 from vlmask.model.load import DTYPES, load_model
 from vlmask.results.io import FORMATS, open_results, save_results, write_tables
 from vlmask.results.schema import (
@@ -52,6 +47,7 @@ from vlmask.results.schema import (
     VISION,
     vision_ranges,
 )
+from vlmask.spec import SweepSpec
 from vlmask.viz.compare import write_compare
 from vlmask.viz.heatmap import METRICS
 from vlmask.viz.plot import plot_heatmap
@@ -60,41 +56,57 @@ from vlmask.viz.report import write_report
 log = logging.getLogger("vlmask")
 
 
+FLAGS = {
+    f.name: "--" + f.metadata.get("one", f.name).replace("_", "-")
+    for f in dataclasses.fields(SweepSpec)
+    if f.metadata["cli"]
+}
+"""The ``vlmask run`` flag of each sweep option (those the command line takes)."""
+
+
+_TYPES = {"int": int, "float": float}
+
+
+def _add_sweep_options(run: argparse.ArgumentParser) -> None:
+    """One flag per :class:`SweepSpec` field, from its metadata: help, default, choices, repeated or not."""
+    for f in dataclasses.fields(SweepSpec):
+        meta, flag = f.metadata, FLAGS.get(f.name)
+        if flag is None:
+            continue
+        default = None if f.default is dataclasses.MISSING else f.default
+        shown = f" (default {default})" if default not in (None, ()) and not meta.get("choices") else ""
+        kwargs = {
+            "dest": f.name,
+            "help": meta["help"] + shown,
+            "type": _TYPES.get(str(f.type).split(" |")[0], str),
+            "choices": meta.get("choices"),
+        }
+        if "one" in meta:
+            kwargs.update(
+                action="append", default=[], help=f"{meta['help']}; repeat for several", metavar=meta["one"].upper()
+            )
+        else:
+            kwargs.update(default=default, required=f.default is dataclasses.MISSING)
+        run.add_argument(flag, **kwargs)
+
+
+def _spec(args: argparse.Namespace) -> SweepSpec:
+    """The run's :class:`SweepSpec`, each problem of its options told with its flag (images and videos read)."""
+    values = {name: getattr(args, name) for name in FLAGS}
+    for name, message in SweepSpec.problems(values, read_files=True):
+        raise VlmaskError(f"{FLAGS[name]}: {message}")
+    return SweepSpec(**values)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmask", description="Attention knockout for vision-language models.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="block each chosen token in turn and measure what changes")
     run.add_argument("--model", help="hub id or checkpoint directory (default: the built-in toy model)")
-    run.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
-    run.add_argument("--video", action="append", default=[], help="directory of frame images (sorted by name)")
-    run.add_argument("--video-fps", type=float, default=2.0, help="frames per second of --video frames (default 2)")
-    run.add_argument("--prompt", required=True, help="the question or text")
-    run.add_argument("--num-tokens", type=int, default=1, help="greedy clean continuation length = steps (default 1)")
-    run.add_argument(
-        "--mask",
-        default="text",
-        help="text (default, the template's too), prompt (your words only), vision, all, or positions like 18:24,30",
-    )
-    run.add_argument(
-        "--mask-unit", default="token", help=f"group vision tokens knocked out together: {', '.join(UNITS)}"
-    )
-    run.add_argument("--layers", help="decoder layers where keys are blocked, like 0:4,7 (default: all)")
-    run.add_argument("--chat-template", choices=CHAT_TEMPLATE_MODES, default="auto")
-    run.add_argument(
-        "--vision-attention",
-        choices=VISION_ATTENTION,
-        default="native",
-        help="native (causal over image tokens, as Qwen-VL decoders are) or bidirectional (NOT native; prototype's)",
-    )
+    _add_sweep_options(run)
     run.add_argument("--dtype", choices=sorted(DTYPES), help="default float32 on CPU, bfloat16 on CUDA")
     run.add_argument("--device", default="cpu")
     run.add_argument("--attn-implementation", choices=("sdpa", "eager"), default="sdpa")
-    run.add_argument(
-        "--batch-size", type=int, help="at most this many knockouts per packed pass (default: as --max-memory allows)"
-    )
-    run.add_argument(
-        "--max-memory", default="2GiB", help="memory budget of one packed pass of knockouts (default 2GiB)"
-    )
     run.add_argument("--output", default="run", help="result name: writes OUTPUT_DIR/NAME.nc (default run)")
     run.add_argument("--output-dir", default="output")
     run.add_argument("--format", default="nc", help=f"comma-separated, some of {','.join(FORMATS)} (nc always)")
@@ -209,34 +221,12 @@ def _print_ranking(ds: xr.Dataset, top: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     stem, formats = _targets(args)
-    if not args.prompt.strip():
-        raise VlmaskError("the prompt is empty: pass --prompt with some text")
-    for image in args.image:
-        read_image(image)
-    for video in args.video:
-        read_video(video)
-    parse_unit(args.mask_unit)
+    spec = _spec(args)
     vl = load_model(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation)
     if vl.builtin:
         card = (DEFAULT_MODEL_PATH / "README.md").read_text().splitlines()[0].lstrip("# ")
         print(f"model: built-in {DEFAULT_MODEL_PATH.name}: {card} (pass --model for a real one)")
-    layers = None if args.layers is None else parse_indices(args.layers, vl.num_layers, "layer")
-    ds = sweep(
-        vl,
-        args.prompt,
-        args.image,
-        mask=args.mask,
-        mask_unit=args.mask_unit,
-        videos=args.video,
-        video_fps=args.video_fps,
-        num_tokens=args.num_tokens,
-        layers=layers,
-        chat_template=args.chat_template,
-        vision_attention=args.vision_attention,
-        batch_size=args.batch_size,
-        max_memory=args.max_memory,
-        progress=not args.no_progress,
-    )
+    ds = sweep(vl, spec, progress=not args.no_progress)
     path = save_results(ds, stem.with_suffix(".nc"), overwrite=args.overwrite)
     written = [path, *write_tables(ds, stem, formats, overwrite=args.overwrite)]
     if args.report:
@@ -248,8 +238,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_existing(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise VlmaskError(f"output '{path}' already exists: choose another -o or pass --overwrite")
+
+
 def heatmap(args: argparse.Namespace) -> int:
     path = Path(args.output) if args.output else Path(args.result).with_suffix(".png")
+    _refuse_existing(path, args.overwrite)
     ds = open_results(args.result)
     plot_heatmap(ds, path, args.metric, args.layer, args.step, overwrite=args.overwrite)
     print(f"wrote {path}")
@@ -258,12 +254,14 @@ def heatmap(args: argparse.Namespace) -> int:
 
 def report(args: argparse.Namespace) -> int:
     path = Path(args.output) if args.output else Path(args.result).with_suffix(".html")
+    _refuse_existing(path, args.overwrite)
     write_report(open_results(args.result), path, overwrite=args.overwrite)
     print(f"wrote {path}")
     return 0
 
 
 def compare(args: argparse.Namespace) -> int:
+    _refuse_existing(Path(args.output), args.overwrite)
     a, b = open_results(args.a), open_results(args.b)
     names = (Path(args.a).stem, Path(args.b).stem)
     if names[0] == names[1]:
@@ -278,12 +276,15 @@ def batch(args: argparse.Namespace) -> int:
 
     def show(outcome: Outcome) -> None:
         if outcome.status == "failed":
-            print(f"failed  {outcome.name}: {outcome.error}", file=sys.stderr)
+            print(f"failed  {outcome.name} (line {outcome.line}): {outcome.error}", file=sys.stderr)
         else:
             took = f" ({outcome.seconds:.1f} s)" if outcome.status == "done" else " (up to date)"
             print(f"{outcome.status:<7} {outcome.name} -> {outcome.path}{took}")
 
-    shard = parse_shard(args.shard)
+    try:
+        shard = parse_shard(args.shard)
+    except VlmaskError as err:
+        raise VlmaskError(f"--shard: {err}") from None
     outcomes = run_batch(args.config, args.output_dir, shard=shard, progress=not args.no_progress, report=show)
     counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "skipped", "failed")}
     print(

@@ -18,6 +18,7 @@ line it is on.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -27,52 +28,30 @@ from typing import Any
 
 import yaml
 
-from interventions import from_dict
-from vlmask.engine.masks import VISION_ATTENTION
-from vlmask.engine.packing import parse_size
 from vlmask.errors import VlmaskError
-from vlmask.inputs.media import read_image
-from vlmask.inputs.prompt import CHAT_TEMPLATE_MODES
-from vlmask.inputs.selection import parse_indices
-from vlmask.inputs.units import parse_unit
 from vlmask.inputs.video import video_hash
 from vlmask.model.load import DTYPES
 from vlmask.results.dataset import SCHEMA_VERSION
+from vlmask.spec import SweepSpec
 
 MODEL_KEYS = ("model", "dtype", "device", "attn_implementation")
-SWEEP_KEYS = (
-    "prompt",
-    "image",
-    "images",
-    "video",
-    "videos",
-    "video_fps",
-    "num_tokens",
-    "mask",
-    "mask_unit",
-    "layers",
-    "base",
-    "chat_template",
-    "vision_attention",
-    "batch_size",
-    "max_memory",
-)
+ALIASES = {f.metadata["one"]: f.name for f in dataclasses.fields(SweepSpec) if "one" in f.metadata}
+"""A singular key that takes one path: ``image: a.png`` is ``images: [a.png]``."""
+SWEEP_KEYS = tuple(k for f in dataclasses.fields(SweepSpec) for k in (f.metadata.get("one"), f.name) if k)
 ITEM_KEYS = ("name", *SWEEP_KEYS, *MODEL_KEYS)
 TOP_KEYS = ("items", "defaults", "output_dir")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-WORDS = ("text", "prompt", "vision", "all")
 
 
 @dataclass(frozen=True)
 class Item:
-    """One validated sweep of a batch: ``sweep`` holds :func:`vlmask.sweep` keyword arguments
-    (``prompt`` and ``images`` included), ``model`` the :func:`vlmask.load_model` ones, and
-    ``config_hash`` what identifies its result (settings and input file contents)."""
+    """One validated sweep of a batch: its :class:`~vlmask.spec.SweepSpec`, the :func:`vlmask.load_model`
+    options in ``model``, and ``config_hash``, what identifies its result (settings and input file contents)."""
 
     index: int
     name: str
     line: int
-    sweep: dict[str, Any]
+    spec: SweepSpec
     model: tuple[tuple[str, Any], ...]
     settings: dict[str, Any]
     config_hash: str
@@ -109,9 +88,9 @@ def _pairs(node: yaml.MappingNode) -> dict[str, tuple[yaml.Node, yaml.Node]]:
     return {str(k.value): (k, v) for k, v in node.value}
 
 
-def _check(key: str, value: Any, base_dir: Path, item: dict[str, Any]) -> Any:
-    """The value of ``key`` as the sweep wants it; raises :class:`VlmaskError` on a bad one."""
-    if key in ("prompt", "model", "device"):
+def _model_option(key: str, value: Any, base_dir: Path) -> Any:
+    """Model key ``key``'s value as :func:`vlmask.load_model` wants it; raises :class:`VlmaskError` on a bad one."""
+    if key in ("model", "device"):
         if not isinstance(value, str) or not value.strip():
             raise VlmaskError(f"{key} must be non-empty text, got {value!r}")
         if key == "model" and (base_dir / value).exists():
@@ -119,83 +98,61 @@ def _check(key: str, value: Any, base_dir: Path, item: dict[str, Any]) -> Any:
         if key == "model" and value.startswith(("/", "./", "../", "~")):
             raise VlmaskError(f"model directory '{base_dir / value}' does not exist")
         return value
-    if key in ("image", "images", "video", "videos"):
-        paths = [value] if key in ("image", "video") else value
-        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-            raise VlmaskError(f"{key} must be {'a path' if key in ('image', 'video') else 'a list of paths'}")
-        resolved = [str(base_dir / p) for p in paths]
-        for path in resolved:  # each must exist and be readable
-            if key.startswith("image"):
-                read_image(path)
-            else:
-                video_hash(path)
-        return resolved
-    if key in ("num_tokens", "batch_size"):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise VlmaskError(f"{key} must be a whole number >= 1, got {value!r}")
-        return value
-    if key == "video_fps":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise VlmaskError(f"video_fps must be a positive number, got {value!r}")
-        return float(value)
-    if key == "mask":
-        if isinstance(value, list):
-            return [int(p) for p in parse_indices(",".join(map(str, value)), 10**9)]
-        if not isinstance(value, str):
-            raise VlmaskError(
-                f"mask must be text, prompt, vision, all, positions like '18:24,30' or a list, got {value!r}"
-            )
-        if value.strip() not in WORDS:
-            try:
-                parse_indices(value, 10**9)
-            except VlmaskError as err:
-                raise VlmaskError(
-                    f"mask {value!r} is not understood ({err}): use text, prompt, vision, all or positions"
-                ) from None
-        if value.strip() == "vision" and not any(k in item for k in ("image", "images", "video", "videos")):
-            raise VlmaskError("mask vision needs an image or a video, but the item has none")
-        return value
-    if key == "layers":
-        text = ",".join(map(str, value)) if isinstance(value, list) else value
-        if not isinstance(text, str):
-            raise VlmaskError(f"layers must be like '0:4,7' or a list of layers, got {value!r}")
-        return parse_indices(text, 10**9, "layer")
-    if key == "mask_unit":
-        parse_unit(value)
-        return value
-    if key == "base":
-        from_dict(value)
-        return value
-    if key == "max_memory":
-        return parse_size(str(value))
-    choices = {
-        "chat_template": CHAT_TEMPLATE_MODES,
-        "vision_attention": VISION_ATTENTION,
-        "dtype": tuple(sorted(DTYPES)),
-        "attn_implementation": ("sdpa", "eager"),
-    }[key]
+    choices = {"dtype": tuple(sorted(DTYPES)), "attn_implementation": ("sdpa", "eager")}[key]
     if value not in choices:
         raise VlmaskError(f"{key} {value!r} is not known: expected one of {', '.join(choices)}")
     return value
 
 
-def _hash(settings: dict[str, Any]) -> str:
-    """SHA-256 of an item's settings (name aside) and of its input files' contents."""
-    files = {}
-    for key in ("images", "videos"):
-        for path in settings.get(key, ()):
-            files[path] = video_hash(path) if key == "videos" else hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    content = {k: v for k, v in settings.items() if k not in ("name", "images", "videos")}
-    content["files"] = {key: [files[p] for p in settings.get(key, ())] for key in ("images", "videos")}
+def _resolve(value: Any, base_dir: Path) -> Any:
+    """Paths relative to the configuration file (anything else is left for the spec to refuse)."""
+    if isinstance(value, str):
+        return [str(base_dir / value)]
+    if isinstance(value, list) and all(isinstance(p, str) for p in value):
+        return [str(base_dir / p) for p in value]
+    return value
+
+
+def _hash(spec: SweepSpec, model: dict[str, Any]) -> str:
+    """SHA-256 of an item's spec (paths aside), its input files' contents, its model options and the schema."""
+    content = {k: v for k, v in spec.to_dict().items() if k not in ("images", "videos")}
+    content["files"] = {
+        "images": [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in spec.images],
+        "videos": [video_hash(p) for p in spec.videos],
+    }
+    content.update(model)
     content["schema_version"] = SCHEMA_VERSION
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
+CHOICES = {f.name: f.metadata.get("choices", ()) for f in dataclasses.fields(SweepSpec)}
+
+
 def _value(key: str, node: yaml.Node) -> Any:
-    """The Python value of ``node``; ``mask`` and ``layers`` keep their text (YAML 1.1 reads ``3:1`` as 181)."""
-    if key in ("mask", "layers") and isinstance(node, yaml.ScalarNode) and not node.style:
+    """The Python value of ``node``; a plain scalar with a ``:``, or one of the option's choices, stays text.
+
+    YAML 1.1 reads ``3:1`` as 181 and ``off`` as False.
+    """
+    if (
+        isinstance(node, yaml.ScalarNode)
+        and not node.style
+        and (":" in node.value or node.value in CHOICES.get(key, ()))
+    ):
         return node.value
     return yaml.safe_load(yaml.serialize(node))
+
+
+def _spec(raw: dict[str, Any], entries: dict, label: str, node: yaml.Node, problems: _Problems, base_dir: Path):
+    """The item's :class:`SweepSpec`, or None with each problem recorded at the line of its key."""
+    values = {ALIASES.get(k, k): v for k, v in raw.items() if k in SWEEP_KEYS}
+    for key in ("images", "videos"):
+        if key in values:
+            values[key] = _resolve(values[key], base_dir)
+    found = SweepSpec.problems(values, read_files=True)
+    for option, message in found:
+        key = next((k for k in (option, *(a for a, o in ALIASES.items() if o == option)) if k in entries), None)
+        problems.add(entries[key][1] if key else node, f"{label}: {message}")
+    return None if found else SweepSpec(**values)
 
 
 def _item(index: int, node: yaml.Node, defaults: dict, problems: _Problems, base_dir: Path) -> Item | None:
@@ -211,31 +168,32 @@ def _item(index: int, node: yaml.Node, defaults: dict, problems: _Problems, base
         if key not in ITEM_KEYS:
             problems.add(key_node, f"{label}: unknown key {key!r}: expected some of {', '.join(ITEM_KEYS)}")
     raw = {k: _value(k, v) for k, (_, v) in entries.items() if k in ITEM_KEYS}
-    for key in ("name", "prompt"):
-        if key not in raw:
-            problems.add(node, f"{label}: missing {key!r}")
-    for one, many in (("image", "images"), ("video", "videos")):
+    name = raw.get("name")
+    if "name" not in raw:
+        problems.add(node, f"{label}: missing 'name'")
+    elif not (isinstance(name, str) and NAME.fullmatch(name)):
+        problems.add(entries["name"][1], f"{label}: name {name!r} must be a file name: letters, digits, '.', '_', '-'")
+    for one, many in ALIASES.items():
         if one in raw and many in raw:
             problems.add(entries[many][0], f"{label}: give {one} or {many}, not both")
-    settings: dict[str, Any] = {}
-    for key, value in raw.items():
+            raw.pop(one)
+    model = {}
+    for key in (k for k in MODEL_KEYS if k in raw):
         try:
-            if key == "name" and not (isinstance(value, str) and NAME.fullmatch(value)):
-                raise VlmaskError(f"name {value!r} must be a file name: letters, digits, '.', '_', '-'")
-            checked = value if key == "name" else _check(key, value, base_dir, raw)
-            settings[{"image": "images", "video": "videos"}.get(key, key)] = checked
+            model[key] = _model_option(key, raw[key], base_dir)
         except VlmaskError as err:
             problems.add(entries[key][1], f"{label}: {err}")
-    if len(problems.found) > before:
+    spec = _spec(raw, entries, label, node, problems, base_dir)
+    if len(problems.found) > before or spec is None:
         return None
     return Item(
         index=index,
-        name=settings["name"],
+        name=name,
         line=node.start_mark.line + 1,
-        sweep={k: v for k, v in settings.items() if k not in ("name", *MODEL_KEYS)},
-        model=tuple((k, settings.get(k)) for k in MODEL_KEYS),
-        settings=settings,
-        config_hash=_hash(settings),
+        spec=spec,
+        model=tuple((k, model.get(k)) for k in MODEL_KEYS),
+        settings={"name": name, **spec.to_dict(), **model},
+        config_hash=_hash(spec, model),
     )
 
 

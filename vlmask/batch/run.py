@@ -21,7 +21,6 @@ from typing import Any
 
 import xarray as xr
 
-from interventions import from_dict
 from vlmask.batch.config import Config, Item, read_config
 from vlmask.engine.sweep import sweep
 from vlmask.errors import VlmaskError
@@ -33,13 +32,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened to one item: ``status`` is ``done``, ``skipped`` (up to date) or ``failed``."""
+    """What happened to one item: ``status`` is ``done``, ``skipped`` (up to date) or ``failed``; ``line`` is
+    where the item starts in its configuration file."""
 
     name: str
     status: str
     path: Path
     error: str = ""
     seconds: float = 0.0
+    line: int = 0
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -51,14 +52,14 @@ def parse_shard(text: str) -> tuple[int, int]:
         >>> parse_shard("3/3")
         Traceback (most recent call last):
         ...
-        vlmask.VlmaskError: --shard '3/3' is not understood: write i/n with 0 <= i < n, like 0/4
+        vlmask.VlmaskError: shard '3/3' is not understood: write i/n with 0 <= i < n, like 0/4
     """
     try:
         i, n = (int(part) for part in text.split("/"))
     except ValueError:
         i, n = -1, 0
     if not 0 <= i < n:
-        raise VlmaskError(f"--shard {text!r} is not understood: write i/n with 0 <= i < n, like 0/4")
+        raise VlmaskError(f"shard {text!r} is not understood: write i/n with 0 <= i < n, like 0/4")
     return i, n
 
 
@@ -80,12 +81,7 @@ def up_to_date(path: Path, config_hash: str) -> bool:
 
 
 def _run_item(vl: Any, item: Item, path: Path, progress: bool) -> None:
-    kwargs = dict(item.sweep)
-    prompt = kwargs.pop("prompt")
-    images = kwargs.pop("images", [])
-    if "base" in kwargs:
-        kwargs["base"] = from_dict(kwargs["base"])
-    ds = sweep(vl, prompt, images, progress=progress, **kwargs)
+    ds = sweep(vl, item.spec, progress=progress)
     ds.attrs.update(
         batch_name=item.name,
         batch_item=json.dumps(item.settings, sort_keys=True),
@@ -100,21 +96,26 @@ def run_batch(
     *,
     shard: tuple[int, int] = (0, 1),
     progress: bool = False,
-    load: Callable[..., Any] = load_model,
+    load: Callable[..., Any] | None = None,
     report: Callable[[Outcome], None] | None = None,
 ) -> list[Outcome]:
     """Run the items of a batch configuration (or of one shard of it) and return what happened to each.
 
     The configuration is validated as a whole first (:class:`VlmaskError` listing every
     problem). ``output_dir`` wins over the file's ``output_dir``, which wins over
-    ``output``. ``report`` is called as each item finishes.
+    ``output``. ``report`` is called as each item finishes; ``load`` defaults to ``load_model``.
 
     Example:
-        >>> outcomes = run_batch("batch.yaml", "results", shard=(0, 2))  # doctest: +SKIP
-        >>> [o.status for o in outcomes]  # doctest: +SKIP
-        ['done', 'skipped']
+        >>> import pathlib, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (config := folder / "b.yaml").write_text("[{name: a, prompt: test}, {name: b, prompt: hi}]")
+        >>> [o.status for o in run_batch(config, folder / "results", shard=(0, 2))]  # item a only
+        ['done']
+        >>> [o.status for o in run_batch(config, folder / "results")]  # a is up to date
+        ['skipped', 'done']
     """
     cfg = config if isinstance(config, Config) else read_config(config)
+    load = load_model if load is None else load
     out_dir = Path(output_dir) if output_dir is not None else cfg.output_dir or Path("output")
     outcomes: dict[int, Outcome] = {}
 
@@ -136,7 +137,7 @@ def run_batch(
             vl = load(options.pop("model", None), **options)
         except Exception as err:  # a model that cannot load fails its items, not the batch
             for item in items:
-                record(item, Outcome(item.name, "failed", out_dir / f"{item.name}.nc", _describe(err)))
+                record(item, Outcome(item.name, "failed", out_dir / f"{item.name}.nc", _describe(err), line=item.line))
             continue
         for item in items:
             path, started = out_dir / f"{item.name}.nc", time.perf_counter()
@@ -144,7 +145,7 @@ def run_batch(
                 _run_item(vl, item, path, progress)
             except Exception as err:  # one item's failure must not stop the others
                 log.debug("item %s failed", item.name, exc_info=True)
-                record(item, Outcome(item.name, "failed", path, _describe(err)))
+                record(item, Outcome(item.name, "failed", path, _describe(err), line=item.line))
             else:
                 record(item, Outcome(item.name, "done", path, seconds=time.perf_counter() - started))
         del vl
@@ -197,8 +198,13 @@ def open_batch(source: str | Path | Sequence[str | Path]) -> xr.Dataset:
     one of the files again while the view is open can fail with "NetCDF: HDF error").
 
     Example:
-        >>> ds = open_batch("results")  # doctest: +SKIP
-        >>> ds["kl"].sel(step=0).max("token").to_series()  # doctest: +SKIP
+        >>> import pathlib, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / "b.yaml").write_text("items:\\n  - {name: a, prompt: test}\\n  - {name: b, prompt: hi}\\n")
+        >>> _ = run_batch(folder / "b.yaml", folder / "results")
+        >>> with open_batch(folder / "results") as ds:
+        ...     ds["prompt"].values.tolist(), ds["kl"].dims
+        (['a', 'b'], ('prompt', 'step', 'token'))
     """
     files = _files(source)
     missing = [f for f in files if not f.exists()]

@@ -16,54 +16,10 @@ from typing import Any
 import numpy as np
 
 from interventions import BlockKeys
-from interventions._common import ints, one_int
+from interventions._common import ints
 from vlmask.errors import VlmaskError
 from vlmask.inputs.units import unit_coords
-
-
-@dataclass(frozen=True)
-class Windows:
-    """Windows of ``k`` consecutive layers centred on each layer (or on ``centres``), clipped at the ends.
-
-    The window centred on layer ``c`` holds layers ``c - k // 2 .. c + k // 2`` that exist:
-    near the first and last layers it is shorter. Attention-knockout studies of
-    information flow use ``k = 9``.
-
-    Example:
-        >>> Windows(k=3).resolve(num_layers=4)
-        [(0, 1), (0, 1, 2), (1, 2, 3), (2, 3)]
-    """
-
-    k: int = 9
-    centres: tuple[int, ...] | None = None
-
-    def __post_init__(self) -> None:
-        k = one_int(self.k, "window size k")
-        if k < 1 or k % 2 == 0:
-            raise VlmaskError(
-                f"window size k must be a positive odd number (a centre layer and k // 2 each side), got {k}"
-            )
-        object.__setattr__(self, "k", k)
-        if self.centres is not None:
-            object.__setattr__(self, "centres", ints(self.centres, "window centres"))
-
-    def centre_layers(self, num_layers: int) -> list[int]:
-        """The centre of each window, checked against the model's layers."""
-        centres = list(range(num_layers)) if self.centres is None else list(self.centres)
-        for c in centres:
-            if c >= num_layers:
-                raise VlmaskError(
-                    f"window centre {c} is out of range: the model has {num_layers} decoder layers (0-{num_layers - 1})"
-                )
-        return centres
-
-    def resolve(self, num_layers: int) -> list[tuple[int, ...]]:
-        """The layers of each window, in centre order."""
-        half = self.k // 2
-        return [tuple(range(max(0, c - half), min(num_layers, c + half + 1))) for c in self.centre_layers(num_layers)]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"k": self.k, "centres": None if self.centres is None else list(self.centres)}
+from vlmask.spec import Windows
 
 
 def windows(k: int = 9, centres: Sequence[int] | None = None) -> Windows:

@@ -7,8 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from vlmask.errors import VlmaskError
-
-VISION_ATTENTION = ("native", "bidirectional")
+from vlmask.spec import VISION_ATTENTION
 
 
 def base_allowed(

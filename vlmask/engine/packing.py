@@ -2,43 +2,8 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
-
-from vlmask.errors import VlmaskError
-
-SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 2**10,
-    "kb": 2**10,
-    "kib": 2**10,
-    "m": 2**20,
-    "mb": 2**20,
-    "mib": 2**20,
-    "g": 2**30,
-    "gb": 2**30,
-    "gib": 2**30,
-}
-
-
-def parse_size(text: str) -> int:
-    """Bytes in ``text`` such as ``2GiB``, ``512MB`` or ``1e9``.
-
-    Example:
-        >>> parse_size("1.5GiB")
-        1610612736
-    """
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
-    unit = match.group(2).lower() if match else None
-    if not match or unit not in SIZE_UNITS:
-        raise VlmaskError(f"memory size {text!r} is not understood: write e.g. 2GiB, 512MB or 1e9 (bytes)")
-    try:
-        return int(float(match.group(1)) * SIZE_UNITS[unit])
-    except ValueError:
-        raise VlmaskError(f"memory size {text!r} is not understood: write e.g. 2GiB, 512MB or 1e9 (bytes)") from None
-
 
 MIN_PACKED = 1024
 

@@ -15,112 +15,37 @@ from typing import Any
 import torch
 import xarray as xr
 
-from interventions import ModelShape, compose
-from vlmask.engine.knockouts import Windows, plan
+from interventions import Intervention, ModelShape, compose
+from vlmask.engine.knockouts import Knockouts, plan
 from vlmask.engine.labels import sweep_record
-from vlmask.engine.packing import parse_size
-from vlmask.engine.passes import NOTHING, PromptPasses
+from vlmask.engine.passes import NOTHING, Measurement, PromptPasses
 from vlmask.errors import VlmaskError
 from vlmask.inputs.prompt import Prompt, build_prompt
-from vlmask.inputs.selection import parse_mask
+from vlmask.inputs.selection import parse_indices, parse_mask
 from vlmask.inputs.units import group_units
 from vlmask.model.load import VLModel
 from vlmask.results.dataset import Measured, to_dataset
+from vlmask.spec import SweepSpec
 
 log = logging.getLogger(__name__)
 
 
-def _knockouts(vl: VLModel, built: Prompt, mask: Any, mask_unit: str, over: Any, layers: Any) -> Any:
-    """The sweep's :class:`~vlmask.engine.knockouts.Knockouts`: masked token units, or the values ``over``."""
-    if over is None:
-        kinds = built.tokens.kind
-        mask = "text" if mask is None else mask
-        positions = parse_mask(mask, kinds, built.prompt_positions) if isinstance(mask, str) else sorted(set(mask))
-        if not positions:
-            raise VlmaskError("no positions to mask: pass text, prompt, vision, all, or a list of positions")
-        return plan(vl.num_layers, units=group_units(positions, built.tokens, mask_unit), layers=layers)
-    if mask is not None or mask_unit != "token":
-        raise VlmaskError(
-            "pass either mask=/mask_unit= (a sweep over tokens) or over= (a list of interventions), not both"
-        )
-    values = [over] if hasattr(over, "to_dict") else list(over)
-    return plan(vl.num_layers, over=[compose(v) for v in values], layers=layers)
+def _knockouts(vl: VLModel, built: Prompt, spec: SweepSpec) -> Knockouts:
+    """The sweep's :class:`~vlmask.engine.knockouts.Knockouts`: masked token units, or the values ``spec.over``."""
+    layers = spec.layers
+    if isinstance(layers, str):
+        among = f"the model has {vl.num_layers} decoder layers"
+        layers = parse_indices(layers, vl.num_layers, "layer", among=among)
+    if spec.over is not None:
+        return plan(vl.num_layers, over=[compose(v) for v in spec.over], layers=layers)
+    mask = "text" if spec.mask is None else spec.mask
+    positions = parse_mask(mask, built.tokens.kind, built.prompt_positions) if isinstance(mask, str) else list(mask)
+    return plan(vl.num_layers, units=group_units(positions, built.tokens, spec.mask_unit), layers=layers)
 
 
-def sweep(
-    vl: VLModel,
-    prompt: str,
-    images: Sequence[str | Path] = (),
-    *,
-    mask: str | Sequence[int] | None = None,
-    mask_unit: str = "token",
-    over: Any = None,
-    base: Any = None,
-    videos: Sequence[str | Path] = (),
-    video_fps: float = 2.0,
-    num_tokens: int = 1,
-    layers: Sequence[int] | Windows | None = None,
-    chat_template: str = "auto",
-    vision_attention: str = "native",
-    batch_size: int | None = None,
-    max_memory: int | str = "2GiB",
-    progress: bool = True,
-    backend: str = "nnsight",
-) -> xr.Dataset:
-    """Knock out each chosen token (or each intervention of ``over``) in turn and measure what changes.
-
-    By default every masked position ``p`` (``mask``, default ``"text"``) is blocked at
-    ``layers`` (all if None): queries after ``p`` cannot attend to it; results have a
-    ``token`` dimension. ``over`` instead takes a list of intervention values
-    (``BlockKeys``, ``BlockEdges``, ``AblateHeads``, ``PatchResidual``, ``Compose``), each
-    knocked out in turn: dimension ``intervention``. ``layers`` may be :func:`vlmask.windows`:
-    every knockout then runs at each window of layers (dimension ``window``, its coordinate
-    the centre layer); for ``over`` values, ``layers`` replaces their own ``layers``.
-    ``base`` is applied to the clean run and to every knockout alike (for example a head
-    ablation: which tokens matter with that head gone?), and every metric compares
-    ``base & knockout`` with ``base`` alone.
-
-    Measured at the last position of each of the ``num_tokens`` teacher-forced steps:
-    decoder-layer outputs, per-head attention outputs and the next-token distribution,
-    against the clean run. Knockouts share packed forward passes of at most ``batch_size``
-    knockouts (None: no limit) whose estimated memory fits ``max_memory`` (bytes, or text
-    such as ``"2GiB"``). ``backend`` runs the passes (``"nnsight"``, or ``"hooks"``: plain
-    PyTorch hooks, the same numbers).
-
-    ``mask_unit`` groups the masked vision tokens into units blocked together (one entry
-    of ``token`` each): ``token``, ``row``, ``column``, ``region:K`` (KxK merged tokens) or
-    ``image`` (a whole image or video frame group). ``videos`` are directories of frame
-    images (sorted by name), taken as sampled at ``video_fps``.
-
-    Example:
-        >>> import vlmask
-        >>> vl = vlmask.load_model()
-        >>> ds = vlmask.sweep(vl, "what color is the circle ?", ["examples/shapes.png"], progress=False)
-        >>> sorted(ds["residual"].dims)
-        ['layer', 'metric', 'step', 'token']
-    """
-    if num_tokens < 1:
-        raise VlmaskError(f"--num-tokens must be at least 1, got {num_tokens}")
-    if batch_size is not None and batch_size < 1:
-        raise VlmaskError(f"--batch-size must be at least 1, got {batch_size}")
-    budget = parse_size(max_memory) if isinstance(max_memory, str) else int(max_memory)
-    built: Prompt = build_prompt(vl.processor, prompt, list(images), chat_template, list(videos), video_fps)
-    knockouts = _knockouts(vl, built, mask, mask_unit, over, layers)
-    base = NOTHING if base is None else compose(base)
-    for iv in [base, *knockouts.values]:
-        iv.check(len(built.tokens), ModelShape(vl.num_layers, vl.num_heads, vl.text_config.hidden_size))
-
-    prompt_ids = built.inputs["input_ids"]
-    passes = PromptPasses.of(vl, built, prompt_ids.shape[1] + num_tokens - 1, vision_attention, backend)
-    out = passes.measure(
-        prompt_ids, num_tokens, base, knockouts.values, batch_size=batch_size, budget=budget, progress=progress
-    )
-
-    mask_text = ""
-    if knockouts.dim == "token":
-        mask = "text" if mask is None else mask
-        mask_text = mask if isinstance(mask, str) else ",".join(map(str, sorted(set(mask))))
-    measured = Measured(
+def _measured(out: Measurement) -> Measured:
+    """The engine's measurement as the plain numbers a result records."""
+    return Measured(
         clean_ids=out.clean.tokens.tolist(),
         clean_top_logprob=torch.log_softmax(out.clean.readout.logits[0], -1).max(-1).values,
         residual=out.residual,
@@ -128,16 +53,82 @@ def sweep(
         logits=out.logits,
         masked_ids=out.masked_ids,
     )
-    return to_dataset(
-        sweep_record(
-            vl,
-            built,
-            knockouts,
-            measured,
-            video_fps,
-            base=None if base == NOTHING else base.to_dict(),
-            mask=mask_text,
-            mask_unit=mask_unit if knockouts.dim == "token" else "",
-            vision_attention=vision_attention,
-        )
+
+
+def _mask_text(spec: SweepSpec, knockouts: Knockouts) -> str:
+    """What ``mask`` recorded: its word or its positions (empty for a sweep over interventions)."""
+    if knockouts.dim != "token":
+        return ""
+    mask = "text" if spec.mask is None else spec.mask
+    return mask if isinstance(mask, str) else ",".join(map(str, sorted(set(mask))))
+
+
+def sweep(
+    vl: VLModel,
+    spec_or_prompt: SweepSpec | str,
+    images: Sequence[str | Path] = (),
+    *,
+    progress: bool = True,
+    backend: str = "nnsight",
+    **options: Any,
+) -> xr.Dataset:
+    """Knock out each chosen token (or each intervention of ``over``) in turn and measure what changes.
+
+    Takes a :class:`~vlmask.spec.SweepSpec`, or the prompt, its images and any of its options
+    by name (``mask``, ``mask_unit``, ``over``, ``base``, ``layers``, ``num_tokens``, ...: each
+    field's help says what it does). ``progress`` switches the progress bar; ``backend`` runs
+    the passes (``"nnsight"``, or ``"hooks"``: plain PyTorch hooks, the same numbers).
+
+    Each masked unit (``mask``, default every text token) is blocked at ``layers`` (all if
+    None): no later query attends to it; dimension ``token``. ``over`` knocks out each of its
+    intervention values instead: dimension ``intervention``. With ``layers=vlmask.windows(k)``
+    every knockout runs at each window of layers (dimension ``window``). ``base`` is applied
+    to the clean run and every knockout alike, and every metric compares ``base & knockout``
+    with ``base`` alone. Measured at the last position of each of the ``num_tokens``
+    teacher-forced steps: decoder-layer outputs, per-head attention outputs and the next-token
+    distribution, against the clean run.
+
+    Example:
+        >>> import vlmask
+        >>> vl = vlmask.load_model()
+        >>> ds = vlmask.sweep(vl, "what color is the circle ?", ["examples/shapes.png"], progress=False)
+        >>> sorted(ds["residual"].dims)
+        ['layer', 'metric', 'step', 'token']
+        >>> spec = vlmask.SweepSpec("what color is the circle ?", images=["examples/shapes.png"], mask="vision")
+        >>> vlmask.sweep(vl, spec, progress=False).sizes["token"]
+        16
+    """
+    if isinstance(spec_or_prompt, SweepSpec) and (images or options):
+        raise VlmaskError("pass a SweepSpec alone, or a prompt with its images and options, not both")
+    spec = spec_or_prompt if isinstance(spec_or_prompt, SweepSpec) else SweepSpec(spec_or_prompt, images, **options)
+    built = build_prompt(
+        vl.processor, spec.prompt, list(spec.images), spec.chat_template, list(spec.videos), spec.video_fps
     )
+    knockouts = _knockouts(vl, built, spec)
+    base: Intervention = NOTHING if spec.base is None else compose(spec.base)
+    shape = ModelShape(vl.num_layers, vl.num_heads, vl.text_config.hidden_size)
+    for iv in [base, *knockouts.values]:
+        iv.check(len(built.tokens), shape)
+    prompt_ids = built.inputs["input_ids"]
+    passes = PromptPasses.of(vl, built, prompt_ids.shape[1] + spec.num_tokens - 1, spec.vision_attention, backend)
+    out = passes.measure(
+        prompt_ids,
+        spec.num_tokens,
+        base,
+        knockouts.values,
+        batch_size=spec.batch_size,
+        budget=spec.max_memory,
+        progress=progress,
+    )
+    record = sweep_record(
+        vl,
+        built,
+        knockouts,
+        _measured(out),
+        spec.video_fps,
+        base=None if base == NOTHING else base.to_dict(),
+        mask=_mask_text(spec, knockouts),
+        mask_unit=spec.mask_unit if knockouts.dim == "token" else "",
+        vision_attention=spec.vision_attention,
+    )
+    return to_dataset(record)

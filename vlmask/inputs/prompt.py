@@ -110,10 +110,12 @@ def format_prompt(
     (with each image's, then each video's, vision placeholder in front).
     """
     if chat_template not in CHAT_TEMPLATE_MODES:
-        raise VlmaskError(f"--chat-template {chat_template!r} is not known: expected one of {CHAT_TEMPLATE_MODES}")
+        raise VlmaskError(
+            f"chat template {chat_template!r} is not known: expected one of {', '.join(CHAT_TEMPLATE_MODES)}"
+        )
     has_template = bool(getattr(processor, "chat_template", None))
     if chat_template == "on" and not has_template:
-        raise VlmaskError("--chat-template on, but this processor has no chat template: use auto or off")
+        raise VlmaskError("chat template on, but this processor has no chat template: use auto or off")
     if chat_template == "off" or not has_template:
         if not num_images + num_videos:
             return prompt, False
@@ -176,11 +178,11 @@ def build_prompt(
         (('test',), ('text',))
     """
     if not prompt or not prompt.strip():
-        raise VlmaskError("the prompt is empty: pass --prompt with some text")
+        raise VlmaskError("the prompt is empty: give it some text")
     if (images or videos) and not reads_images(processor):
         raise VlmaskError(
             f"this model reads text only, but {len(images)} image(s) and {len(videos)} video(s) were given: "
-            "drop --image/--video, or load a vision-language model"
+            "drop the images and videos, or load a vision-language model"
         )
     files = tuple(read_image(path) for path in images)
     clips = tuple(read_video(path) for path in videos)

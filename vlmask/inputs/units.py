@@ -25,7 +25,7 @@ def parse_unit(spec: str) -> tuple[str, int]:
         >>> parse_unit("patch")
         Traceback (most recent call last):
         ...
-        vlmask.VlmaskError: --mask-unit 'patch' is not known: expected token, row, column, region:K, image
+        vlmask.VlmaskError: mask unit 'patch' is not known: expected token, row, column, region:K, image
     """
     name, _, size = str(spec).strip().partition(":")
     if name in ("token", "row", "column", "image") and not size:
@@ -37,8 +37,8 @@ def parse_unit(spec: str) -> tuple[str, int]:
             k = 0
         if k >= 1:
             return name, k
-        raise VlmaskError(f"--mask-unit {spec!r} needs a block size: region:K with K a positive integer, like region:2")
-    raise VlmaskError(f"--mask-unit {spec!r} is not known: expected {', '.join(UNITS)}")
+        raise VlmaskError(f"mask unit {spec!r} needs a block size: region:K with K a positive integer, like region:2")
+    raise VlmaskError(f"mask unit {spec!r} is not known: expected {', '.join(UNITS)}")
 
 
 def _key(tokens: Any, pos: int, name: str, k: int) -> tuple[int, ...] | None:

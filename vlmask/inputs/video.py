@@ -79,6 +79,18 @@ def read_video(path: str | Path) -> VideoFile:
     return VideoFile(str(path), video_hash(path), tuple(p.name for p in paths), tuple(frames))
 
 
+def check_fps(fps: float) -> float:
+    """``fps`` if it is a positive number of frames per second, else an error.
+
+    Example:
+        >>> check_fps(2)
+        2
+    """
+    if not fps > 0:
+        raise VlmaskError(f"video fps must be a positive number of frames per second, got {fps}")
+    return fps
+
+
 def video_kwargs(videos: Sequence[VideoFile], fps: float) -> dict[str, Any]:
     """Processor arguments for ``videos``: every frame kept, frame ``i`` taken at ``i / fps`` seconds.
 
@@ -86,12 +98,11 @@ def video_kwargs(videos: Sequence[VideoFile], fps: float) -> dict[str, Any]:
         >>> video_kwargs([], fps=0)
         Traceback (most recent call last):
         ...
-        vlmask.VlmaskError: --video-fps must be a positive number of frames per second, got 0
+        vlmask.VlmaskError: video fps must be a positive number of frames per second, got 0
     """
     from transformers.video_utils import VideoMetadata
 
-    if not fps > 0:
-        raise VlmaskError(f"--video-fps must be a positive number of frames per second, got {fps}")
+    check_fps(fps)
     metadata = [
         VideoMetadata(total_num_frames=len(v.frames), fps=float(fps), frames_indices=list(range(len(v.frames))))
         for v in videos

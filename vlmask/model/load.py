@@ -126,7 +126,7 @@ def load_model(
     source = str(DEFAULT_MODEL_PATH if builtin else model)
     torch_dtype = _dtype(dtype, device)
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise VlmaskError(f"device {device!r} was asked for, but no CUDA device is available: use --device cpu")
+        raise VlmaskError(f"device {device!r} was asked for, but no CUDA device is available: use device 'cpu'")
     if not builtin:
         _check_reachable(source)
     try:

@@ -64,7 +64,7 @@ def save_results(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise VlmaskError(f"output '{path}' already exists: choose another --output or pass --overwrite")
+        raise VlmaskError(f"output '{path}' already exists: choose another name or allow overwriting (overwrite=True)")
     return atomic_write(path, lambda tmp: ds.to_netcdf(tmp, engine="netcdf4"))
 
 
@@ -129,7 +129,9 @@ def write_tables(ds: xr.Dataset, stem: str | Path, formats: list[str], *, overwr
             raise VlmaskError(f"format {fmt!r} is not known: expected some of {FORMATS}")
         path = Path(f"{stem}.{fmt}")
         if path.exists() and not overwrite:
-            raise VlmaskError(f"output '{path}' already exists: choose another --output or pass --overwrite")
+            raise VlmaskError(
+                f"output '{path}' already exists: choose another name or allow overwriting (overwrite=True)"
+            )
         table = long_table(ds) if table is None else table
         if fmt == "csv":
             atomic_write(path, lambda tmp, table=table: table.to_csv(tmp, index=False))

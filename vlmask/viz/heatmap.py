@@ -46,7 +46,7 @@ def _layer(ds: xr.Dataset, metric: str, layer: int | str | None) -> int | None:
     if metric in LOGIT_METRICS:
         if not final:
             raise VlmaskError(
-                f"metric {metric!r} is measured on the final output, not at a layer: leave out --layer (or pass final)"
+                f"metric {metric!r} is measured on the final output, not at a layer: give no layer (or final)"
             )
         return None
     last = ds.sizes[LAYER] - 1
@@ -55,7 +55,7 @@ def _layer(ds: xr.Dataset, metric: str, layer: int | str | None) -> int | None:
     try:
         index = int(layer)
     except (TypeError, ValueError):
-        raise VlmaskError(f"--layer {layer!r} is not understood: expected a layer number (0-{last}) or final") from None
+        raise VlmaskError(f"layer {layer!r} is not understood: expected a layer number (0-{last}) or final") from None
     if not 0 <= index <= last:
         raise VlmaskError(f"layer {index} is out of range: the result has {last + 1} decoder layers (0-{last})")
     return index
@@ -142,7 +142,7 @@ def heatmap(
     vision = ds[TOKEN_KIND].values == VISION
     if not vision.any():
         raise VlmaskError(
-            "this result has no masked vision tokens to draw: run the sweep with an image or video and --mask vision"
+            "this result has no masked vision tokens to draw: run the sweep with an image or video and mask vision"
         )
     layout = panels(ds)
     index = {(p["source"], p["index"], p["t"]): i for i, p in enumerate(layout)}

@@ -110,5 +110,5 @@ def write_page(html: str, path: str | Path, *, overwrite: bool = False) -> Path:
     if path.suffix.lower() not in (".html", ".htm"):
         raise VlmaskError(f"report output '{path}' must end in .html")
     if path.exists() and not overwrite:
-        raise VlmaskError(f"output '{path}' already exists: choose another -o or pass --overwrite")
+        raise VlmaskError(f"output '{path}' already exists: choose another path or allow overwriting (overwrite=True)")
     return atomic_write(path, lambda tmp: tmp.write_text(html, encoding="utf-8"))

@@ -98,7 +98,7 @@ def plot_heatmap(
     heat = heatmap(ds, metric, layer, step)
     pictures = panel_pictures(ds, heat)
     if path.exists() and not overwrite:
-        raise VlmaskError(f"output '{path}' already exists: choose another -o or pass --overwrite")
+        raise VlmaskError(f"output '{path}' already exists: choose another path or allow overwriting (overwrite=True)")
     fig = _figure(heat, pictures, cmap, alpha)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     log.info("wrote heatmap %s", path)
