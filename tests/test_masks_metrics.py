@@ -10,14 +10,14 @@ import torch
 
 from interventions import At, BlockKeys, ModelShape, from_dict
 from vlmask import VlmaskError
-from vlmask.engine.masks import base_allowed
+from vlmask.engine.masks import allowed_edges
 from vlmask.inputs.selection import parse_indices, parse_mask
 from vlmask.model.attention import attention_mask, check_attention_implementation
 from vlmask.results.metrics import logit_metrics, vector_distances
 
 
 def test_mask_formats_per_implementation():
-    allowed = base_allowed(3)[None]
+    allowed = allowed_edges(3)[None]
     sdpa = attention_mask(allowed, "sdpa", torch.bfloat16)
     assert sdpa.dtype == torch.bool and sdpa.shape == (1, 1, 3, 3)
     eager = attention_mask(allowed, "eager", torch.bfloat16)

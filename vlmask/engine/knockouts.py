@@ -76,7 +76,7 @@ class Knockouts:
         return out
 
 
-def plan(
+def knockouts_of(
     num_layers: int,
     *,
     units: list[tuple[int, ...]] | None = None,
@@ -86,7 +86,7 @@ def plan(
     """Every knockout of a sweep over ``units`` (token sweep) or the values ``over``, at ``layers``.
 
     Example:
-        >>> k = plan(4, units=[(1,), (2, 3)], layers=windows(k=3, centres=[0]))
+        >>> k = knockouts_of(4, units=[(1,), (2, 3)], layers=windows(k=3, centres=[0]))
         >>> k.dims, k.shape, k.values[1]
         (('token', 'window'), (2, 1), BlockKeys(positions=(2, 3), layers=(0, 1)))
     """

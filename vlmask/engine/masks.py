@@ -10,7 +10,7 @@ from vlmask.errors import VlmaskError
 from vlmask.spec import VISION_ATTENTION
 
 
-def base_allowed(
+def allowed_edges(
     seq_len: int, vision_ranges: Sequence[tuple[int, int]] = (), vision_attention: str = "native"
 ) -> torch.Tensor:
     """Boolean ``(seq_len, seq_len)`` of the edges the model itself allows (True = may attend).
@@ -20,9 +20,9 @@ def base_allowed(
     the tokens of each vision range ``[start, end)`` attend to each other.
 
     Example:
-        >>> base_allowed(3).int().tolist()
+        >>> allowed_edges(3).int().tolist()
         [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
-        >>> base_allowed(3, [(0, 2)], "bidirectional").int().tolist()
+        >>> allowed_edges(3, [(0, 2)], "bidirectional").int().tolist()
         [[1, 1, 0], [1, 1, 0], [1, 1, 1]]
     """
     if vision_attention not in VISION_ATTENTION:

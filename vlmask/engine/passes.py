@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from interventions import Compose, compose
 from vlmask.engine.backend import Backend, DecoderPass, ModelPass
-from vlmask.engine.masks import base_allowed
+from vlmask.engine.masks import allowed_edges
 from vlmask.engine.packing import packed_cap, pass_bytes, plan_batches
 from vlmask.engine.state import DecoderInputs, ModelInputs, PassPlan, Readout
 from vlmask.inputs.prompt import Prompt
@@ -69,13 +69,13 @@ class Measurement:
 @dataclass(frozen=True)
 class PromptPasses:
     """The passes over one prompt, and what they share: the model, the per-prompt inputs, the vision
-    encoder's outputs, the edges ``base (seq, seq)`` the unmodified model allows, the backend, and
+    encoder's outputs, the edges ``unmodified (seq, seq)`` the unmodified model allows, the backend, and
     (for mean ablation) the unmodified model's mean head outputs ``(layer, head, head_dim)``."""
 
     vl: VLModel
     extra: dict[str, torch.Tensor]
     encoder: dict[str, Any]
-    base: torch.Tensor
+    unmodified: torch.Tensor
     backend: Backend
     head_means: torch.Tensor | None = None
 
@@ -85,9 +85,9 @@ class PromptPasses:
     ) -> PromptPasses:
         """The passes over ``built``, for sequences up to ``max_len`` tokens, run by ``backend`` (a name or one)."""
         inputs = built.inputs
-        base = base_allowed(max_len, built.tokens.vision_ranges, vision_attention)
+        unmodified = allowed_edges(max_len, built.tokens.vision_ranges, vision_attention)
         extra, encoder = vl.family.prompt_inputs(inputs), vl.family.encode_vision(vl.hf, inputs)
-        return PromptPasses(vl, extra, encoder, base, Backend.named(backend))
+        return PromptPasses(vl, extra, encoder, unmodified, Backend.named(backend))
 
     def plan(self, interventions: Sequence[Any], seq_len: int, read: Sequence[int], **kw: Any) -> PassPlan:
         """What a pass over positions ``start..seq_len-1`` does, row ``i`` under ``interventions[i]``.
@@ -96,7 +96,7 @@ class PromptPasses:
         ``starts[i]..``) and ``internals`` (see :meth:`PassPlan.build`).
         """
         return PassPlan.build(
-            self.base, interventions, self.vl.num_layers, seq_len, read, head_means=self.head_means, **kw
+            self.unmodified, interventions, self.vl.num_layers, seq_len, read, head_means=self.head_means, **kw
         )
 
     def model_pass(

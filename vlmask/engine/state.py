@@ -198,7 +198,7 @@ class PassPlan:
 
     @staticmethod
     def build(
-        base: torch.Tensor,
+        unmodified: torch.Tensor,
         interventions: Sequence[Intervention],
         num_layers: int,
         seq_len: int,
@@ -211,13 +211,13 @@ class PassPlan:
     ) -> PassPlan:
         """The plan of a pass over positions ``start..seq_len-1`` (``starts``: packed, from ``min(starts)``).
 
-        ``base (max_len, max_len)`` holds the edges the unmodified model allows; each row's
+        ``unmodified (max_len, max_len)`` holds the edges the unmodified model allows; each row's
         intervention cuts its own. Layers where every intervention has the same
         ``attention_key`` share one tensor, so memory does not grow with depth.
         """
         rows = tuple(interventions)
         start = min(starts) if starts else start
-        edges = base[start:seq_len, :seq_len]
+        edges = unmodified[start:seq_len, :seq_len]
         shared: dict[tuple[Any, ...], torch.Tensor] = {}
         allowed = []
         for layer in range(num_layers):

@@ -16,7 +16,7 @@ import torch
 import xarray as xr
 
 from interventions import Intervention, ModelShape, compose
-from vlmask.engine.knockouts import Knockouts, plan
+from vlmask.engine.knockouts import Knockouts, knockouts_of
 from vlmask.engine.labels import sweep_record
 from vlmask.engine.passes import NOTHING, Measurement, PromptPasses
 from vlmask.errors import VlmaskError
@@ -37,10 +37,10 @@ def _knockouts(vl: VLModel, built: Prompt, spec: SweepSpec) -> Knockouts:
         among = f"the model has {vl.num_layers} decoder layers"
         layers = parse_indices(layers, vl.num_layers, "layer", among=among)
     if spec.over is not None:
-        return plan(vl.num_layers, over=[compose(v) for v in spec.over], layers=layers)
+        return knockouts_of(vl.num_layers, over=[compose(v) for v in spec.over], layers=layers)
     mask = "text" if spec.mask is None else spec.mask
     positions = parse_mask(mask, built.tokens.kind, built.prompt_positions) if isinstance(mask, str) else list(mask)
-    return plan(vl.num_layers, units=group_units(positions, built.tokens, spec.mask_unit), layers=layers)
+    return knockouts_of(vl.num_layers, units=group_units(positions, built.tokens, spec.mask_unit), layers=layers)
 
 
 def _measured(out: Measurement) -> Measured:
