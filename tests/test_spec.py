@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 import vlmask
 import vlmask.cli as cli
@@ -123,9 +124,11 @@ BAD = [
     ("num_tokens", 0, "num_tokens must be at least 1, got 0"),
     ("num_tokens", 1.5, "num_tokens must be a whole number, got 1.5"),
     ("mask", "5:2", "mask '5:2' is not understood (range '5:2' is empty"),
+    ("mask", [], "mask positions are an empty list: name at least one position"),
     ("mask_unit", "patch", "mask unit 'patch' is not known: expected token, row, column, region:K, image"),
     ("over", [], "over must be a non-empty list of interventions"),
     ("base", {"type": "Nope"}, "Nope"),
+    ("base", type("Duck", (), {"to_dict": lambda self: {}})(), "is not an intervention"),
     ("layers", "a:b", "layers 'a:b' are not understood at 'a:b'"),
     ("chat_template", "maybe", "chat template 'maybe' is not known: expected one of auto, on, off"),
     ("vision_attention", "full", "vision attention 'full' is not known: expected one of native, bidirectional"),
@@ -169,6 +172,10 @@ def test_the_cli_names_the_flag_before_any_model_loads(tmp_path, capsys, monkeyp
         raise AssertionError("a model was loaded although an option is bad")
 
     monkeypatch.setattr(cli, "load_model", no_load)
+    frames = tmp_path / "frames"  # a video directory whose frames differ in size: read before any model loads
+    frames.mkdir()
+    for name, size in (("0.png", (32, 32)), ("1.png", (48, 32))):
+        Image.new("RGB", size).save(frames / name)
     base = ["run", "--prompt", "hi", "--output-dir", str(tmp_path), "--no-progress"]
     cases = {
         ("--num-tokens", "0"): "vlmask: error: --num-tokens: num_tokens must be at least 1, got 0",
@@ -176,6 +183,7 @@ def test_the_cli_names_the_flag_before_any_model_loads(tmp_path, capsys, monkeyp
         ("--image", str(tmp_path / "no.png")): f"vlmask: error: --image: image file '{tmp_path / 'no.png'}' does not",
         ("--base", "{oops"): "vlmask: error: --base: '{oops' is not JSON",
         ("--max-memory", "lots"): "vlmask: error: --max-memory: memory size 'lots' is not understood",
+        ("--video", str(frames)): "vlmask: error: --video: video frames must share one size: '0.png' is 32x32",
     }
     for args, expected in cases.items():
         assert cli.main([*base, *args]) == 2
@@ -198,6 +206,7 @@ def test_the_batch_names_the_item_and_its_line(tmp_path):
               - name: b
                 image: missing.png
                 prompt: hi
+                mask: [4, x]
             """
         ).lstrip()
     )
@@ -207,7 +216,8 @@ def test_the_batch_names_the_item_and_its_line(tmp_path):
     assert f"{bad}:4: item 'a': num_tokens must be at least 1, got 0" in message
     assert f"{bad}:5: item 'a': mask unit 'patch' is not known" in message
     assert f"{bad}:7: item 'b': image file '{tmp_path / 'missing.png'}' does not exist" in message
-    assert message.startswith(f"{bad} has 3 problems")
+    assert f"{bad}:9: item 'b': mask positions must be non-negative integers, got 'x'" in message  # and the file too
+    assert message.startswith(f"{bad} has 4 problems")
 
 
 def _literals(node: ast.AST) -> str:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from interventions import Intervention
 from interventions import from_dict as intervention_from_dict
 from interventions._common import ints, one_int
 from vlmask.errors import VlmaskError
@@ -28,7 +29,7 @@ from vlmask.inputs.media import read_image
 from vlmask.inputs.prompt import CHAT_TEMPLATE_MODES
 from vlmask.inputs.selection import check_indices
 from vlmask.inputs.units import UNITS, parse_unit
-from vlmask.inputs.video import check_fps, video_hash
+from vlmask.inputs.video import check_fps, read_video
 
 VISION_ATTENTION = ("native", "bidirectional")
 MASK_WORDS = ("text", "prompt", "vision", "all")
@@ -148,7 +149,12 @@ def _mask(name: str, value: Any) -> str | tuple[int, ...] | None:
         return value
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
-    return ints(value, "mask positions")
+    positions = ints(value, "mask positions")
+    if not positions:
+        raise VlmaskError(
+            "mask positions are an empty list: name at least one position, or use text, prompt, vision, all"
+        )
+    return positions
 
 
 def _unit(name: str, value: Any) -> str:
@@ -159,15 +165,18 @@ def _unit(name: str, value: Any) -> str:
 def _intervention(value: Any) -> Any:
     if isinstance(value, Mapping):
         return intervention_from_dict(dict(value))
-    if not callable(getattr(value, "to_dict", None)):
-        raise VlmaskError(f"{value!r} is not an intervention: pass BlockKeys, BlockEdges, AblateHeads, ... or its dict")
+    if not isinstance(value, Intervention):
+        raise VlmaskError(
+            f"{value!r} is not an intervention: pass BlockKeys, BlockEdges, AblateHeads, ... (subclasses of"
+            " interventions.Intervention) or their dicts"
+        )
     return value
 
 
 def _over(name: str, value: Any) -> tuple[Any, ...] | None:
     if value is None:
         return None
-    values = [value] if isinstance(value, Mapping) or hasattr(value, "to_dict") else value
+    values = [value] if isinstance(value, (Mapping, Intervention)) else value
     if not isinstance(values, (list, tuple)) or not values:
         raise VlmaskError(f"over must be a non-empty list of interventions to knock out one by one, got {value!r}")
     return tuple(_intervention(v) for v in values)
@@ -308,8 +317,8 @@ class SweepSpec:
         """
         unknown = [(k, _unknown(k)) for k in values if k not in _NAMES]
         checked, problems = _checked({k: v for k, v in values.items() if k in _NAMES})
-        if read_files and not problems:
-            problems = _file_problems(checked)
+        if read_files:
+            problems += _file_problems(checked)
         return unknown + problems
 
     def to_dict(self) -> dict[str, Any]:
@@ -379,10 +388,10 @@ def _checked(values: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, st
 
 
 def _file_problems(checked: dict[str, Any]) -> list[tuple[str, str]]:
-    """A problem for each image that cannot be read and each video directory without frames."""
+    """A problem for each image, and each video directory (its frames), that cannot be read as the sweep reads it."""
     problems = []
-    for name, read in (("images", read_image), ("videos", video_hash)):
-        for path in checked[name]:
+    for name, read in (("images", read_image), ("videos", read_video)):
+        for path in checked.get(name, ()):
             try:
                 read(path)
             except VlmaskError as err:

@@ -16,9 +16,10 @@ import torch
 import xarray as xr
 
 from interventions import Intervention, ModelShape, compose
+from vlmask.engine.backend import Backend
 from vlmask.engine.knockouts import Knockouts, knockouts_of
 from vlmask.engine.labels import sweep_record
-from vlmask.engine.passes import NOTHING, Measurement, PromptPasses
+from vlmask.engine.passes import NOTHING, PromptPasses
 from vlmask.errors import VlmaskError
 from vlmask.inputs.prompt import Prompt, build_prompt
 from vlmask.inputs.selection import parse_indices, parse_mask
@@ -43,8 +44,27 @@ def _knockouts(vl: VLModel, built: Prompt, spec: SweepSpec) -> Knockouts:
     return knockouts_of(vl.num_layers, units=group_units(positions, built.tokens, spec.mask_unit), layers=layers)
 
 
-def _measured(out: Measurement) -> Measured:
-    """The engine's measurement as the plain numbers a result records."""
+def _measure(
+    vl: VLModel,
+    built: Prompt,
+    spec: SweepSpec,
+    base: Intervention,
+    knockouts: Sequence[Intervention],
+    progress: bool,
+    backend: str | Backend,
+) -> Measured:
+    """The passes of the sweep over ``built``; their measurement as the plain numbers a result records."""
+    prompt_ids = built.inputs["input_ids"]
+    passes = PromptPasses.of(vl, built, prompt_ids.shape[1] + spec.num_tokens - 1, spec.vision_attention, backend)
+    out = passes.measure(
+        prompt_ids,
+        spec.num_tokens,
+        base,
+        knockouts,
+        batch_size=spec.batch_size,
+        budget=spec.max_memory,
+        progress=progress,
+    )
     return Measured(
         clean_ids=out.clean.tokens.tolist(),
         clean_top_logprob=torch.log_softmax(out.clean.readout.logits[0], -1).max(-1).values,
@@ -63,30 +83,34 @@ def _mask_text(spec: SweepSpec, knockouts: Knockouts) -> str:
     return mask if isinstance(mask, str) else ",".join(map(str, sorted(set(mask))))
 
 
+def _spec(prompt: SweepSpec | str, images: Sequence[str | Path], options: dict[str, Any]) -> SweepSpec:
+    """The sweep's spec: the one given, or one built from the prompt, its images and its options."""
+    if not isinstance(prompt, SweepSpec):
+        return SweepSpec(prompt, images, **options)
+    if images or options:
+        raise VlmaskError("pass a SweepSpec alone, or a prompt with its images and options, not both")
+    return prompt
+
+
 def sweep(
     vl: VLModel,
-    spec_or_prompt: SweepSpec | str,
+    prompt: SweepSpec | str,
     images: Sequence[str | Path] = (),
     *,
     progress: bool = True,
-    backend: str = "nnsight",
+    backend: str | Backend = "nnsight",
     **options: Any,
 ) -> xr.Dataset:
     """Knock out each chosen token (or each intervention of ``over``) in turn and measure what changes.
 
-    Takes a :class:`~vlmask.spec.SweepSpec`, or the prompt, its images and any of its options
-    by name (``mask``, ``mask_unit``, ``over``, ``base``, ``layers``, ``num_tokens``, ...: each
-    field's help says what it does). ``progress`` switches the progress bar; ``backend`` runs
-    the passes (``"nnsight"``, or ``"hooks"``: plain PyTorch hooks, the same numbers).
-
-    Each masked unit (``mask``, default every text token) is blocked at ``layers`` (all if
-    None): no later query attends to it; dimension ``token``. ``over`` knocks out each of its
-    intervention values instead: dimension ``intervention``. With ``layers=vlmask.windows(k)``
-    every knockout runs at each window of layers (dimension ``window``). ``base`` is applied
-    to the clean run and every knockout alike, and every metric compares ``base & knockout``
-    with ``base`` alone. Measured at the last position of each of the ``num_tokens``
-    teacher-forced steps: decoder-layer outputs, per-head attention outputs and the next-token
-    distribution, against the clean run.
+    Takes a :class:`~vlmask.spec.SweepSpec`, or the prompt, its images and any of its options by
+    name (``mask``, ``over``, ``base``, ``layers``, ``num_tokens``, ...: each field's help says what
+    it does). Each masked unit (default: every text token) is blocked at ``layers``: dimension
+    ``token``; ``over`` knocks out each of its interventions instead: dimension ``intervention``;
+    ``layers=vlmask.windows(k)`` adds ``window``. ``base`` applies to the clean run and every
+    knockout alike. Measured at the last position of each teacher-forced step, against the clean
+    run. ``backend`` runs the passes (``"nnsight"``, or ``"hooks"``: plain PyTorch hooks, the same
+    numbers); ``progress`` switches the progress bar.
 
     Example:
         >>> import vlmask
@@ -98,9 +122,7 @@ def sweep(
         >>> vlmask.sweep(vl, spec, progress=False).sizes["token"]
         16
     """
-    if isinstance(spec_or_prompt, SweepSpec) and (images or options):
-        raise VlmaskError("pass a SweepSpec alone, or a prompt with its images and options, not both")
-    spec = spec_or_prompt if isinstance(spec_or_prompt, SweepSpec) else SweepSpec(spec_or_prompt, images, **options)
+    spec = _spec(prompt, images, options)
     built = build_prompt(
         vl.processor, spec.prompt, list(spec.images), spec.chat_template, list(spec.videos), spec.video_fps
     )
@@ -109,22 +131,11 @@ def sweep(
     shape = ModelShape(vl.num_layers, vl.num_heads, vl.text_config.hidden_size)
     for iv in [base, *knockouts.values]:
         iv.check(len(built.tokens), shape)
-    prompt_ids = built.inputs["input_ids"]
-    passes = PromptPasses.of(vl, built, prompt_ids.shape[1] + spec.num_tokens - 1, spec.vision_attention, backend)
-    out = passes.measure(
-        prompt_ids,
-        spec.num_tokens,
-        base,
-        knockouts.values,
-        batch_size=spec.batch_size,
-        budget=spec.max_memory,
-        progress=progress,
-    )
     record = sweep_record(
         vl,
         built,
         knockouts,
-        _measured(out),
+        _measure(vl, built, spec, base, knockouts.values, progress, backend),
         spec.video_fps,
         base=None if base == NOTHING else base.to_dict(),
         mask=_mask_text(spec, knockouts),
