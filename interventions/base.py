@@ -19,10 +19,10 @@ import torch
 from interventions._common import fields_of
 from interventions.errors import VlmaskError
 
-HOOKS = ("attention", "heads", "residual")
+HOOKS = ("attention", "heads", "mlp", "residual")
 """The points of a decoder layer an intervention can edit, in the order they run."""
 
-_METHODS = {"attention": "blocked_edges", "heads": "edit_heads", "residual": "edit_residual"}
+_METHODS = {"attention": "blocked_edges", "heads": "edit_heads", "mlp": "edit_mlp", "residual": "edit_residual"}
 _TYPES: dict[str, type[Intervention]] = {}  # type name (the JSON ``type``) -> class, filled by subclassing
 
 
@@ -136,6 +136,10 @@ class Intervention:
     def edit_heads(self, heads: torch.Tensor, at: At) -> torch.Tensor:
         """``heads (pos, head, head_dim)``, positions ``at.start..``, edited (a new tensor); default: unchanged."""
         return heads
+
+    def edit_mlp(self, hidden: torch.Tensor, at: At) -> torch.Tensor:
+        """``hidden (pos, hidden_size)``, the MLP output at positions ``at.start..``, edited; default: unchanged."""
+        return hidden
 
     def edit_residual(self, hidden: torch.Tensor, at: At) -> torch.Tensor:
         """``hidden (pos, hidden_size)``, the layer's output at positions ``at.start..``, edited; default: unchanged."""
@@ -287,6 +291,12 @@ class Compose(Intervention):
         for part in self._at(at.layer, "heads"):
             heads = part.edit_heads(heads, at)
         return heads
+
+    def edit_mlp(self, hidden: torch.Tensor, at: At) -> torch.Tensor:
+        """Each MLP-editing part's edit, in order."""
+        for part in self._at(at.layer, "mlp"):
+            hidden = part.edit_mlp(hidden, at)
+        return hidden
 
     def edit_residual(self, hidden: torch.Tensor, at: At) -> torch.Tensor:
         """Each residual-editing part's edit, in order."""

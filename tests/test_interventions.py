@@ -503,3 +503,42 @@ def test_a_type_name_is_taken_once_and_values_must_be_dataclasses():
         NotADataclass().to_dict()
     assert compose(NotADataclass()).hooks(0) == frozenset()
     assert set(interventions.__all__) >= {"At", "Intervention", "ModelShape", "from_dict"}
+
+
+def test_a_new_hook_point_the_mlp_output_runs_on_both_backends():
+    """The worked example of adding a hook point: ``edit_mlp`` on the base, its use in the engine."""
+    import dataclasses
+
+    from interventions import Intervention
+
+    @dataclasses.dataclass(frozen=True)
+    class ScaleMLP(Intervention):
+        layer: int
+        factor: float
+
+        def acts_at(self, layer: int) -> bool:
+            return layer == self.layer
+
+        def edit_mlp(self, hidden: torch.Tensor, at: At) -> torch.Tensor:
+            return hidden * self.factor
+
+    vl = vlmask.load_model()
+    over = [ScaleMLP(1, 1.0), ScaleMLP(1, 0.0)]
+    prompt = "what color is the circle ?"
+    kls = [vlmask.sweep(vl, prompt, over=over, progress=False, backend=b) for b in ("nnsight", "hooks")]
+    for ds in kls:
+        assert float(ds["kl"].sel(step=0, intervention=0)) < 1e-6
+        assert float(ds["kl"].sel(step=0, intervention=1)) > 1e-3
+    torch.testing.assert_close(torch.from_numpy(kls[0]["kl"].values), torch.from_numpy(kls[1]["kl"].values))
+    from vlmask.inputs.prompt import build_prompt  # an independent reference: a plain hook on the full forward
+
+    inputs = build_prompt(vl.processor, prompt, []).inputs
+    with torch.no_grad():
+        clean = torch.log_softmax(vl.hf(**inputs).logits[0, -1].double(), -1)
+        handle = vl.decoder.layers[1].mlp.register_forward_hook(lambda module, args, y: y * 0.0)
+        try:
+            masked = torch.log_softmax(vl.hf(**inputs).logits[0, -1].double(), -1)
+        finally:
+            handle.remove()
+    want = float((clean.exp() * (clean - masked)).sum())
+    assert float(kls[0]["kl"].sel(step=0, intervention=1)) == pytest.approx(want, abs=1e-5)

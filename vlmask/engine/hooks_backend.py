@@ -37,6 +37,8 @@ def _hooks(vl: VLModel, steps: LayerSteps) -> list[Any]:
         handles.append(layer.self_attn.register_forward_pre_hook(attention, with_kwargs=True))
         if steps.wants_heads(i):
             handles.append(layer.self_attn.o_proj.register_forward_pre_hook(heads))
+        if steps.wants_mlp(i):
+            handles.append(layer.mlp.register_forward_hook(lambda module, args, y, i=i: steps.mlp(i, y)))
         if steps.wants_output(i):
             handles.append(layer.register_forward_hook(output))
     return handles

@@ -38,6 +38,8 @@ def _attach(steps: LayerSteps, decoder: Any) -> None:
             x = steps.heads(i, layer.self_attn.o_proj.input)
             if x is not None:
                 layer.self_attn.o_proj.input = x
+        if steps.wants_mlp(i):
+            layer.mlp.output = steps.mlp(i, layer.mlp.output)
         if steps.wants_output(i):
             y = steps.output(i, layer.output)
             if y is not None:

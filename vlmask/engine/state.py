@@ -272,6 +272,14 @@ class PassPlan:
             out[b, span] = iv.edit_heads(heads, At(layer, self.seq_len, first, means)).flatten(-2)
         return out
 
+    def edit_mlp(self, layer: int, y: torch.Tensor) -> torch.Tensor:
+        """The MLP output ``y (batch, pos, hidden)`` after each row's ``edit_mlp``."""
+        out = y.clone()
+        for row, iv in self.editing(layer, "mlp"):
+            b, span, first = self.pieces[row]
+            out[b, span] = iv.edit_mlp(y[b, span], At(layer, self.seq_len, first))
+        return out
+
     def edit_residual(self, layer: int, y: torch.Tensor) -> torch.Tensor:
         """The layer output ``y (batch, pos, hidden)`` after each row's ``edit_residual``."""
         out = y.clone()

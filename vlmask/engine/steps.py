@@ -86,6 +86,7 @@ class LayerSteps:
     ) -> None:
         self.num_heads, self.plan, self.masks, self.index, self.keep = vl.num_heads, plan, masks, index, keep
         self.edits = [(bool(plan.editing(i, "heads")), bool(plan.editing(i, "residual"))) for i in range(len(masks))]
+        self.mlp_edits = [bool(plan.editing(i, "mlp")) for i in range(len(masks))]
         self.residual: list[torch.Tensor] | None = [] if plan.internals else None
         self.head_reads: list[torch.Tensor] = []
         self.means: list[torch.Tensor] | None = [] if mean_heads else None
@@ -102,6 +103,13 @@ class LayerSteps:
         if self.means is not None:
             self.means.append(self.keep(x.float().mean(1).cpu()))
         return edited
+
+    def wants_mlp(self, layer: int) -> bool:
+        return self.mlp_edits[layer]
+
+    def mlp(self, layer: int, y: torch.Tensor) -> torch.Tensor:
+        """Edit the MLP output ``y (batch, pos, hidden)`` of ``layer``."""
+        return self.plan.edit_mlp(layer, y)
 
     def wants_output(self, layer: int) -> bool:
         return self.edits[layer][1] or self.residual is not None
