@@ -19,10 +19,11 @@ import torch
 from interventions._common import fields_of
 from interventions.errors import VlmaskError
 
-HOOKS = ("attention", "heads", "mlp", "residual")
-"""The points of a decoder layer an intervention can edit, in the order they run."""
-
 _METHODS = {"attention": "blocked_edges", "heads": "edit_heads", "mlp": "edit_mlp", "residual": "edit_residual"}
+"""Each hook point and the method that implements it, in the order they run inside a decoder layer."""
+
+HOOKS = tuple(_METHODS)
+"""The points of a decoder layer an intervention can edit, in the order they run."""
 _TYPES: dict[str, type[Intervention]] = {}  # type name (the JSON ``type``) -> class, filled by subclassing
 
 
@@ -68,7 +69,8 @@ class Intervention:
 
     1. ``"attention"`` — :meth:`blocked_edges`: the ``(query, key)`` edges to cut;
     2. ``"heads"`` — :meth:`edit_heads`: the ``o_proj`` input, each head's output side by side;
-    3. ``"residual"`` — :meth:`edit_residual`: the decoder layer's output (before Qwen3-VL adds
+    3. ``"mlp"`` — :meth:`edit_mlp`: the MLP's output, before it joins the residual stream;
+    4. ``"residual"`` — :meth:`edit_residual`: the decoder layer's output (before Qwen3-VL adds
        its DeepStack features).
 
     A subclass is a frozen dataclass: its fields, ``__post_init__`` validation, and the one or

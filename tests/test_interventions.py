@@ -467,7 +467,7 @@ def test_hooks_are_derived_from_the_methods_a_subclass_overrides():
         def blocked_edges(self, at: At) -> torch.Tensor:
             return torch.ones(at.seq_len, at.seq_len, dtype=torch.bool).tril(-1)
 
-    assert HOOKS == ("attention", "heads", "residual")
+    assert HOOKS == ("attention", "heads", "mlp", "residual")
     nothing, both, cut = Nothing(), HeadsAndResidual(layer=2), Cut()
     assert nothing.hooks(0) == frozenset() and nothing.attention_key(0) is None
     assert nothing.first_changed(7, ModelShape(4)) == 7 and not nothing.needs_head_means
