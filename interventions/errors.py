@@ -13,7 +13,14 @@ class VlmaskError(Exception):
         Traceback (most recent call last):
         ...
         vlmask.VlmaskError: key position 812 is out of range: the prompt has 640 tokens (0-639)
+
+    ``option``, where known, names the option or parameter the problem is about (``"mask"``,
+    ``"layer"``, ...): the message itself stays neutral, and the command line names its flag.
     """
+
+    def __init__(self, *args: object, option: str | None = None) -> None:
+        super().__init__(*args)
+        self.option = option
 
 
 VlmaskError.__module__ = "vlmask"  # its public name: tracebacks read vlmask.VlmaskError

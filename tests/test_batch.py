@@ -99,7 +99,7 @@ def test_a_failing_item_does_not_stop_the_others(config, tmp_path, capsys):
     config.write_text(text)
     assert main(["batch", str(config), "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 1
     captured = capsys.readouterr()
-    assert "failed  words (line 11): layer 7 is out of range: the model has 3 decoder layers" in captured.err
+    assert "failed  words (line 11): layers: layer 7 is out of range: the model has 3 decoder layers" in captured.err
     assert "3 items, 2 done" in captured.out and "1 failed" in captured.out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["square.nc", "two.nc"]
 

@@ -236,3 +236,31 @@ def test_library_messages_name_no_flags():
                 if " --" in f" {text}" or text.startswith("-"):
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {text}")
     assert not found, "\n".join(found)
+
+
+def test_problems_found_with_the_model_name_their_flag_too(tiny_dir, tmp_path, capsys):
+    """What needs the model or the result (positions, layers, metrics) raises neutral messages; the CLI adds flags."""
+    run = ["run", "--model", str(tiny_dir), "--prompt", "what color is the circle ?", "--no-progress"]
+    run += ["--output-dir", str(tmp_path)]
+    cases = [
+        ([*run, "--mask", "500"], "vlmask: error: --mask: key position 500 is out of range: the prompt has"),
+        ([*run, "--layers", "7"], "vlmask: error: --layers: layer 7 is out of range: the model has 3 decoder layers"),
+    ]
+    for args, expected in cases:
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(expected) and len(err.strip().splitlines()) == 1, err
+    assert cli.main([*run, "--mask", "1", "--output", "r"]) == 0
+    capsys.readouterr()
+    result = str(tmp_path / "r.nc")
+    for args, expected in [
+        (["heatmap", result, "--metric", "residual:l2", "--layer", "9"], "vlmask: error: --layer: layer 9 is out of"),
+        (["heatmap", result, "--layer", "1"], "vlmask: error: --layer: metric 'logprob_drop' is measured on the final"),
+        (["heatmap", result, "--metric", "nope"], "vlmask: error: --metric: metric 'nope' is not known"),
+        (["heatmap", result, "--step", "4"], "vlmask: error: --step: step 4 is out of range"),
+    ]:
+        assert cli.main(args) == 2
+        assert capsys.readouterr().err.startswith(expected)
+    with pytest.raises(VlmaskError, match=r"^key position 500 is out of range") as info:  # neutral in Python
+        vlmask.sweep(vlmask.load_model(tiny_dir), "what color is the circle ?", mask=[500], progress=False)
+    assert info.value.option == "mask"

@@ -294,6 +294,13 @@ def batch(args: argparse.Namespace) -> int:
     return 1 if counts["failed"] else 0
 
 
+def _with_flag(err: VlmaskError) -> str:
+    """The one line of a user mistake: the library's neutral message, after the flag of the option it is about."""
+    if err.option is None:
+        return str(err)
+    return f"{FLAGS.get(err.option, '--' + err.option.replace('_', '-'))}: {err}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vlmask`` command."""
     args = _parser().parse_args(argv)
@@ -305,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"run": run, "heatmap": heatmap, "report": report, "compare": compare, "batch": batch}
         return commands[args.command](args)
     except VlmaskError as err:
-        print(f"vlmask: error: {err}", file=sys.stderr)
+        print(f"vlmask: error: {_with_flag(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vlmask: interrupted; no result written", file=sys.stderr)

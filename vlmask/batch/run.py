@@ -154,7 +154,9 @@ def run_batch(
 
 def _describe(err: BaseException) -> str:
     text = " ".join(str(err).split())
-    return text if isinstance(err, VlmaskError) else f"{type(err).__name__}: {text}"
+    if not isinstance(err, VlmaskError):
+        return f"{type(err).__name__}: {text}"
+    return text if err.option is None else f"{err.option}: {text}"
 
 
 def _files(source: str | Path | Sequence[str | Path]) -> list[Path]:

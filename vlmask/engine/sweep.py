@@ -20,7 +20,7 @@ from vlmask.engine.backend import Backend
 from vlmask.engine.knockouts import Knockouts, knockouts_of
 from vlmask.engine.labels import sweep_record
 from vlmask.engine.passes import NOTHING, PromptPasses
-from vlmask.errors import VlmaskError
+from vlmask.errors import VlmaskError, concerning
 from vlmask.inputs.prompt import Prompt, build_prompt
 from vlmask.inputs.selection import parse_indices, parse_mask
 from vlmask.inputs.units import group_units
@@ -34,14 +34,20 @@ log = logging.getLogger(__name__)
 def _knockouts(vl: VLModel, built: Prompt, spec: SweepSpec) -> Knockouts:
     """The sweep's :class:`~vlmask.engine.knockouts.Knockouts`: masked token units, or the values ``spec.over``."""
     layers = spec.layers
-    if isinstance(layers, str):
-        among = f"the model has {vl.num_layers} decoder layers"
-        layers = parse_indices(layers, vl.num_layers, "layer", among=among)
-    if spec.over is not None:
-        return knockouts_of(vl.num_layers, over=[compose(v) for v in spec.over], layers=layers)
+    with concerning("layers"):
+        if isinstance(layers, str):
+            among = f"the model has {vl.num_layers} decoder layers"
+            layers = parse_indices(layers, vl.num_layers, "layer", among=among)
+        if spec.over is not None:
+            return knockouts_of(vl.num_layers, over=[compose(v) for v in spec.over], layers=layers)
     mask = "text" if spec.mask is None else spec.mask
-    positions = parse_mask(mask, built.tokens.kind, built.prompt_positions) if isinstance(mask, str) else list(mask)
-    return knockouts_of(vl.num_layers, units=group_units(positions, built.tokens, spec.mask_unit), layers=layers)
+    with concerning("mask"):
+        text = mask if isinstance(mask, str) else ",".join(map(str, mask))  # a list is checked like its text
+        positions = parse_mask(text, built.tokens.kind, built.prompt_positions)
+    with concerning("mask_unit"):
+        units = group_units(positions, built.tokens, spec.mask_unit)
+    with concerning("layers"):
+        return knockouts_of(vl.num_layers, units=units, layers=layers)
 
 
 def _measure(
@@ -129,8 +135,11 @@ def sweep(
     knockouts = _knockouts(vl, built, spec)
     base: Intervention = NOTHING if spec.base is None else compose(spec.base)
     shape = ModelShape(vl.num_layers, vl.num_heads, vl.text_config.hidden_size)
-    for iv in [base, *knockouts.values]:
-        iv.check(len(built.tokens), shape)
+    with concerning("base"):
+        base.check(len(built.tokens), shape)
+    with concerning("mask" if spec.over is None else "over"):
+        for iv in knockouts.values:
+            iv.check(len(built.tokens), shape)
     record = sweep_record(
         vl,
         built,

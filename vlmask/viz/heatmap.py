@@ -46,7 +46,8 @@ def _layer(ds: xr.Dataset, metric: str, layer: int | str | None) -> int | None:
     if metric in LOGIT_METRICS:
         if not final:
             raise VlmaskError(
-                f"metric {metric!r} is measured on the final output, not at a layer: give no layer (or final)"
+                f"metric {metric!r} is measured on the final output, not at a layer: give no layer (or final)",
+                option="layer",
             )
         return None
     last = ds.sizes[LAYER] - 1
@@ -55,9 +56,13 @@ def _layer(ds: xr.Dataset, metric: str, layer: int | str | None) -> int | None:
     try:
         index = int(layer)
     except (TypeError, ValueError):
-        raise VlmaskError(f"layer {layer!r} is not understood: expected a layer number (0-{last}) or final") from None
+        raise VlmaskError(
+            f"layer {layer!r} is not understood: expected a layer number (0-{last}) or final", option="layer"
+        ) from None
     if not 0 <= index <= last:
-        raise VlmaskError(f"layer {index} is out of range: the result has {last + 1} decoder layers (0-{last})")
+        raise VlmaskError(
+            f"layer {index} is out of range: the result has {last + 1} decoder layers (0-{last})", option="layer"
+        )
     return index
 
 
@@ -83,11 +88,14 @@ def unit_values(
     known |= name == HEADS and sub in VECTOR_METRICS and reduce in ("", *HEAD_REDUCTIONS)
     if not known:
         raise VlmaskError(
-            f"metric {metric!r} is not known: expected one of {', '.join(METRICS)} (heads:M:max for the largest head)"
+            f"metric {metric!r} is not known: expected one of {', '.join(METRICS)} (heads:M:max for the largest head)",
+            option="metric",
         )
     steps = ds[STEP].values.tolist()
     if step not in steps:
-        raise VlmaskError(f"step {step} is out of range: the result has {len(steps)} steps (0-{len(steps) - 1})")
+        raise VlmaskError(
+            f"step {step} is out of range: the result has {len(steps)} steps (0-{len(steps) - 1})", option="step"
+        )
     where = _layer(ds, name, layer)
     if name in LOGIT_METRICS:
         return ds[name].sel(step=step).astype(float), None
