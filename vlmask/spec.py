@@ -268,10 +268,10 @@ class SweepSpec:
     mask_unit: str = field(
         default="token", metadata=about(f"group vision tokens knocked out together: {', '.join(UNITS)}", _unit)
     )
-    over: tuple[Any, ...] | None = field(
+    over: tuple[Intervention, ...] | None = field(
         default=None, metadata=about("interventions knocked out one by one, instead of tokens", _over, cli=False)
     )
-    base: Any = field(
+    base: Intervention | None = field(
         default=None,
         metadata=about("an intervention applied to the clean run and every knockout (JSON on the command line)", _base),
     )

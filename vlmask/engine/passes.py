@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from interventions import Compose, compose
+from interventions import Compose, Intervention, compose
 from vlmask.engine.backend import Backend, DecoderPass, ModelPass
 from vlmask.engine.masks import allowed_edges
 from vlmask.engine.packing import packed_cap, pass_bytes, plan_batches
@@ -89,7 +89,7 @@ class PromptPasses:
         extra, encoder = vl.family.prompt_inputs(inputs), vl.family.encode_vision(vl.hf, inputs)
         return PromptPasses(vl, extra, encoder, unmodified, Backend.named(backend))
 
-    def plan(self, interventions: Sequence[Any], seq_len: int, read: Sequence[int], **kw: Any) -> PassPlan:
+    def plan(self, interventions: Sequence[Intervention], seq_len: int, read: Sequence[int], **kw: Any) -> PassPlan:
         """What a pass over positions ``start..seq_len-1`` does, row ``i`` under ``interventions[i]``.
 
         ``kw``: ``start``, ``starts`` (a packed decoder pass: row ``i`` computes positions
@@ -102,7 +102,7 @@ class PromptPasses:
     def model_pass(
         self,
         ids: torch.Tensor,
-        interventions: Sequence[Any],
+        interventions: Sequence[Intervention],
         read: Sequence[int],
         *,
         internals: bool = True,
@@ -118,7 +118,7 @@ class PromptPasses:
     def decoder_pass(
         self,
         dec: DecoderInputs,
-        interventions: Sequence[Any],
+        interventions: Sequence[Intervention],
         read: Sequence[int],
         *,
         starts: Sequence[int] = (),
@@ -143,7 +143,7 @@ class PromptPasses:
         done = self.model_pass(prompt_ids, [NOTHING], last, internals=False, mean_heads=True)
         return dataclasses.replace(self, head_means=done.head_means)
 
-    def clean_pass(self, prompt_ids: torch.Tensor, n: int, base: Any = NOTHING) -> CleanRun:
+    def clean_pass(self, prompt_ids: torch.Tensor, n: int, base: Intervention = NOTHING) -> CleanRun:
         """Greedy continuation of exactly ``n`` tokens under ``base``, read at each step's last position.
 
         The prompt runs through the whole model once (capturing the decoder's inputs and
@@ -167,7 +167,7 @@ class PromptPasses:
         dec: DecoderInputs,
         clean: torch.Tensor,
         forced_top: torch.Tensor,
-        interventions: Sequence[Any],
+        interventions: Sequence[Intervention],
         starts: Sequence[int],
     ) -> torch.Tensor:
         """Greedy continuations under each knockout, ``(batch, steps)``.
@@ -208,8 +208,8 @@ class PromptPasses:
         self,
         prompt_ids: torch.Tensor,
         num_tokens: int,
-        base: Any,
-        knockouts: Sequence[Any],
+        base: Intervention,
+        knockouts: Sequence[Intervention],
         *,
         batch_size: int | None = None,
         budget: int = 2**31,
