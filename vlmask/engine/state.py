@@ -185,7 +185,7 @@ class PassPlan:
 
     Every question the engine asks an intervention is a method here (:meth:`build`,
     :meth:`first_changed`, :meth:`needs_head_means`, :meth:`editing`, :meth:`edit_heads`,
-    :meth:`edit_residual`).
+    :meth:`edit_hidden`).
     """
 
     allowed: list[torch.Tensor]
@@ -272,19 +272,12 @@ class PassPlan:
             out[b, span] = iv.edit_heads(heads, At(layer, self.seq_len, first, means)).flatten(-2)
         return out
 
-    def edit_mlp(self, layer: int, y: torch.Tensor) -> torch.Tensor:
-        """The MLP output ``y (batch, pos, hidden)`` after each row's ``edit_mlp``."""
-        out = y.clone()
-        for row, iv in self.editing(layer, "mlp"):
-            b, span, first = self.pieces[row]
-            out[b, span] = iv.edit_mlp(y[b, span], At(layer, self.seq_len, first))
-        return out
-
-    def edit_residual(self, layer: int, y: torch.Tensor) -> torch.Tensor:
-        """The layer output ``y (batch, pos, hidden)`` after each row's ``edit_residual``."""
+    def edit_hidden(self, hook: str, layer: int, y: torch.Tensor) -> torch.Tensor:
+        """``y (batch, pos, hidden)`` at ``hook`` (``"mlp"``: the MLP output; ``"residual"``: the layer
+        output) after each row's ``edit_mlp`` / ``edit_residual``."""
         out = y.clone()
         pieces = self.pieces
-        for row, iv in self.editing(layer, "residual"):
+        for row, iv in self.editing(layer, hook):
             b, span, first = pieces[row]
-            out[b, span] = iv.edit_residual(y[b, span], At(layer, self.seq_len, first))
+            out[b, span] = getattr(iv, f"edit_{hook}")(y[b, span], At(layer, self.seq_len, first))
         return out

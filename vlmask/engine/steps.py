@@ -85,18 +85,19 @@ class LayerSteps:
         keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
     ) -> None:
         self.num_heads, self.plan, self.masks, self.index, self.keep = vl.num_heads, plan, masks, index, keep
-        self.edits = [(bool(plan.editing(i, "heads")), bool(plan.editing(i, "residual"))) for i in range(len(masks))]
-        self.mlp_edits = [bool(plan.editing(i, "mlp")) for i in range(len(masks))]
+        self.edits = {
+            hook: [bool(plan.editing(i, hook)) for i in range(len(masks))] for hook in ("heads", "mlp", "residual")
+        }
         self.residual: list[torch.Tensor] | None = [] if plan.internals else None
         self.head_reads: list[torch.Tensor] = []
         self.means: list[torch.Tensor] | None = [] if mean_heads else None
 
     def wants_heads(self, layer: int) -> bool:
-        return self.edits[layer][0] or self.residual is not None or self.means is not None
+        return self.edits["heads"][layer] or self.residual is not None or self.means is not None
 
     def heads(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         """Edit the ``o_proj`` input ``x (batch, pos, head * head_dim)`` of ``layer``, then read it."""
-        edited = self.plan.edit_heads(layer, x, self.num_heads) if self.edits[layer][0] else None
+        edited = self.plan.edit_heads(layer, x, self.num_heads) if self.edits["heads"][layer] else None
         x = x if edited is None else edited
         if self.residual is not None:
             self.head_reads.append(self.keep(x[:, self.index].float().cpu()))
@@ -105,18 +106,18 @@ class LayerSteps:
         return edited
 
     def wants_mlp(self, layer: int) -> bool:
-        return self.mlp_edits[layer]
+        return self.edits["mlp"][layer]
 
     def mlp(self, layer: int, y: torch.Tensor) -> torch.Tensor:
         """Edit the MLP output ``y (batch, pos, hidden)`` of ``layer``."""
-        return self.plan.edit_mlp(layer, y)
+        return self.plan.edit_hidden("mlp", layer, y)
 
     def wants_output(self, layer: int) -> bool:
-        return self.edits[layer][1] or self.residual is not None
+        return self.edits["residual"][layer] or self.residual is not None
 
     def output(self, layer: int, y: torch.Tensor) -> torch.Tensor | None:
         """Edit the output ``y (batch, pos, hidden)`` of ``layer``, then read it."""
-        edited = self.plan.edit_residual(layer, y) if self.edits[layer][1] else None
+        edited = self.plan.edit_hidden("residual", layer, y) if self.edits["residual"][layer] else None
         if self.residual is not None:
             self.residual.append(self.keep((y if edited is None else edited)[:, self.index].float().cpu()))
         return edited
