@@ -152,9 +152,7 @@ def _targets(args: argparse.Namespace) -> tuple[Path, list[str]]:
         raise VlmaskError(f"--output {args.output!r} must be a plain name; use --output-dir for the folder")
     stem = Path(args.output_dir) / args.output
     for fmt in ["nc", *formats, *(["html"] if args.report else [])]:
-        path = stem.with_suffix(f".{fmt}")
-        if path.exists() and not args.overwrite:
-            raise VlmaskError(f"output '{path}' already exists: choose another --output or pass --overwrite")
+        _refuse_existing(stem.with_suffix(f".{fmt}"), args.overwrite, "--output")
     return stem, formats
 
 
@@ -238,9 +236,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refuse_existing(path: Path, overwrite: bool) -> None:
+def _refuse_existing(path: Path, overwrite: bool, flag: str = "-o") -> None:
+    """Refuse an existing output before any work, naming the flags that would change that."""
     if path.exists() and not overwrite:
-        raise VlmaskError(f"output '{path}' already exists: choose another -o or pass --overwrite")
+        raise VlmaskError(f"output '{path}' already exists: choose another {flag} or pass --overwrite")
 
 
 def heatmap(args: argparse.Namespace) -> int:

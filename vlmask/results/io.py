@@ -55,6 +55,21 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     return path
 
 
+def refuse_existing(path: Path, overwrite: bool) -> None:
+    """Refuse to replace ``path`` unless ``overwrite``: every writer of results and pages asks this first.
+
+    Example:
+        >>> refuse_existing(Path("examples/shapes.png"), overwrite=True)  # allowed
+        >>> try:
+        ...     refuse_existing(Path("examples/shapes.png"), overwrite=False)
+        ... except VlmaskError as err:
+        ...     print(str(err).split(":")[0])
+        output 'examples/shapes.png' already exists
+    """
+    if path.exists() and not overwrite:
+        raise VlmaskError(f"output '{path}' already exists: choose another path or allow overwriting (overwrite=True)")
+
+
 def save_results(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``ds`` to netCDF atomically (a temporary file, then a rename).
 
@@ -63,8 +78,7 @@ def save_results(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -
         True
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise VlmaskError(f"output '{path}' already exists: choose another name or allow overwriting (overwrite=True)")
+    refuse_existing(path, overwrite)
     return atomic_write(path, lambda tmp: ds.to_netcdf(tmp, engine="netcdf4"))
 
 
@@ -128,10 +142,7 @@ def write_tables(ds: xr.Dataset, stem: str | Path, formats: list[str], *, overwr
         if fmt not in FORMATS:
             raise VlmaskError(f"format {fmt!r} is not known: expected some of {FORMATS}")
         path = Path(f"{stem}.{fmt}")
-        if path.exists() and not overwrite:
-            raise VlmaskError(
-                f"output '{path}' already exists: choose another name or allow overwriting (overwrite=True)"
-            )
+        refuse_existing(path, overwrite)
         table = long_table(ds) if table is None else table
         if fmt == "csv":
             atomic_write(path, lambda tmp, table=table: table.to_csv(tmp, index=False))

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from vlmask.errors import VlmaskError
-from vlmask.results.io import atomic_write
+from vlmask.results.io import atomic_write, refuse_existing
 
 ASSETS = resources.files("vlmask.viz") / "templates"
 _ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
@@ -109,6 +109,5 @@ def write_page(html: str, path: str | Path, *, overwrite: bool = False) -> Path:
     path = Path(path)
     if path.suffix.lower() not in (".html", ".htm"):
         raise VlmaskError(f"report output '{path}' must end in .html")
-    if path.exists() and not overwrite:
-        raise VlmaskError(f"output '{path}' already exists: choose another path or allow overwriting (overwrite=True)")
+    refuse_existing(path, overwrite)
     return atomic_write(path, lambda tmp: tmp.write_text(html, encoding="utf-8"))

@@ -14,7 +14,7 @@ from PIL import Image
 
 from vlmask.errors import VlmaskError
 from vlmask.inputs.video import frame_paths, video_hash
-from vlmask.results.io import atomic_write
+from vlmask.results.io import atomic_write, refuse_existing
 from vlmask.results.schema import PANEL_COLS, PANEL_INDEX, PANEL_ROWS, PANEL_SOURCE, PANEL_T, recorded_media
 from vlmask.viz.heatmap import cell_colors, heatmap, paint
 
@@ -97,8 +97,7 @@ def plot_heatmap(
         raise VlmaskError(f"heatmap output '{path}' must end in .png")
     heat = heatmap(ds, metric, layer, step)
     pictures = panel_pictures(ds, heat)
-    if path.exists() and not overwrite:
-        raise VlmaskError(f"output '{path}' already exists: choose another path or allow overwriting (overwrite=True)")
+    refuse_existing(path, overwrite)
     fig = _figure(heat, pictures, cmap, alpha)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     log.info("wrote heatmap %s", path)
