@@ -36,6 +36,7 @@ from vlmask.engine.packing import packed_cap, pass_bytes, plan_batches
 from vlmask.engine.state import DecoderInputs, ModelInputs, PassPlan, Readout
 from vlmask.inputs.prompt import Prompt
 from vlmask.model.load import VLModel
+from vlmask.results.dataset import Measured
 from vlmask.results.metrics import logit_metrics, vector_distances
 
 NOTHING = Compose()
@@ -49,21 +50,6 @@ class CleanRun:
     tokens: torch.Tensor
     readout: Readout
     inputs: DecoderInputs
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """What a sweep measured: the clean run, and per knockout the metrics against it and its greedy continuation.
-
-    Shapes: ``residual (knockout, layer, step, metric)``, ``heads (knockout, layer, step, head, metric)``,
-    ``logits (knockout, step, logit metric)``, ``masked_ids (knockout, step)``.
-    """
-
-    clean: CleanRun
-    residual: torch.Tensor
-    heads: torch.Tensor
-    logits: torch.Tensor
-    masked_ids: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -214,8 +200,9 @@ class PromptPasses:
         batch_size: int | None = None,
         budget: int = 2**31,
         progress: bool = False,
-    ) -> Measurement:
-        """The clean pass under ``base``, then every knockout (as ``base & knockout``) in packed passes.
+    ) -> Measured:
+        """The clean pass under ``base``, then every knockout (as ``base & knockout``) in packed passes:
+        the clean continuation, and per knockout the metrics against the clean run and its greedy continuation.
 
         Knockouts share packed passes of at most ``batch_size`` knockouts (None: no limit)
         whose estimated memory fits ``budget`` bytes; read positions before a knockout's
@@ -248,4 +235,11 @@ class PromptPasses:
             generated.append(passes.masked_generation(clean.inputs, clean.tokens, top, chunk, starts[batch]))
             bar.update(len(chunk))
         bar.close()
-        return Measurement(clean, torch.cat(residual), torch.cat(heads), torch.cat(logits), torch.cat(generated))
+        return Measured(
+            clean_ids=clean.tokens.tolist(),
+            clean_top_logprob=torch.log_softmax(clean.readout.logits[0], -1).max(-1).values,
+            residual=torch.cat(residual),
+            heads=torch.cat(heads),
+            logits=torch.cat(logits),
+            masked_ids=torch.cat(generated),
+        )

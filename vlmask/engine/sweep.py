@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 import xarray as xr
 
 from interventions import Intervention, ModelShape, compose
@@ -25,7 +24,7 @@ from vlmask.inputs.prompt import Prompt, build_prompt
 from vlmask.inputs.selection import parse_indices, parse_mask
 from vlmask.inputs.units import group_units
 from vlmask.model.load import VLModel
-from vlmask.results.dataset import Measured, to_dataset
+from vlmask.results.dataset import to_dataset
 from vlmask.spec import SweepSpec
 
 log = logging.getLogger(__name__)
@@ -50,35 +49,17 @@ def _knockouts(vl: VLModel, built: Prompt, spec: SweepSpec) -> Knockouts:
         return knockouts_of(vl.num_layers, units=units, layers=layers)
 
 
-def _measure(
-    vl: VLModel,
-    built: Prompt,
-    spec: SweepSpec,
-    base: Intervention,
-    knockouts: Sequence[Intervention],
-    progress: bool,
-    backend: str | Backend,
-) -> Measured:
-    """The passes of the sweep over ``built``; their measurement as the plain numbers a result records."""
-    prompt_ids = built.inputs["input_ids"]
-    passes = PromptPasses.of(vl, built, prompt_ids.shape[1] + spec.num_tokens - 1, spec.vision_attention, backend)
-    out = passes.measure(
-        prompt_ids,
-        spec.num_tokens,
-        base,
-        knockouts,
-        batch_size=spec.batch_size,
-        budget=spec.max_memory,
-        progress=progress,
-    )
-    return Measured(
-        clean_ids=out.clean.tokens.tolist(),
-        clean_top_logprob=torch.log_softmax(out.clean.readout.logits[0], -1).max(-1).values,
-        residual=out.residual,
-        heads=out.heads,
-        logits=out.logits,
-        masked_ids=out.masked_ids,
-    )
+def _interventions(vl: VLModel, built: Prompt, spec: SweepSpec) -> tuple[Intervention, Knockouts]:
+    """The sweep's base and knockouts, each checked against the prompt and the model."""
+    knockouts = _knockouts(vl, built, spec)
+    base: Intervention = NOTHING if spec.base is None else compose(spec.base)
+    shape = ModelShape(vl.num_layers, vl.num_heads, vl.text_config.hidden_size)
+    with concerning("base"):
+        base.check(len(built.tokens), shape)
+    with concerning("mask" if spec.over is None else "over"):
+        for iv in knockouts.values:
+            iv.check(len(built.tokens), shape)
+    return base, knockouts
 
 
 def _mask_text(spec: SweepSpec, knockouts: Knockouts) -> str:
@@ -132,19 +113,23 @@ def sweep(
     built = build_prompt(
         vl.processor, spec.prompt, list(spec.images), spec.chat_template, list(spec.videos), spec.video_fps
     )
-    knockouts = _knockouts(vl, built, spec)
-    base: Intervention = NOTHING if spec.base is None else compose(spec.base)
-    shape = ModelShape(vl.num_layers, vl.num_heads, vl.text_config.hidden_size)
-    with concerning("base"):
-        base.check(len(built.tokens), shape)
-    with concerning("mask" if spec.over is None else "over"):
-        for iv in knockouts.values:
-            iv.check(len(built.tokens), shape)
+    base, knockouts = _interventions(vl, built, spec)
+    prompt_ids = built.inputs["input_ids"]
+    passes = PromptPasses.of(vl, built, prompt_ids.shape[1] + spec.num_tokens - 1, spec.vision_attention, backend)
+    measured = passes.measure(
+        prompt_ids,
+        spec.num_tokens,
+        base,
+        knockouts.values,
+        batch_size=spec.batch_size,
+        budget=spec.max_memory,
+        progress=progress,
+    )
     record = sweep_record(
         vl,
         built,
         knockouts,
-        _measure(vl, built, spec, base, knockouts.values, progress, backend),
+        measured,
         spec.video_fps,
         base=None if base == NOTHING else base.to_dict(),
         mask=_mask_text(spec, knockouts),
