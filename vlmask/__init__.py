@@ -14,7 +14,6 @@ Example:
 
 import vlmask.viz.accessor  # noqa: F401  (registers the ``ds.vlmask`` accessor)
 from vlmask.batch.run import open_batch, run_batch
-from vlmask.engine.knockouts import windows
 from vlmask.engine.probe import capture_residual, positions
 from vlmask.engine.sweep import sweep
 from vlmask.errors import VlmaskError
@@ -22,7 +21,7 @@ from vlmask.model.load import VLModel, load_model
 from vlmask.results.io import long_table as long_table  # the free functions behind ds.vlmask: thin aliases
 from vlmask.results.io import open_results, save_results
 from vlmask.results.schema import interventions_of as interventions_of
-from vlmask.spec import SweepSpec
+from vlmask.spec import SweepSpec, windows
 from vlmask.viz.compare import compare
 from vlmask.viz.compare import write_compare as write_compare
 from vlmask.viz.heatmap import heatmap as heatmap

@@ -18,6 +18,7 @@ from vlmask.batch.run import Outcome, parse_shard, run_batch
 from vlmask.builtin import DEFAULT_MODEL_PATH
 from vlmask.engine.sweep import sweep
 from vlmask.errors import VlmaskError
+from vlmask.model.attention import MASK_FORMATS
 from vlmask.model.load import DTYPES, load_model
 from vlmask.results.io import FORMATS, open_results, save_results, write_tables
 from vlmask.results.schema import (
@@ -106,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_sweep_options(run)
     run.add_argument("--dtype", choices=sorted(DTYPES), help="default float32 on CPU, bfloat16 on CUDA")
     run.add_argument("--device", default="cpu")
-    run.add_argument("--attn-implementation", choices=("sdpa", "eager"), default="sdpa")
+    run.add_argument("--attn-implementation", choices=tuple(MASK_FORMATS), default="sdpa")
     run.add_argument("--output", default="run", help="result name: writes OUTPUT_DIR/NAME.nc (default run)")
     run.add_argument("--output-dir", default="output")
     run.add_argument("--format", default="nc", help=f"comma-separated, some of {','.join(FORMATS)} (nc always)")

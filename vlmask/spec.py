@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,17 @@ class Windows:
 
     def to_dict(self) -> dict[str, Any]:
         return {"k": self.k, "centres": None if self.centres is None else list(self.centres)}
+
+
+def windows(k: int = 9, centres: Sequence[int] | None = None) -> Windows:
+    """Sliding layer windows for ``sweep(..., layers=windows(k))``: a window of ``k`` layers per centre layer.
+
+    Example:
+        >>> import vlmask
+        >>> vlmask.windows(k=3).resolve(num_layers=3)
+        [(0, 1), (0, 1, 2), (1, 2)]
+    """
+    return Windows(k, None if centres is None else tuple(centres))
 
 
 # --- the checks: each takes (option name, value) and returns the value as the spec holds it ---------------------

@@ -30,6 +30,7 @@ import yaml
 
 from vlmask.errors import VlmaskError
 from vlmask.inputs.video import video_hash
+from vlmask.model.attention import MASK_FORMATS
 from vlmask.model.load import DTYPES
 from vlmask.results.dataset import SCHEMA_VERSION
 from vlmask.spec import SweepSpec
@@ -98,7 +99,7 @@ def _model_option(key: str, value: Any, base_dir: Path) -> Any:
         if key == "model" and value.startswith(("/", "./", "../", "~")):
             raise VlmaskError(f"model directory '{base_dir / value}' does not exist")
         return value
-    choices = {"dtype": tuple(sorted(DTYPES)), "attn_implementation": ("sdpa", "eager")}[key]
+    choices = {"dtype": tuple(sorted(DTYPES)), "attn_implementation": tuple(MASK_FORMATS)}[key]
     if value not in choices:
         raise VlmaskError(f"{key} {value!r} is not known: expected one of {', '.join(choices)}")
     return value

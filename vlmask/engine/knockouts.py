@@ -2,7 +2,7 @@
 
 ``over`` is either the prompt's tokens (grouped into mask units: dimension ``token``) or a
 list of intervention values (dimension ``intervention``). ``layers`` is every layer, a
-fixed list, or :func:`windows` — sliding windows of layers, which add a ``window``
+fixed list, or :func:`vlmask.windows` — sliding windows of layers, which add a ``window``
 dimension: each entry is knocked out at each window in turn.
 """
 
@@ -20,17 +20,6 @@ from interventions._common import ints
 from vlmask.errors import VlmaskError
 from vlmask.inputs.units import unit_coords
 from vlmask.spec import Windows
-
-
-def windows(k: int = 9, centres: Sequence[int] | None = None) -> Windows:
-    """Sliding layer windows for ``sweep(..., layers=windows(k))``: a window of ``k`` layers per centre layer.
-
-    Example:
-        >>> import vlmask
-        >>> vlmask.windows(k=3).resolve(num_layers=3)
-        [(0, 1), (0, 1, 2), (1, 2)]
-    """
-    return Windows(k, None if centres is None else tuple(centres))
 
 
 @dataclass(frozen=True)
@@ -86,7 +75,7 @@ def knockouts_of(
     """Every knockout of a sweep over ``units`` (token sweep) or the values ``over``, at ``layers``.
 
     Example:
-        >>> k = knockouts_of(4, units=[(1,), (2, 3)], layers=windows(k=3, centres=[0]))
+        >>> k = knockouts_of(4, units=[(1,), (2, 3)], layers=Windows(k=3, centres=(0,)))
         >>> k.dims, k.shape, k.values[1]
         (('token', 'window'), (2, 1), BlockKeys(positions=(2, 3), layers=(0, 1)))
     """
