@@ -24,7 +24,7 @@ import xarray as xr
 from vlmask.batch.config import Config, Item, read_config
 from vlmask.engine.sweep import sweep
 from vlmask.errors import VlmaskError
-from vlmask.model.load import load_model
+from vlmask.model.load import VLModel, load_model
 from vlmask.results.io import save_results
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def up_to_date(path: Path, config_hash: str) -> bool:
         return False
 
 
-def _run_item(vl: Any, item: Item, path: Path, progress: bool) -> None:
+def _run_item(vl: VLModel, item: Item, path: Path, progress: bool) -> None:
     ds = sweep(vl, item.spec, progress=progress)
     ds.attrs.update(
         batch_name=item.name,
