@@ -9,9 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import (
+    CLIPImageProcessor,
     LlamaConfig,
     LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
@@ -120,18 +130,109 @@ def llama(words):
     return LlamaForCausalLM(LlamaConfig(**{**TEXT, "vocab_size": len(tokenizer)})), tokenizer
 
 
-BUILDERS = {"qwen3_vl": qwen3_vl, "qwen2_5_vl": qwen2_5_vl, "qwen2_vl": qwen2_vl, "qwen3": qwen3, "llama": llama}
+# LLaVA's chat layout ("USER: <image>\n... ASSISTANT:"), for a word-level tokenizer.
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }} : "
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %} {% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
+)
+LLAVA_SPECIAL = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
+LLAVA_VISION = {  # a CLIP vision tower: 56-pixel inputs cut into 14-pixel patches (4 x 4, plus CLS)
+    "model_type": "clip_vision_model",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 56,
+    "patch_size": 14,
+    "projection_dim": 32,
+}
+PINPOINTS = [[56, 112], [112, 56], [112, 112]]  # LLaVA-NeXT's any-resolution canvases, in 56-pixel tiles
+
+
+def _llava_tokenizer(words):
+    """A Llama-like word-level tokenizer with LLaVA's ``<image>`` placeholder (no Qwen tokens)."""
+    vocab = {token: i for i, token in enumerate(LLAVA_SPECIAL)}
+    for word in ["user", "assistant", ":", *words]:
+        vocab.setdefault(word, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=["<image>"],
+    )
+
+
+def _llava_config(cls, tokenizer, **kwargs):
+    text = {**TEXT, "model_type": "llama", "vocab_size": len(tokenizer)}
+    text.update(pad_token_id=0, eos_token_id=tokenizer.eos_token_id)
+    image = tokenizer.convert_tokens_to_ids("<image>")
+    return cls(vision_config=LLAVA_VISION, text_config=text, image_token_id=image, tie_word_embeddings=False, **kwargs)
+
+
+def _clip_kwargs() -> dict:
+    return {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "crop_size": {"height": 56, "width": 56}}
+
+
+def llava(words):
+    tokenizer = _llava_tokenizer(words)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 56}, **_clip_kwargs())
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_TEMPLATE,
+    )
+    return LlavaForConditionalGeneration(_llava_config(LlavaConfig, tokenizer, image_seq_length=16)), processor
+
+
+def llava_next(words):
+    tokenizer = _llava_tokenizer(words)
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": 56}, image_grid_pinpoints=PINPOINTS, **_clip_kwargs()
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_TEMPLATE,
+    )
+    config = _llava_config(LlavaNextConfig, tokenizer, image_grid_pinpoints=PINPOINTS, image_seq_length=16)
+    return LlavaNextForConditionalGeneration(config), processor
+
+
+BUILDERS = {
+    "qwen3_vl": qwen3_vl,
+    "qwen2_5_vl": qwen2_5_vl,
+    "qwen2_vl": qwen2_vl,
+    "qwen3": qwen3,
+    "llama": llama,
+    "llava": llava,
+    "llava_next": llava_next,
+}
 
 
 def save_tiny(name: str, root: Path, words, seed: int = 0) -> Path:
     """Build family ``name``'s tiny random model with a fixed seed and save it with its processor under ``root``."""
     torch.manual_seed(seed)
     model, processor = BUILDERS[name](words)
-    if name in ("qwen2_vl", "qwen2_5_vl"):
+    if name in ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next"):
         # A random model may pick a vision placeholder as its next token, which no real model
         # does and which the model's own forward then refuses (more placeholders than features).
         with torch.no_grad():
-            model.lm_head.weight[PLACEHOLDERS] = 0.0
+            model.lm_head.weight[PLACEHOLDERS if name.startswith("qwen") else [model.config.image_token_id]] = 0.0
     model.eval().save_pretrained(root)
     processor.save_pretrained(root)
     return root

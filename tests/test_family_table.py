@@ -19,6 +19,8 @@ FAMILIES = {
     "qwen2_vl": "Qwen2-VL",
     "qwen3": "Qwen3",
     "llama": "Llama",
+    "llava": "LLaVA-1.5",
+    "llava_next": "LLaVA-NeXT",
 }
 
 

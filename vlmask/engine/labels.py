@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 from vlmask.engine.knockouts import Knockouts
-from vlmask.inputs.grid import grids
 from vlmask.inputs.prompt import Prompt, tokenizer_of
 from vlmask.model.load import VLModel
 from vlmask.results.dataset import Measured, ModelLabels, SweepRecord
@@ -50,9 +49,6 @@ def sweep_record(
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=False)
 
-    inputs = built.inputs
-    merge = getattr(getattr(vl.processor, "image_processor", None), "merge_size", 1)
-    thw = (inputs[k].tolist() if k in inputs else None for k in ("image_grid_thw", "video_grid_thw"))
     media = RecordedMedia(
         images=tuple(RecordedFile(f.path, f.sha256) for f in built.images),
         videos=tuple(RecordedFile(v.path, v.sha256, tuple(v.frame_names)) for v in built.videos),
@@ -66,7 +62,7 @@ def sweep_record(
         model_input_text=built.text,
         chat_template=built.chat_template,
         media=media,
-        grids=grids(*thw, merge),
+        grids=list(built.grids),
         step_text=[decode([i]) for i in measured.clean_ids],
         clean_continuation=decode(measured.clean_ids),
         continuations=[decode(row) for row in measured.masked_ids.tolist()],

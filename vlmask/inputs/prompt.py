@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from vlmask.errors import VlmaskError
-from vlmask.inputs.grid import vision_coordinates
+from vlmask.inputs.grid import Grid, Layout, coordinates
+from vlmask.inputs.layout import layout_of
 from vlmask.inputs.media import ImageFile, read_image
 from vlmask.inputs.video import VideoFile, read_video, video_kwargs
 
@@ -58,6 +59,7 @@ class Prompt:
     tokens: TokenTable
     videos: tuple[VideoFile, ...] = ()
     prompt_positions: tuple[int, ...] = ()  # the text tokens written by the user's prompt, not by the template
+    grids: tuple[Grid, ...] = ()  # each image's and video's token grid
 
 
 def tokenizer_of(processor: Any) -> Any:
@@ -76,27 +78,19 @@ def _special_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
-def token_table(
-    processor: Any,
-    input_ids: torch.Tensor,
-    image_grid_thw: torch.Tensor | None,
-    video_grid_thw: torch.Tensor | None = None,
-) -> TokenTable:
-    """Label each position of ``input_ids`` (1D) as text, vision or special, with its image/video and grid cell."""
+def token_table(processor: Any, input_ids: torch.Tensor, layout: Layout) -> TokenTable:
+    """Label each position of ``input_ids`` (1D) as text, vision or special, with its image/video and grid cell.
+
+    An image placeholder that carries a row's newline (LLaVA-NeXT) is ``special``, in no grid cell.
+    """
     tokenizer = tokenizer_of(processor)
     ids = [int(i) for i in input_ids.tolist()]
     image_id, video_id = getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None)
     vision_ids = {image_id, video_id} - {None}
     special = _special_ids(tokenizer) - vision_ids - {tokenizer.unk_token_id}
+    cells = coordinates(ids, image_id, video_id, layout)
     kinds = ["vision" if i in vision_ids else "special" if i in special else "text" for i in ids]
-    cells = vision_coordinates(
-        ids,
-        image_id,
-        video_id,
-        None if image_grid_thw is None else image_grid_thw.tolist(),
-        None if video_grid_thw is None else video_grid_thw.tolist(),
-        getattr(getattr(processor, "image_processor", None), "merge_size", 1),
-    )
+    kinds = ["special" if newline else kind for kind, newline in zip(kinds, cells.newline, strict=True)]
     texts = [tokenizer.decode([token_id], skip_special_tokens=False) for token_id in ids]
     return TokenTable(tuple(ids), tuple(texts), tuple(kinds), cells.image, cells.video, cells.t, cells.row, cells.col)
 
@@ -121,6 +115,8 @@ def format_prompt(
             return prompt, False
         start = getattr(processor, "vision_start_token", "<|vision_start|>")  # Qwen2-VL's processor names neither
         end = getattr(processor, "vision_end_token", "<|vision_end|>")
+        if start not in tokenizer_of(processor).get_vocab():  # LLaVA: the placeholder alone, on its own line
+            start, end = "", "\n"
         videos = (start + processor.video_token + end) * num_videos
         return (start + processor.image_token + end) * num_images + videos + prompt, False
     content: Any = prompt  # text only: plain content, which every chat template takes
@@ -195,8 +191,9 @@ def build_prompt(
         kwargs.update(video_kwargs(clips, video_fps))
     inputs = dict(processor(**kwargs))
     inputs.pop("token_type_ids", None)
-    table = token_table(processor, inputs["input_ids"][0], inputs.get("image_grid_thw"), inputs.get("video_grid_thw"))
+    layout = layout_of(processor, inputs, [(f.image.height, f.image.width) for f in files])
+    table = token_table(processor, inputs["input_ids"][0], layout)
     span = _prompt_span(processor, text, prompt, len(files), chat_template, len(clips))
     own = prompt_positions(processor, text, span, inputs["input_ids"][0])
     own = tuple(p for p in own if table.kind[p] == "text")
-    return Prompt(prompt, text, used_template, files, inputs, table, clips, own)
+    return Prompt(prompt, text, used_template, files, inputs, table, clips, own, layout.grids)

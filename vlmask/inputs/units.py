@@ -51,17 +51,18 @@ def _key(tokens: Any, pos: int, name: str, k: int) -> tuple[int, ...] | None:
         "row": (*source, row, -1),
         "column": (*source, -1, col),
         "region": (*source, row // k, col // k),
-        "image": source,
+        "image": source if tokens.video_index[pos] >= 0 else source[:2],  # every panel of an image
     }[name]
 
 
 def group_units(positions: Sequence[int], tokens: Any, unit: str = "token") -> list[tuple[int, ...]]:
     """Group the masked ``positions`` into units, ordered by their first position.
 
-    ``tokens`` is a :class:`~vlmask.inputs.prompt.TokenTable`. Vision positions of one image (or
-    one video frame group) that share a merged row (``row``), a column (``column``), a
-    ``K x K`` block of the merged grid (``region:K``) or the whole grid (``image``) form one
-    unit; only positions in ``positions`` are members.
+    ``tokens`` is a :class:`~vlmask.inputs.prompt.TokenTable`. Vision positions of one panel
+    (an image, one of LLaVA-NeXT's tiles, or one video frame group) that share a grid row
+    (``row``), a column (``column``) or a ``K x K`` block (``region:K``) form one unit; ``image``
+    is a whole image (all its panels) or a whole frame group. Only positions in ``positions``
+    are members.
 
     Example:
         >>> from types import SimpleNamespace

@@ -173,6 +173,10 @@ def vision_ranges(ds: xr.Dataset) -> list[tuple[int, int]]:
         raise _malformed(ATTR.vision_ranges, value, "a list of [start, end] pairs") from None
 
 
+def _extents(grid: dict) -> tuple[tuple[float, float, float, float], ...]:
+    return tuple((float(a), float(b), float(c), float(d)) for a, b, c, d in grid.get("extents", ()))
+
+
 def vision_grids(ds: xr.Dataset) -> list[Grid]:
     """The merged-token grid of each image, then each video, that the model saw.
 
@@ -182,7 +186,10 @@ def vision_grids(ds: xr.Dataset) -> list[Grid]:
     """
     value = json_attr(ds, ATTR.vision_grids)
     try:
-        return [Grid(str(g["source"]), int(g["index"]), int(g["t"]), int(g["rows"]), int(g["cols"])) for g in value]
+        return [
+            Grid(str(g["source"]), int(g["index"]), int(g["t"]), int(g["rows"]), int(g["cols"]), _extents(g))
+            for g in value
+        ]
     except (TypeError, ValueError, KeyError):
         raise _malformed(ATTR.vision_grids, value, "a list of {source, index, t, rows, cols}") from None
 

@@ -110,7 +110,7 @@ def _members(text: str) -> list[int]:
 
 
 def panels(ds: xr.Dataset) -> list[dict[str, int | str]]:
-    """One panel per image and per video frame group: ``source, index, t, rows, cols``, in prompt order.
+    """One panel per image (per tile, LLaVA-NeXT) and video frame group: ``source, index, t, rows, cols``, in order.
 
     Example:
         >>> panels(ds)
@@ -121,7 +121,7 @@ def panels(ds: xr.Dataset) -> list[dict[str, int | str]]:
         raise VlmaskError(f"this result (schema {version}) has no vision-token grid: rerun it with this vlmask")
     out = []
     for grid in vision_grids(ds):
-        for t in range(grid.t if grid.source == "video" else 1):
+        for t in range(grid.t):  # an image's t counts its panels (1, or LLaVA-NeXT's base image and tiles)
             out.append({"source": grid.source, "index": grid.index, "rows": grid.rows, "cols": grid.cols, "t": t})
     return out
 
@@ -218,3 +218,25 @@ def paint(image: np.ndarray, colors: np.ndarray) -> np.ndarray:
     alpha = per_pixel[..., 3:]
     blended = (1 - alpha) * image.astype(float) + alpha * per_pixel[..., :3] * 255
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def panel_box(extent: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
+    """The pixel box ``(left, top, right, bottom)`` of a panel's ``extent`` on a ``width x height`` picture.
+
+    ``extent`` is ``(top, left, height, width)`` in fractions of the original image (see
+    :class:`~vlmask.inputs.grid.Grid`); a box reaching past the picture is where the processor
+    padded (PIL's ``crop`` fills it with black, as the processor does).
+
+    Example:
+        >>> panel_box((0.0, 0.0, 1.0, 1.0), 200, 100)  # the whole picture
+        (0, 0, 200, 100)
+        >>> panel_box((-0.5, 0.5, 2.0, 0.5), 200, 100)  # a right-hand tile, padded above and below
+        (100, -50, 200, 150)
+    """
+    top, left, rows, cols = extent
+    return (
+        round(left * width),
+        round(top * height),
+        round((left + cols) * width),
+        round((top + rows) * height),
+    )

@@ -13,10 +13,19 @@ import xarray as xr
 from PIL import Image
 
 from vlmask.errors import VlmaskError
+from vlmask.inputs.grid import WHOLE
 from vlmask.inputs.video import frame_paths, video_hash
 from vlmask.results.io import atomic_write, refuse_existing
-from vlmask.results.schema import PANEL_COLS, PANEL_INDEX, PANEL_ROWS, PANEL_SOURCE, PANEL_T, recorded_media
-from vlmask.viz.heatmap import cell_colors, heatmap, paint
+from vlmask.results.schema import (
+    PANEL_COLS,
+    PANEL_INDEX,
+    PANEL_ROWS,
+    PANEL_SOURCE,
+    PANEL_T,
+    recorded_media,
+    vision_grids,
+)
+from vlmask.viz.heatmap import cell_colors, heatmap, paint, panel_box
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +52,11 @@ def _image(path: str | Path, expected: str) -> Image.Image:
 def panel_pictures(ds: xr.Dataset, layout: xr.DataArray) -> list[tuple[Image.Image, str]]:
     """The picture under each panel of ``layout`` (a :func:`heatmap`) and its label, files checked by SHA-256.
 
-    An image panel shows the image; a video frame group shows its first frame.
+    An image panel shows its region of the image (LLaVA's crop, a LLaVA-NeXT tile); a video frame
+    group shows its first frame.
     """
     media = recorded_media(ds)
+    grids = {g.index: g for g in vision_grids(ds) if g.source == "image"}
     images = [_image(f.path, f.sha256) for f in media.images]
     for video in media.videos:
         if not Path(video.path).is_dir():
@@ -59,7 +70,11 @@ def panel_pictures(ds: xr.Dataset, layout: xr.DataArray) -> list[tuple[Image.Ima
         layout[PANEL_SOURCE].values, layout[PANEL_INDEX].values, layout[PANEL_T].values, strict=True
     ):
         if source == "image":
-            out.append((images[index], f"image {index}: {Path(media.images[index].path).name}"))
+            label, extent = f"image {index}: {Path(media.images[index].path).name}", grids[index].extent(t)
+            if grids[index].t > 1:
+                label += " (base image)" if t == 0 else f" (tile {t})"
+            picture = images[index]
+            out.append((picture if extent == WHOLE else picture.crop(panel_box(extent, *picture.size)), label))
             continue
         frames = frame_paths(media.videos[index].path)
         first = min(t * per_group, len(frames) - 1)

@@ -23,11 +23,12 @@ from typing import Any
 
 from vlmask.errors import VlmaskError
 from vlmask.model.families._base import Family, VisionLanguage
+from vlmask.model.families.llava import Llava, LlavaNext
 from vlmask.model.families.qwen2_vl import Qwen2_5VL, Qwen2VL
 from vlmask.model.families.qwen3_vl import Qwen3VL
 from vlmask.model.families.text import Llama, Qwen3
 
-FAMILIES: tuple[Family, ...] = (Qwen3VL(), Qwen2_5VL(), Qwen2VL(), Qwen3(), Llama())
+FAMILIES: tuple[Family, ...] = (Qwen3VL(), Qwen2_5VL(), Qwen2VL(), LlavaNext(), Llava(), Qwen3(), Llama())
 """Every supported family, in the order the README lists them."""
 
 REQUIREMENTS = (
