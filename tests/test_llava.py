@@ -9,6 +9,9 @@ from a picture whose colour encodes the position.
 
 from __future__ import annotations
 
+import base64
+import io
+import re
 import textwrap
 
 import numpy as np
@@ -24,6 +27,7 @@ from vlmask.cli import main
 from vlmask.inputs.prompt import build_prompt
 from vlmask.inputs.units import group_units
 from vlmask.viz.plot import panel_pictures
+from vlmask.viz.report import picture_panels
 
 PROMPT = "what color is the circle ?"
 PATCH = 14
@@ -152,6 +156,11 @@ def test_llava_next_units_heatmap_and_pictures(models, gradients):
         seen = built.inputs["pixel_values"][0, panel].permute(1, 2, 0).numpy() * 0.5 + 0.5
         drawn = np.asarray(pictures[panel][0].resize((56, 56), Image.BILINEAR), dtype=float) / 255
         assert np.abs(drawn - seen).mean() < 0.03, panel
+    page = picture_panels(ds)  # the report shows the same regions
+    assert [p["label"] for p in page] == [label for _, label in pictures]
+    for entry, (picture, _) in zip(page, pictures, strict=True):
+        shown = Image.open(io.BytesIO(base64.b64decode(entry["src"].partition(",")[2])))
+        assert shown.size == picture.size
 
 
 def test_cli_run_heatmap_report_compare_and_batch(dirs, gradients, images, tmp_path, capsys):
@@ -164,6 +173,7 @@ def test_cli_run_heatmap_report_compare_and_batch(dirs, gradients, images, tmp_p
         assert main(["report", str(out / f"{name}.nc")]) == 0
     printed = capsys.readouterr().out
     assert "vision tokens: positions 2-17 (16 tokens, image 0)" in printed  # LLaVA-1.5's one 4x4 panel
+    assert re.search(r"vision\s+0:4\s+3\s+3\s+'<image>'", printed)  # LLaVA-NeXT: tile 4, its last cell
     plain, next_ = (vlmask.open_results(out / f"{name}.nc") for name in dirs)
     assert plain.attrs["model_family"] == "LLaVA-1.5" and plain.sizes["token"] == 16
     assert next_.attrs["model_family"] == "LLaVA-NeXT" and next_.sizes["token"] == 16 + 4 * 16

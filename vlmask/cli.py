@@ -178,9 +178,11 @@ def _print_tokens(ds: xr.Dataset) -> None:
 
 
 def _source(row: xr.Dataset) -> str:
-    """``0`` for image 0, ``v0:1`` for video 0's frame group 1."""
-    image = int(row[SEQ_IMAGE])
-    return str(image) if image >= 0 else f"v{int(row[SEQ_VIDEO])}:{int(row[SEQ_T])}"
+    """``0`` for image 0 (``0:2`` for its LLaVA-NeXT tile 2), ``v0:1`` for video 0's frame group 1."""
+    image, t = int(row[SEQ_IMAGE]), int(row[SEQ_T])
+    if image >= 0:
+        return f"{image}:{t}" if t > 0 else str(image)
+    return f"v{int(row[SEQ_VIDEO])}:{t}"
 
 
 def _vision_ranges(ds: xr.Dataset) -> list[tuple[str, tuple[int, int]]]:
@@ -197,6 +199,8 @@ def _label(row: xr.Dataset) -> str:
         return repr(row[TOKEN_TEXT].item())
     video = int(row[TOKEN_VIDEO])
     media = f"video {video} t{int(row[TOKEN_T])}" if video >= 0 else f"image {int(row[TOKEN_IMAGE])}"
+    if video < 0 and int(row[TOKEN_T]) > 0:  # a LLaVA-NeXT tile (panel 0 is the base image)
+        media += f" tile {int(row[TOKEN_T])}"
     size = int(row[TOKEN_SIZE])
     return f"{media} r{int(row[TOKEN_ROW])} c{int(row[TOKEN_COL])}" + (f" ({size} tokens)" if size > 1 else "")
 

@@ -19,6 +19,7 @@ import xarray as xr
 from PIL import Image
 
 from vlmask.errors import VlmaskError
+from vlmask.inputs.grid import WHOLE, Extent
 from vlmask.inputs.video import frame_paths, video_hash
 from vlmask.results.metrics import LOGIT_METRICS
 from vlmask.results.schema import (
@@ -42,8 +43,9 @@ from vlmask.results.schema import (
     TOKEN_TEXT,
     WINDOW,
     recorded_media,
+    vision_grids,
 )
-from vlmask.viz.heatmap import panels
+from vlmask.viz.heatmap import panel_box, panels
 from vlmask.viz.page import Numbers, page, write_page
 
 log = logging.getLogger(__name__)
@@ -62,13 +64,15 @@ def _ints(values: Any) -> list[int]:
     return [int(v) for v in np.asarray(values).tolist()]
 
 
-def _data_uri(path: Path) -> str:
-    """``path`` as a ``data:`` URI, re-encoded as PNG only if browsers can't show it or it is large."""
+def _data_uri(path: Path, extent: Extent = WHOLE) -> str:
+    """``path`` (its ``extent`` region) as a ``data:`` URI, re-encoded as PNG only if browsers can't show it,
+    it is large or it is cut to a region (LLaVA's crop, a LLaVA-NeXT tile)."""
     raw = path.read_bytes()
     with Image.open(io.BytesIO(raw)) as picture:
         mime = BROWSER_FORMATS.get(picture.format or "")
-        if mime is None or max(picture.size) > MAX_SIDE:
+        if mime is None or max(picture.size) > MAX_SIDE or extent != WHOLE:
             picture = picture.convert("RGB")
+            picture = picture if extent == WHOLE else picture.crop(panel_box(extent, *picture.size))
             picture.thumbnail((MAX_SIDE, MAX_SIDE))
             buffer = io.BytesIO()
             picture.save(buffer, format="PNG")
@@ -77,7 +81,7 @@ def _data_uri(path: Path) -> str:
 
 
 def _picture(
-    path: Path, actual: str | None, expected: str, what: str, shown: Path | None = None
+    path: Path, actual: str | None, expected: str, what: str, shown: Path | None = None, extent: Extent = WHOLE
 ) -> tuple[str | None, str]:
     """(data URI of ``shown`` or None, note) for a recorded file or directory whose SHA-256 should be ``expected``."""
     if actual is None:
@@ -88,7 +92,7 @@ def _picture(
             "not shown, the cells are drawn on a blank grid"
         )
     try:
-        return _data_uri(shown or path), ""
+        return _data_uri(shown or path, extent), ""
     except OSError as err:
         return None, f"{what} '{path}' cannot be read as an image ({err}): the cells are drawn on a blank grid"
 
@@ -119,14 +123,21 @@ def picture_panels(ds: xr.Dataset) -> list[dict[str, Any]]:
     media = recorded_media(ds)
     image_files = [f.path for f in media.images]
     per_group = media.frames_per_group
-    images = [_picture(Path(f.path), _file_hash(Path(f.path)), f.sha256, "image file") for f in media.images]
+    hashes = [_file_hash(Path(f.path)) for f in media.images]
+    grids = {g.index: g for g in vision_grids(ds) if g.source == "image"}
     videos = [(Path(v.path), _dir_hash(Path(v.path)), v.sha256) for v in media.videos]
     out = []
     for panel in panels(ds):
         index, t = int(panel["index"]), int(panel["t"])
         if panel["source"] == "image":
             label = f"image {index}: {Path(image_files[index]).name}" if index < len(image_files) else f"image {index}"
-            src, note = images[index] if index < len(images) else (None, f"image {index} is not recorded")
+            src, note = None, f"image {index} is not recorded"
+            if index < len(hashes):
+                extent = grids[index].extent(t)
+                src, note = _picture(
+                    Path(image_files[index]), hashes[index], media.images[index].sha256, "image file", extent=extent
+                )
+                label += "" if grids[index].t == 1 else " (base image)" if t == 0 else f" (tile {t})"
         else:
             label = f"video {index}: frame group {t}"
             src, note = None, f"video {index} is not recorded"
