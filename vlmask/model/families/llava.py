@@ -11,7 +11,7 @@ an ``<image>`` position too (vlmask labels it ``special``: see :mod:`vlmask.inpu
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -25,7 +25,7 @@ class Llava(VisionLanguage):
     model_types = ("llava",)
     example = "llava-hf/llava-1.5-7b-hf"
     extra_keys = ()  # the vision features go in precomputed; the decoder needs nothing else
-    encoder_keys: tuple[str, ...] = ()  # processor outputs get_image_features takes besides pixel_values
+    encoder_keys: ClassVar[tuple[str, ...]] = ()  # processor outputs get_image_features takes besides pixel_values
 
     def reset(self, hf: Any) -> None:
         """Nothing to forget: positions are recomputed on every call."""
