@@ -20,6 +20,7 @@ from vlmask.builtin import DEFAULT_MODEL_PATH
 from vlmask.engine.sweep import sweep
 from vlmask.errors import VlmaskError
 from vlmask.model.attention import MASK_FORMATS
+from vlmask.model.devices import DEVICE_MAPS
 from vlmask.model.load import DTYPES, load_model
 from vlmask.results.io import FORMATS, atomic_write, open_results, save_results, write_tables
 from vlmask.results.schema import (
@@ -110,6 +111,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=sorted(DTYPES), help="default float32 on CPU, bfloat16 on CUDA")
     run.add_argument("--device", default="cpu")
     run.add_argument("--attn-implementation", choices=tuple(MASK_FORMATS), default="sdpa")
+    run.add_argument(
+        "--device-map",
+        help=f"spread a large model over devices: {'|'.join(DEVICE_MAPS)} or a JSON file of module -> device "
+        "(cpu, disk, cuda:N); instead of --device",
+    )
+    run.add_argument("--max-memory-per-device", help="with --device-map: caps like 0=20GiB,1=20GiB,cpu=60GiB")
+    run.add_argument("--offload-folder", help="with --device-map: where disk-offloaded weights go (default: temp)")
     run.add_argument("--output", default="run", help="result name: writes OUTPUT_DIR/NAME.nc (default run)")
     run.add_argument("--output-dir", default="output")
     run.add_argument("--format", default="nc", help=f"comma-separated, some of {','.join(FORMATS)} (nc always)")
@@ -234,7 +242,15 @@ def _print_ranking(ds: xr.Dataset, top: int) -> None:
 def run(args: argparse.Namespace) -> int:
     stem, formats = _targets(args)
     spec = _spec(args)
-    vl = load_model(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation)
+    vl = load_model(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        attn_implementation=args.attn_implementation,
+        device_map=args.device_map,
+        max_memory=args.max_memory_per_device,
+        offload_folder=args.offload_folder,
+    )
     if vl.builtin:
         card = (DEFAULT_MODEL_PATH / "README.md").read_text().splitlines()[0].lstrip("# ")
         print(f"model: built-in {DEFAULT_MODEL_PATH.name}: {card} (pass --model for a real one)")
