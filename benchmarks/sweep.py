@@ -4,7 +4,9 @@
     python -m benchmarks.sweep --scenario S1 --json out.json
     python -m benchmarks.sweep --size 2b --device cuda  # the Qwen3-VL-2B architecture (random weights)
 
-Methods, each run in its own process (so peak memory is its own), after a short warm-up:
+Methods, each run in its own process (so peak memory is its own) after a short warm-up, strictly
+interleaved (naive, naive-nnsight, hooks, vlmask, naive, ...) ``--repeats`` times, with the same
+explicit thread count (``--threads``, recorded); each figure is the median, with its range:
 
 - naive: the old prototype's method. At every step, one full forward through plain
   transformers per masked token (vision encoder included) with a hand-built 4D mask
@@ -19,13 +21,21 @@ Every method's KL and log-prob drop must agree with naive to 1e-4, and its maske
 continuations token for token, or the run fails.
 "ideal" prices the work that cannot be avoided: one clean pass of the whole model, plus, for
 each knockout, the positions after the blocked one, each at the language decoder's cost per
-position in the clean pass (the vision encoder need not run again).
+position in the clean pass (the vision encoder need not run again). "needed" prices it more
+strictly, by the work itself, measured with the same kernels: the recomputed positions' linear
+layers (the decoder's cost per position with its attention taken out), plus attention over only
+the query-key pairs a knockout allows (at the attention kernel's measured cost per pair), so a
+pass that spends time on masked-out pairs cannot look ideal. Neither counts the extra positions
+of continuations that leave the clean one (S4), so both are lower bounds.
+
+``--quick`` (CI's smoke test): the tiny model, S1, one repeat, one thread; timings meaningless.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -87,7 +97,7 @@ SIZES = {
     },
 }
 METHODS = ("naive", "naive-nnsight", "hooks", "vlmask")
-QUICK = 20.0  # seconds: a method whose first run is quicker runs 3 times and reports the median
+QUICK = 5.0  # seconds: within one worker, a method whose first run is quicker runs 3 times (median)
 
 
 def build_model(root: Path, size: str) -> None:
@@ -264,6 +274,39 @@ def _clean_forward(vl, prompt, images, steps) -> tuple[float, float]:
     return times[0], times[1]
 
 
+def _attention_seconds(vl, seq: int) -> float:
+    """Seconds for one layer's attention kernel over ``seq`` queries and keys, as the model runs it."""
+    config = vl.text_config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    q, k, v = (torch.randn(1, heads, seq, head_dim, dtype=vl.dtype, device=vl.device) for _ in range(3))
+    allowed = torch.ones(seq, seq, dtype=torch.bool, device=vl.device).tril()[None, None]
+    mask = allowed if vl.attn_implementation == "sdpa" else attention_mask(allowed[0], "eager", vl.dtype)
+    if vl.attn_implementation == "sdpa":
+        run = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+    else:
+        run = lambda: torch.softmax(q @ k.transpose(-1, -2) / head_dim**0.5 + mask, -1) @ v  # noqa: E731
+    with torch.inference_mode():
+        run()
+        _sync(vl)
+        start = time.perf_counter()
+        for _ in range(5):
+            run()
+        _sync(vl)
+    return (time.perf_counter() - start) / 5
+
+
+def allowed_pairs(positions: list[int], seq: int) -> int:
+    """Query-key pairs a sweep must compute per layer: knockout ``p`` recomputes queries ``p+1..seq-1``,
+    each over its causal keys but ``p``.
+
+    Example:
+        >>> allowed_pairs([2], seq=4)  # queries 3 (keys 0,1,3: query 3 sees 4 keys, 1 blocked)
+        3
+    """
+    return sum(q for p in positions for q in range(p + 1, seq))
+
+
 def _sync(vl) -> None:
     if vl.device.type == "cuda":
         torch.cuda.synchronize()
@@ -271,6 +314,7 @@ def _sync(vl) -> None:
 
 def worker(args: argparse.Namespace) -> None:
     """One method on one scenario, in this process; prints a JSON line."""
+    torch.set_num_threads(args.threads)
     vl = vlmask.load_model(args.model, device=args.device)
     sc = SCENARIOS[args.scenario]
     images = [args.image] if sc["image"] else []
@@ -321,6 +365,10 @@ def worker(args: argparse.Namespace) -> None:
     }
     if args.method == "vlmask":
         out["clean_forward_s"], out["clean_decoder_s"] = _clean_forward(vl, prompt, images, sc["steps"])
+        out["attention_layer_s"] = _attention_seconds(vl, seq)
+        out["layers"] = vl.num_layers
+        out["allowed_pairs"] = allowed_pairs(positions, seq)
+    out["threads"] = torch.get_num_threads()
     print("RESULT " + json.dumps(out))
 
 
@@ -341,6 +389,8 @@ def _spawn(
         str(image),
         "--device",
         args.device,
+        "--threads",
+        str(args.threads),
     ]
     if args.batch_size:
         cmd += ["--batch-size", str(args.batch_size)]
@@ -348,7 +398,8 @@ def _spawn(
         cmd += ["--naive-sample", str(args.naive_sample)]
     if limit:
         cmd += ["--limit", str(limit)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode or not lines:
         raise SystemExit(f"{method} on {scenario} failed:\n{out.stderr[-3000:]}")
@@ -395,7 +446,7 @@ def memory_study(model: Path, image: Path, args: argparse.Namespace) -> None:
 
 
 def _machine(args: argparse.Namespace) -> str:
-    return f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} threads, {args.device}"
+    return f"{platform.machine()} {platform.processor()}, {os.cpu_count()} CPUs, {args.threads} threads, {args.device}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -411,6 +462,16 @@ def _parser() -> argparse.ArgumentParser:
         help="naive methods run only this many knockouts (spread evenly), their time scaled to all "
         "(default: 64 for S3, whose naive run alone takes ~10 minutes on 2 cores; 0 = all)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        help="torch threads in every method's process (default: the CPUs this process may use)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="interleaved runs of every method; figures are medians (default 3)"
+    )
+    parser.add_argument("--quick", action="store_true", help="CI's smoke test: tiny model, S1, one repeat, 1 thread")
     parser.add_argument("--json", type=Path)
     parser.add_argument(
         "--memory-study",
@@ -424,51 +485,84 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _scenario_row(scenario: str, results: dict) -> dict:
-    """One scenario's summary from each method's result; fails if a method disagrees with naive."""
-    naive = results["naive"]
-    for method, res in results.items():
-        err = _disagreement(res, naive)
-        if err > 1e-4:
-            raise SystemExit(f"{scenario}: {method} disagrees with naive by {err:.2e}")
-        res["max_abs_diff_vs_naive"] = err
-    fast = results.get("vlmask")
+def _scenario_row(scenario: str, runs: dict[str, list[dict]]) -> dict:
+    """One scenario's summary from each method's interleaved runs; fails if any run disagrees with naive."""
+    naive = runs["naive"][0]
+    for results in runs.values():
+        for res in results:
+            err = _disagreement(res, naive)
+            if err > 1e-4:
+                raise SystemExit(f"{scenario}: {res['method']} disagrees with naive by {err:.2e}")
+            res["max_abs_diff_vs_naive"] = err
+    seconds = {m: [r["seconds"] for r in results] for m, results in runs.items()}
+    median = {m: float(np.median(times)) for m, times in seconds.items()}
     row = {
         "scenario": scenario,
         "tokens": naive["tokens"],
         "knockouts": naive["knockouts"],
         "steps": SCENARIOS[scenario]["steps"],
         "max_kl": float(np.max(naive["kl"])),
+        "threads": naive["threads"],
+        "repeats": len(seconds["naive"]),
     }
-    for method, res in results.items():
-        row[f"{method}_s"] = round(res["seconds"], 3)
-        row[f"{method}_peak_mib"] = round(res["peak_extra_mib"], 1)
-        row[f"{method}_speedup"] = round(naive["seconds"] / res["seconds"], 2)
-        row[f"{method}_max_diff"] = res["max_abs_diff_vs_naive"]
-        if res["measured_knockouts"] != res["knockouts"]:
-            row[f"{method}_measured_knockouts"] = res["measured_knockouts"]
-    if fast:
-        per_position = fast["clean_decoder_s"] / fast["seq"]
-        ideal = fast["clean_forward_s"] + fast["recomputed"] * per_position
-        row["ideal_s"] = round(ideal, 3)
-        row["ideal_speedup"] = round(naive["seconds"] / ideal, 2)
-        row["vlmask_efficiency"] = round(ideal / fast["seconds"], 3)
-    if fast and "hooks" in results:
-        row["nnsight_overhead"] = round(fast["seconds"] / results["hooks"]["seconds"] - 1, 3)
+    for method, results in runs.items():
+        row[f"{method}_s"] = round(median[method], 3)
+        row[f"{method}_range_s"] = [round(min(seconds[method]), 3), round(max(seconds[method]), 3)]
+        row[f"{method}_peak_mib"] = round(max(r["peak_extra_mib"] for r in results), 1)
+        row[f"{method}_speedup"] = round(median["naive"] / median[method], 2)
+        row[f"{method}_max_diff"] = max(r["max_abs_diff_vs_naive"] for r in results)
+        if results[0]["measured_knockouts"] != results[0]["knockouts"]:
+            row[f"{method}_measured_knockouts"] = results[0]["measured_knockouts"]
+    if "vlmask" in runs:
+        row.update(_ideals(runs["vlmask"], median))
+    if "vlmask" in runs and "hooks" in runs:
+        row["nnsight_overhead"] = round(median["vlmask"] / median["hooks"] - 1, 3)
     return row
 
 
+def _ideals(runs: list[dict], median: dict[str, float]) -> dict:
+    """The two ideals (per position, and by the work strictly needed), from vlmask's own measurements."""
+    forward = float(np.median([r["clean_forward_s"] for r in runs]))
+    decoder = float(np.median([r["clean_decoder_s"] for r in runs]))
+    attention = float(np.median([r["attention_layer_s"] for r in runs]))
+    fast = runs[0]
+    per_position = decoder / fast["seq"]
+    linear = max(decoder - fast["layers"] * attention, 0.0) / fast["seq"]
+    per_pair = attention / fast["seq"] ** 2  # the kernel computes every pair, masked or not
+    ideal = forward + fast["recomputed"] * per_position
+    needed = forward + fast["recomputed"] * linear + fast["layers"] * fast["allowed_pairs"] * per_pair
+    return {
+        "ideal_s": round(ideal, 3),
+        "ideal_speedup": round(median["naive"] / ideal, 2),
+        "vlmask_efficiency": round(ideal / median["vlmask"], 3),
+        "needed_s": round(needed, 3),
+        "needed_speedup": round(median["naive"] / needed, 2),
+        "vlmask_vs_needed": round(needed / median["vlmask"], 3),
+        "attention_share_of_decoder": round(fast["layers"] * attention / decoder, 3),
+    }
+
+
 def _print_table(rows: list[dict], methods: list[str]) -> None:
-    header = f"{'':<4}{'tokens':>7}{'KOs':>5}{'steps':>6}" + "".join(f"{m + ' s':>16}" for m in methods)
-    print(header + f"{'ideal s':>9}{'vlmask vs naive':>17}{'vs ideal':>10}{'nnsight cost':>14}")
+    header = f"{'':<4}{'tokens':>7}{'KOs':>5}{'steps':>6}" + "".join(f"{m + ' s (range)':>24}" for m in methods)
+    print(
+        header + f"{'ideal s':>9}{'needed s':>9}{'vlmask vs naive':>17}{'vs ideal':>10}{'vs needed':>10}"
+        f"{'nnsight cost':>14}"
+    )
     for r in rows:
         line = f"{r['scenario']:<4}{r['tokens']:>7}{r['knockouts']:>5}{r['steps']:>6}"
-        line += "".join(f"{r[m + '_s']:>16.2f}" for m in methods)
+        for m in methods:
+            low, high = r[f"{m}_range_s"]
+            line += f"{r[m + '_s']:.2f} ({low:.2f}-{high:.2f})".rjust(24)
         if "ideal_s" in r:
-            line += f"{r['ideal_s']:>9.2f}{r['vlmask_speedup']:>16.1f}x{r['vlmask_efficiency']:>9.0%}"
+            line += f"{r['ideal_s']:>9.2f}{r['needed_s']:>9.2f}{r['vlmask_speedup']:>16.1f}x"
+            line += f"{r['vlmask_efficiency']:>9.0%}{r['vlmask_vs_needed']:>10.0%}"
         if "nnsight_overhead" in r:
             line += f"{r['nnsight_overhead']:>+14.0%}"
         print(line)
+    print(
+        f"threads: {rows[0]['threads'] if rows else '?'}; medians of {rows[0]['repeats'] if rows else '?'} "
+        "interleaved runs, range in brackets"
+    )
 
 
 def main() -> None:
@@ -478,6 +572,9 @@ def main() -> None:
         args.scenario = args.scenario[0]
         worker(args)
         return
+    if args.quick:
+        args.size, args.repeats, args.threads = "tiny", 1, 1
+        args.scenario = args.scenario or ["S1"]
     methods = args.method or list(METHODS)
     if "naive" not in methods:
         methods = ["naive", *methods]
@@ -491,10 +588,20 @@ def main() -> None:
             memory_study(model, image, args)
             return
         for scenario in args.scenario or sorted(SCENARIOS):
-            results = {m: _spawn(m, scenario, model, image, args) for m in methods}
-            rows.append(_scenario_row(scenario, results))
+            runs: dict[str, list[dict]] = {m: [] for m in methods}
+            for _ in range(args.repeats):  # strictly interleaved: a drifting machine moves every method alike
+                for m in methods:
+                    runs[m].append({**_spawn(m, scenario, model, image, args), "method": m})
+            rows.append(_scenario_row(scenario, runs))
             print(json.dumps(rows[-1]), flush=True)
-    report = {"machine": _machine(args), "size": args.size, "torch": torch.__version__, "results": rows}
+    report = {
+        "machine": _machine(args),
+        "size": args.size,
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "results": rows,
+    }
     _print_table(rows, methods)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -17,13 +17,20 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_benchmark_runs_and_every_method_agrees_with_naive(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "benchmarks.sweep", "--size", "tiny", "--scenario", "S1", "--json", str(out)]
+    cmd = [sys.executable, "-m", "benchmarks.sweep", "--quick", "--json", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    (row,) = json.loads(out.read_text())["results"]
+    report = json.loads(out.read_text())
+    assert report["size"] == "tiny" and report["threads"] == 1 and report["repeats"] == 1
+    (row,) = report["results"]
+    assert row["scenario"] == "S1" and row["threads"] == 1  # the worker ran with the thread count asked for
     assert row["knockouts"] == len(QUESTION.split())  # --mask prompt: the question's words
     for method in ("naive", "naive-nnsight", "hooks", "vlmask"):
         assert row[f"{method}_s"] > 0
     assert row["ideal_s"] > 0 and "nnsight_overhead" in row and "vlmask_efficiency" in row
+    assert row["needed_s"] > 0 and 0 < row["attention_share_of_decoder"] < 1
+    for method in ("naive", "naive-nnsight", "hooks", "vlmask"):
+        low, high = row[f"{method}_range_s"]
+        assert low <= row[f"{method}_s"] <= high
     assert row["max_kl"] > 1e-2  # knockouts move the distribution: agreeing to 1e-4 is not trivial
     assert max(row[f"{method}_max_diff"] for method in ("naive-nnsight", "hooks", "vlmask")) <= 1e-4

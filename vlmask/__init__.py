@@ -14,6 +14,7 @@ Example:
 
 import vlmask.viz.accessor  # noqa: F401  (registers the ``ds.vlmask`` accessor)
 from vlmask.batch.run import open_batch, run_batch
+from vlmask.batch.summary import summarize
 from vlmask.engine.probe import capture_residual, positions
 from vlmask.engine.sweep import sweep
 from vlmask.errors import VlmaskError
@@ -44,9 +45,10 @@ __all__ = [  # noqa: RUF022
     "compare",
     "open_results",
     "save_results",
-    # batches of sweeps from a YAML file
+    # batches of sweeps from a YAML file, and statistics over many results
     "open_batch",
     "run_batch",
+    "summarize",
     # the one exception type
     "VlmaskError",
 ]

@@ -1,4 +1,4 @@
-"""The ``vlmask`` command line: ``vlmask run``, ``heatmap``, ``report``, ``compare`` and ``batch``.
+"""The ``vlmask`` command line: ``vlmask run``, ``heatmap``, ``report``, ``compare``, ``batch`` and ``summary``.
 
 User mistakes end in one line on stderr and exit status 2, with no output file left.
 """
@@ -15,12 +15,14 @@ import transformers
 import xarray as xr
 
 from vlmask.batch.run import Outcome, parse_shard, run_batch
+from vlmask.batch.summary import GROUPINGS, summarize
 from vlmask.builtin import DEFAULT_MODEL_PATH
 from vlmask.engine.sweep import sweep
 from vlmask.errors import VlmaskError
 from vlmask.model.attention import MASK_FORMATS
+from vlmask.model.devices import DEVICE_MAPS
 from vlmask.model.load import DTYPES, load_model
-from vlmask.results.io import FORMATS, open_results, save_results, write_tables
+from vlmask.results.io import FORMATS, atomic_write, open_results, save_results, write_tables
 from vlmask.results.schema import (
     ATTR,
     KL,
@@ -53,6 +55,7 @@ from vlmask.viz.compare import write_compare
 from vlmask.viz.heatmap import METRICS
 from vlmask.viz.plot import plot_heatmap
 from vlmask.viz.report import write_report
+from vlmask.viz.summary_plot import plot_summary, summary_figure
 
 log = logging.getLogger("vlmask")
 
@@ -108,6 +111,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=sorted(DTYPES), help="default float32 on CPU, bfloat16 on CUDA")
     run.add_argument("--device", default="cpu")
     run.add_argument("--attn-implementation", choices=tuple(MASK_FORMATS), default="sdpa")
+    run.add_argument(
+        "--device-map",
+        help=f"spread a large model over devices: {'|'.join(DEVICE_MAPS)} or a JSON file of module -> device "
+        "(cpu, disk, cuda:N); instead of --device",
+    )
+    run.add_argument("--max-memory-per-device", help="with --device-map: caps like 0=20GiB,1=20GiB,cpu=60GiB")
+    run.add_argument("--offload-folder", help="with --device-map: where disk-offloaded weights go (default: temp)")
     run.add_argument("--output", default="run", help="result name: writes OUTPUT_DIR/NAME.nc (default run)")
     run.add_argument("--output-dir", default="output")
     run.add_argument("--format", default="nc", help=f"comma-separated, some of {','.join(FORMATS)} (nc always)")
@@ -141,6 +151,17 @@ def _parser() -> argparse.ArgumentParser:
     many.add_argument("--output-dir", help="where NAME.nc are written (default: the file's output_dir, else output)")
     many.add_argument("--no-progress", action="store_true", help="no progress bar")
     many.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    summary = commands.add_parser("summary", help="mean effects over many results, with bootstrap intervals")
+    summary.add_argument("results", nargs="+", help="result files, result directories or batch YAML files")
+    summary.add_argument("--by", default="unit", help=f"comma-separated, some of {', '.join(GROUPINGS)} (default unit)")
+    summary.add_argument("--step", type=int, default=0, help="generation step (default 0)")
+    summary.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    summary.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    summary.add_argument("-o", "--output", default="summary.nc", help="netCDF file (default summary.nc)")
+    summary.add_argument("--png", help="also draw the first --by grouping's effect, a line per other cell (PNG)")
+    summary.add_argument("--metric", default="kl", help="the metric the PNG draws (default kl)")
+    summary.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    summary.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     return parser
 
 
@@ -225,7 +246,15 @@ def _print_ranking(ds: xr.Dataset, top: int) -> None:
 def run(args: argparse.Namespace) -> int:
     stem, formats = _targets(args)
     spec = _spec(args)
-    vl = load_model(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation)
+    vl = load_model(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        attn_implementation=args.attn_implementation,
+        device_map=args.device_map,
+        max_memory=args.max_memory_per_device,
+        offload_folder=args.offload_folder,
+    )
     if vl.builtin:
         card = (DEFAULT_MODEL_PATH / "README.md").read_text().splitlines()[0].lstrip("# ")
         print(f"model: built-in {DEFAULT_MODEL_PATH.name}: {card} (pass --model for a real one)")
@@ -298,6 +327,21 @@ def batch(args: argparse.Namespace) -> int:
     return 1 if counts["failed"] else 0
 
 
+def summary(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    _refuse_existing(out, args.overwrite)
+    if args.png:
+        _refuse_existing(Path(args.png), args.overwrite, "--png")
+    result = summarize(args.results, args.by, step=args.step, resamples=args.resamples, seed=args.seed)
+    if args.png:
+        summary_figure(result, args.metric)  # a bad --metric fails before any file is written
+    atomic_write(out, lambda tmp: result.to_netcdf(tmp, engine="netcdf4"))
+    print(f"wrote {out} ({result.attrs['results']} results, by {result.attrs['by']})")
+    if args.png:
+        print(f"wrote {plot_summary(result, args.png, args.metric, overwrite=args.overwrite)}")
+    return 0
+
+
 def _with_flag(err: VlmaskError) -> str:
     """The one line of a user mistake: the library's neutral message, after the flag of the option it is about."""
     if err.option is None:
@@ -313,7 +357,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         transformers.utils.logging.set_verbosity_error()
     try:
-        commands = {"run": run, "heatmap": heatmap, "report": report, "compare": compare, "batch": batch}
+        commands = {
+            "run": run,
+            "heatmap": heatmap,
+            "report": report,
+            "compare": compare,
+            "batch": batch,
+            "summary": summary,
+        }
         return commands[args.command](args)
     except VlmaskError as err:
         print(f"vlmask: error: {_with_flag(err)}", file=sys.stderr)

@@ -43,6 +43,9 @@ class Outcome:
     line: int = 0
 
 
+PROMPT = "prompt"  # the dimension of open_batch's view: one entry per result
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """``(i, n)`` from ``"i/n"``, with ``0 <= i < n``.
 
@@ -159,7 +162,9 @@ def _describe(err: BaseException) -> str:
     return text if err.option is None else f"{err.option}: {text}"
 
 
-def _files(source: str | Path | Sequence[str | Path]) -> list[Path]:
+def result_files(source: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The result files of ``source``: a batch YAML (its items' files that exist), a directory (its ``*.nc``),
+    a file, or a list of files."""
     if isinstance(source, (str, Path)):
         source = Path(source)
         if source.suffix in (".yaml", ".yml") and source.is_file():
@@ -178,7 +183,7 @@ def _label(ds: xr.Dataset) -> xr.Dataset:
     # Text labels are small, and dask cannot chunk object arrays: load them; numbers stay lazy.
     ds = ds.assign({k: v.load() for k, v in ds.data_vars.items() if v.dtype.kind in "OUS"})
     ds = ds.assign_coords({k: v.load() for k, v in ds.coords.items() if v.dtype.kind in "OUS"})
-    ds = ds.expand_dims(prompt=[name])
+    ds = ds.expand_dims({PROMPT: [name]})
     return ds.assign_coords(
         prompt_text=("prompt", [ds.attrs.get("prompt", "")]),
         prompt_model=("prompt", [ds.attrs.get("model", "")]),
@@ -208,7 +213,7 @@ def open_batch(source: str | Path | Sequence[str | Path]) -> xr.Dataset:
         ...     ds["prompt"].values.tolist(), ds["kl"].dims
         (['a', 'b'], ('prompt', 'step', 'token'))
     """
-    files = _files(source)
+    files = result_files(source)
     missing = [f for f in files if not f.exists()]
     if missing or not files:
         raise VlmaskError(f"no batch results to open at {source!s}" if not files else f"'{missing[0]}' does not exist")

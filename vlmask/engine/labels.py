@@ -6,6 +6,7 @@ sees strings, numbers and tensors.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from vlmask.engine.knockouts import Knockouts
@@ -32,7 +33,7 @@ def model_labels(vl: VLModel) -> ModelLabels:
         num_heads=vl.num_heads,
         attn_implementation=vl.attn_implementation,
         dtype=str(vl.dtype).removeprefix("torch."),
-        device=str(vl.device),
+        device=_placement(vl),
         video_frames_per_group=int(getattr(video, "temporal_patch_size", 0)),
     )
 
@@ -74,3 +75,9 @@ def sweep_record(
         windows=windows,
         **settings,
     )
+
+
+def _placement(vl: VLModel) -> str:
+    """The device the model ran on, or its device map (module -> device) as JSON when it was spread by one."""
+    mapping = getattr(vl.hf, "hf_device_map", None)
+    return str(vl.device) if not mapping else json.dumps({str(k): str(v) for k, v in mapping.items()})

@@ -53,16 +53,19 @@ def packed_allowed(allowed: torch.Tensor, start: int, starts: Sequence[int], cac
 
 
 def layer_masks(vl: VLModel, allowed: list[torch.Tensor], pack: Callable | None = None) -> list[torch.Tensor]:
-    """Attention masks in the implementation's format; layers sharing an ``allowed`` tensor share a mask.
+    """Attention masks in the implementation's format, each on its layer's device; layers sharing an ``allowed``
+    tensor (and a device) share a mask.
 
     ``pack``, if given, turns each ``allowed`` into its packed form first.
     """
-    converted: dict[int, torch.Tensor] = {}
-    for a in allowed:
-        if id(a) not in converted:
+    converted: dict[tuple[int, torch.device], torch.Tensor] = {}
+    out = []
+    for a, device in zip(allowed, vl.layer_devices, strict=True):
+        if (id(a), device) not in converted:
             edges = a if pack is None else pack(a)
-            converted[id(a)] = attention_mask(edges, vl.attn_implementation, vl.dtype).to(vl.device)
-    return [converted[id(a)] for a in allowed]
+            converted[id(a), device] = attention_mask(edges, vl.attn_implementation, vl.dtype).to(device)
+        out.append(converted[id(a), device])
+    return out
 
 
 class LayerSteps:
@@ -100,7 +103,7 @@ class LayerSteps:
         edited = self.plan.edit_heads(layer, x, self.num_heads) if self.edits["heads"][layer] else None
         x = x if edited is None else edited
         if self.residual is not None:
-            self.head_reads.append(self.keep(x[:, self.index].float().cpu()))
+            self.head_reads.append(self.keep(x[:, self.index.to(x.device)].float().cpu()))
         if self.means is not None:
             self.means.append(self.keep(x.float().mean(1).cpu()))
         return edited
@@ -119,7 +122,7 @@ class LayerSteps:
         """Edit the output ``y (batch, pos, hidden)`` of ``layer``, then read it."""
         edited = self.plan.edit_hidden("residual", layer, y) if self.edits["residual"][layer] else None
         if self.residual is not None:
-            self.residual.append(self.keep((y if edited is None else edited)[:, self.index].float().cpu()))
+            self.residual.append(self.keep((y if edited is None else edited)[:, self.index.to(y.device)].float().cpu()))
         return edited
 
     def readout(self, logits: torch.Tensor) -> Readout:
@@ -208,7 +211,7 @@ def decoder_call(vl: VLModel, dec: DecoderInputs, plan: PassPlan) -> DecoderCall
         hidden = vl.decoder(
             inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True, **extra
         ).last_hidden_state
-        return vl.hf.lm_head(hidden[:, index])
+        return vl.hf.lm_head(hidden[:, index.to(hidden.device)])
 
     pack = (lambda a: packed_allowed(a, plan.start, starts, cached)) if packed else None
     return DecoderCall(decode, embeds, positions, index, cache, layer_masks(vl, plan.allowed, pack))

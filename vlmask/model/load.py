@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from transformers import AutoConfig, AutoProcessor
 from vlmask.builtin import DEFAULT_MODEL_PATH
 from vlmask.errors import VlmaskError
 from vlmask.model.attention import check_attention_implementation
+from vlmask.model.devices import device_map_of, execution_device, max_memory_of
 from vlmask.model.families import Family, family_of
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,13 @@ class VLModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
+        """Where inputs go: the device the input embeddings run on (with a device map, not necessarily the others')."""
+        return execution_device(self.decoder.embed_tokens, self.hf)
+
+    @property
+    def layer_devices(self) -> list[torch.device]:
+        """The device each decoder layer runs on (all :attr:`device` without a device map)."""
+        return [execution_device(layer, self.hf) for layer in self.decoder.layers]
 
 
 def _dtype(name: str | None, device: str) -> torch.dtype:
@@ -102,12 +110,27 @@ def _check_full_attention(source: str, config: Any) -> None:
         )
 
 
+def _placement(device: str, device_map: Any, max_memory: Any, offload_folder: Any) -> dict[str, Any]:
+    """``from_pretrained``'s placement arguments: none (the model moves to ``device``), or a device map's."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise VlmaskError("max_memory and offload_folder place a model by a device map: give device_map too")
+        return {}
+    if device != "cpu":
+        raise VlmaskError(f"give either device ({device!r}) or device_map ({device_map!r}), not both")
+    folder = offload_folder or tempfile.mkdtemp(prefix="vlmask-offload-")
+    return {"device_map": device_map_of(device_map), "max_memory": max_memory_of(max_memory), "offload_folder": folder}
+
+
 def load_model(
     model: str | Path | None = None,
     *,
     device: str = "cpu",
     dtype: str | None = None,
     attn_implementation: str = "sdpa",
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: str | dict[Any, str] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> VLModel:
     """Load a checkpoint with ``from_pretrained``.
 
@@ -115,6 +138,11 @@ def load_model(
     ``Qwen/Qwen3-0.6B``, ...: see :data:`vlmask.model.families.FAMILIES`) or a local directory;
     None loads the checkpoint shipped with vlmask. ``attn_implementation`` must be ``sdpa``
     or ``eager``: FlashAttention treats the mask as padding only and cannot block a key.
+
+    A model larger than one device: ``device_map`` (``auto``, ``balanced``, ``sequential``, or a
+    module-to-device mapping or JSON file; ``disk`` offloads weights to ``offload_folder``, a
+    temporary folder by default) and ``max_memory`` (``0=20GiB,cpu=60GiB``) go to accelerate
+    through ``from_pretrained``, instead of ``device``; each layer then computes on its own device.
 
     Example:
         >>> vl = load_model()  # the built-in toy checkpoint
@@ -124,7 +152,8 @@ def load_model(
     check_attention_implementation(attn_implementation)
     builtin = model is None
     source = str(DEFAULT_MODEL_PATH if builtin else model)
-    torch_dtype = _dtype(dtype, device)
+    placement = _placement(device, device_map, max_memory, offload_folder)
+    torch_dtype = _dtype(dtype, "cuda" if device_map is not None and torch.cuda.is_available() else device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise VlmaskError(f"device {device!r} was asked for, but no CUDA device is available: use device 'cpu'")
     if not builtin:
@@ -132,13 +161,16 @@ def load_model(
     try:
         family = family_of(AutoConfig.from_pretrained(source))
         processor = AutoProcessor.from_pretrained(source)
-        hf = family.auto_class().from_pretrained(source, dtype=torch_dtype, attn_implementation=attn_implementation)
+        hf = family.auto_class().from_pretrained(
+            source, dtype=torch_dtype, attn_implementation=attn_implementation, **placement
+        )
     except (OSError, ValueError, KeyError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         kind = "local directory" if Path(source).exists() else "local directory or reachable hub id"
         raise VlmaskError(f"model {source!r} could not be loaded as a {kind}: {reason}") from None
-    hf = hf.to(device).eval()
+    hf = (hf if placement else hf.to(device)).eval()
     check_attention_implementation(family.decoder(hf).config._attn_implementation)
     _check_full_attention(source, family.decoder(hf).config)
-    log.info("loaded %s (%s, %s, %s, %s attention)", source, family.name, torch_dtype, device, attn_implementation)
+    where = f"device map {getattr(hf, 'hf_device_map', device_map)}" if placement else device
+    log.info("loaded %s (%s, %s, %s, %s attention)", source, family.name, torch_dtype, where, attn_implementation)
     return VLModel(hf=hf, processor=processor, name=source, builtin=builtin, family=family)

@@ -21,6 +21,7 @@ from vlmask.results.io import long_table
 from vlmask.results.schema import interventions_of
 from vlmask.viz.compare import compare, write_compare
 from vlmask.viz.heatmap import heatmap
+from vlmask.viz.notebook import Inline, show
 from vlmask.viz.plot import plot_heatmap
 from vlmask.viz.report import write_report
 
@@ -69,6 +70,15 @@ class VlmaskAccessor:
             True
         """
         return write_report(self._ds, path, overwrite=overwrite)
+
+    def show(self, height: int = 900) -> Inline:
+        """The interactive report inline in Jupyter: a sandboxed iframe, no server (:func:`~vlmask.viz.notebook.show`).
+
+        Example:
+            >>> ds.vlmask.show()._repr_html_().startswith("<iframe sandbox")
+            True
+        """
+        return show(self._ds, height)
 
     def table(self) -> pd.DataFrame:
         """The long table: one row per step x token x layer [x head] x metric (:func:`~vlmask.results.io.long_table`).

@@ -223,6 +223,11 @@ def report_data(ds: xr.Dataset) -> dict[str, Any]:
     }
 
 
+def report_html(ds: xr.Dataset) -> str:
+    """The text of :func:`write_report`'s page (for a file, or inline in a notebook: ``ds.vlmask.show()``)."""
+    return page("report.js", report_data(ds), "vlmask report")
+
+
 def write_report(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -> Path:
     """Write one self-contained, offline HTML report of a result (inline scripts, images embedded).
 
@@ -235,7 +240,7 @@ def write_report(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -
         >>> write_report(ds, tmp / "run.html") == tmp / "run.html"  # or ds.vlmask.report(...)
         True
     """
-    html = page("report.js", report_data(ds), "vlmask report")
+    html = report_html(ds)
     out = write_page(html, path, overwrite=overwrite)
     log.info("wrote report %s (%d bytes)", out, len(html))
     return out

@@ -8,6 +8,8 @@ from typing import Any, ClassVar
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+from vlmask.model.devices import execution_device
+
 
 class Family:
     """A model family: where its decoder is and what its decoder takes.
@@ -100,7 +102,7 @@ class VisionLanguage(Family):
         return repeated
 
     def encode_vision(self, hf: Any, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
-        device = next(hf.parameters()).device
+        device = execution_device(hf.model.visual, hf)
         outputs = {}
         with torch.inference_mode():
             if "pixel_values" in inputs:
