@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from vlmask.model.devices import execution_device
 from vlmask.model.families._base import VisionLanguage
 
 
@@ -33,7 +34,7 @@ class Llava(VisionLanguage):
     def encode_vision(self, hf: Any, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
         if "pixel_values" not in inputs:
             return {}
-        device = next(hf.parameters()).device
+        device = execution_device(hf.model.vision_tower, hf)
         kwargs = {k: inputs[k].to(device) for k in ("pixel_values", *self.encoder_keys)}
         with torch.inference_mode():
             out = hf.model.get_image_features(**kwargs, return_dict=True)
