@@ -98,9 +98,9 @@ def _simple(*extra: str, prompt: str = "what color is the circle ?"):
 
 CASES = {
     # 4: the destination is checked before the model loads; a write failure is one line; a run's files are a set
-    "output-dir-is-a-file": Case(_folder_is_a_file, 2, ("--output:", "is a file, not a folder"), {"out"}),
-    "read-only-filesystem": Case(_read_only, 2, ("--output:", "cannot write", "Read-only file system"), set()),
-    "proc": Case(lambda tmp, stack: (run_args("/proc/x"), tmp), 2, ("--output:", "cannot write", "'/proc'"), set()),
+    "output-dir-is-a-file": Case(_folder_is_a_file, 2, ("--output-dir:", "is a file, not a folder"), {"out"}),
+    "read-only-filesystem": Case(_read_only, 2, ("--output-dir:", "cannot write", "Read-only file system"), set()),
+    "proc": Case(lambda tmp, stack: (run_args("/proc/x"), tmp), 2, ("--output-dir:", "cannot write", "'/proc'"), set()),
     "disk-full-at-the-nc": Case(
         _small_disk("32k"), 2, ("cannot write", "run.nc", "KiB free", "no file of this run was written"), set()
     ),

@@ -138,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_output(paths: list[Path], overwrite: bool, flag: str) -> None:
+def _check_output(paths: list[Path], overwrite: bool, flag: str, folder_flag: str | None = None) -> None:
     """Refuse, before any work, outputs that exist (naming the flags that would change that) or cannot be written."""
     for path in paths:
         if path.exists() and not overwrite:
@@ -146,7 +146,7 @@ def _check_output(paths: list[Path], overwrite: bool, flag: str) -> None:
     try:
         check_destination(paths, overwrite=True)
     except VlmaskError as err:
-        raise VlmaskError(f"{flag}: {err}") from None
+        raise VlmaskError(f"{folder_flag or flag}: {err}") from None
 
 
 def _targets(args: argparse.Namespace) -> tuple[Path, list[str]]:
@@ -163,7 +163,7 @@ def _targets(args: argparse.Namespace) -> tuple[Path, list[str]]:
         raise VlmaskError(f"--output-dir {args.output_dir!r} holds a NUL character: no folder is named so")
     stem = Path(args.output_dir) / name
     suffixes = dict.fromkeys(["nc", *formats, *(["html"] if args.report else [])])
-    _check_output([stem.with_suffix(f".{fmt}") for fmt in suffixes], args.overwrite, "--output")
+    _check_output([stem.with_suffix(f".{fmt}") for fmt in suffixes], args.overwrite, "--output", "--output-dir")
     return stem, formats
 
 
