@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import subprocess
 import sys
 import textwrap
@@ -228,11 +229,14 @@ def test_large_work_is_announced_with_an_estimate_before_it_starts(tmp_path, cap
     ],
 )
 def test_help_and_argument_errors_answer_at_once(args, code, words):
-    started = time.perf_counter()
+    before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "vlmask.cli", *args], capture_output=True, text=True, check=False)
-    seconds = time.perf_counter() - started
+    seconds, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     assert out.returncode == code and words in out.stdout + out.stderr, out.stderr
-    assert seconds < 3, f"vlmask {' '.join(args)} took {seconds:.2f} s"  # about 0.3 s on an idle machine
+    # about 0.6 s of CPU here (0.3 s of it numpy); importing torch alone takes several: a generous bound on
+    # the CPU time, which a loaded machine does not inflate, and a looser one on the wall clock, which it does
+    assert cpu < 2 and seconds < 15, f"vlmask {' '.join(args)} took {cpu:.2f} s of CPU, {seconds:.2f} s in all"
 
 
 def test_parsing_the_options_imports_neither_torch_nor_xarray():
