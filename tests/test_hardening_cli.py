@@ -83,6 +83,12 @@ def _small_disk(size: str, *extra: str):
     return setup
 
 
+def _full_disk_over_an_old_file(tmp: Path, stack) -> tuple[list[str], Path]:
+    disk = stack.enter_context(tmpfs(tmp / "disk", "64k"))
+    (disk / "run.csv").write_text("old")
+    return run_args(disk, "--image", str(SHAPES), "--format", "csv", "--overwrite"), disk
+
+
 def _stale_temporary(tmp: Path, stack) -> tuple[list[str], Path]:
     (tmp / "out").mkdir()
     (tmp / "out" / ".run.nc.k2j4x8_a.tmp").touch()  # left by a kill -9 during a write
@@ -110,6 +116,12 @@ CASES = {
         2,
         ("cannot write", "run.csv", "No space left on device", "no file of this run was written"),
         set(),
+    ),
+    "disk-full-with-overwrite": Case(
+        _full_disk_over_an_old_file,
+        2,
+        ("cannot write", "run.csv", "no file of this run was written", "run.csv from before, untouched"),
+        {"run.csv"},
     ),
     "stale-temporary-cleaned": Case(_stale_temporary, 0, (), {"run.nc", ".other.nc.k2j4x8_a.tmp"}),
     # 8: work nobody would wait for
@@ -144,6 +156,8 @@ def test_run_case(name, tmp_path, capsys):
             assert len(err) == 1 or not ours, err
             assert all(word in err[-1] for word in case.words), err[-1]
         assert files(folder) == case.left
+        if name == "disk-full-with-overwrite":
+            assert (folder / "run.csv").read_text() == "old"
 
 
 def test_a_run_writes_its_files_as_a_set_and_an_interrupt_leaves_none(tmp_path, monkeypatch, capsys):

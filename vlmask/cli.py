@@ -276,6 +276,7 @@ def _write_run(ds: xr.Dataset, stem: Path, formats: list[str], args: argparse.Na
     from vlmask.results.io import save_results, write_tables
     from vlmask.viz.report import write_report
 
+    targets = [stem.with_suffix(f".{fmt}") for fmt in dict.fromkeys(["nc", *formats, *(["html"] * args.report)])]
     try:
         with output_set() as landed:
             save_results(ds, stem.with_suffix(".nc"), overwrite=args.overwrite)
@@ -283,7 +284,9 @@ def _write_run(ds: xr.Dataset, stem: Path, formats: list[str], args: argparse.Na
             if args.report:
                 write_report(ds, stem.with_suffix(".html"), overwrite=args.overwrite)
     except VlmaskError as err:
-        raise VlmaskError(f"{err}; no file of this run was written (files already there are untouched)") from None
+        before = [str(p) for p in targets if p.exists()]
+        there = f"; {', '.join(before)} from before, untouched" if before else ""
+        raise VlmaskError(f"{err}; no file of this run was written{there}") from None
     return landed
 
 

@@ -133,7 +133,10 @@ def output_set() -> Iterator[list[Path]]:
     try:
         yield landed
         for tmp, path in pending.renames:
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except OSError as err:
+                raise VlmaskError(f"cannot write '{path}': {_cause(err, path.parent)}") from None
             landed.append(path)
     except BaseException:
         for path in landed:
