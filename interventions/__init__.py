@@ -19,11 +19,40 @@ Example:
     True
 """
 
-from interventions.base import HOOKS, At, Compose, Intervention, ModelShape, compose, from_dict
-from interventions.block_edges import BlockEdges
-from interventions.block_keys import BlockKeys
-from interventions.heads import AblateHeads
-from interventions.residual import PatchResidual
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from interventions.base import HOOKS, At, Compose, Intervention, ModelShape, compose, from_dict
+    from interventions.block_edges import BlockEdges
+    from interventions.block_keys import BlockKeys
+    from interventions.heads import AblateHeads
+    from interventions.residual import PatchResidual
+
+_HOMES = {
+    **dict.fromkeys(("HOOKS", "At", "Compose", "Intervention", "ModelShape", "compose", "from_dict"), "base"),
+    "BlockEdges": "block_edges",
+    "BlockKeys": "block_keys",
+    "AblateHeads": "heads",
+    "PatchResidual": "residual",
+}
+"""Each public name's module: imported on first use, so that ``interventions.errors`` (the bottom of
+vlmask's import graph) and the command line's option parsing load without torch."""
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'interventions' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"interventions.{_HOMES[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "HOOKS",

@@ -171,7 +171,7 @@ def test_the_cli_names_the_flag_before_any_model_loads(tmp_path, capsys, monkeyp
     def no_load(*args, **kwargs):
         raise AssertionError("a model was loaded although an option is bad")
 
-    monkeypatch.setattr(cli, "load_model", no_load)
+    monkeypatch.setattr("vlmask.model.load.load_model", no_load)  # the CLI imports it when a run starts
     frames = tmp_path / "frames"  # a video directory whose frames differ in size: read before any model loads
     frames.mkdir()
     for name, size in (("0.png", (32, 32)), ("1.png", (48, 32))):

@@ -1,6 +1,8 @@
 """The ``vlmask`` command line: ``vlmask run``, ``heatmap``, ``report``, ``compare``, ``batch`` and ``summary``.
 
 User mistakes end in one line on stderr and exit status 2, with no output file left.
+Parsing the options imports neither torch nor xarray: ``--help`` and a mistyped option answer at
+once; each command imports what it needs when it runs.
 """
 
 from __future__ import annotations
@@ -10,55 +12,15 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import transformers
-import xarray as xr
-
-from vlmask.batch.run import Outcome, parse_shard, run_batch
-from vlmask.batch.summary import GROUPINGS, summarize
-from vlmask.builtin import DEFAULT_MODEL_PATH
-from vlmask.engine.sweep import sweep
 from vlmask.errors import VlmaskError
-from vlmask.model.attention import MASK_FORMATS
-from vlmask.model.devices import DEVICE_MAPS
-from vlmask.model.load import DTYPES, load_model
-from vlmask.results.io import FORMATS, atomic_write, open_results, save_results, write_tables
-from vlmask.results.schema import (
-    ATTR,
-    KL,
-    LOGPROB_DROP,
-    MASKED_CONTINUATION,
-    PROB_CHANGE_PCT,
-    SEQ,
-    SEQ_COL,
-    SEQ_IMAGE,
-    SEQ_KIND,
-    SEQ_ROW,
-    SEQ_T,
-    SEQ_TEXT,
-    SEQ_VIDEO,
-    STEP,
-    TOKEN,
-    TOKEN_COL,
-    TOKEN_IMAGE,
-    TOKEN_KIND,
-    TOKEN_ROW,
-    TOKEN_SIZE,
-    TOKEN_T,
-    TOKEN_TEXT,
-    TOKEN_VIDEO,
-    VISION,
-    vision_ranges,
-)
+from vlmask.model.names import DEVICE_MAPS, DTYPE_NAMES, MASK_FORMATS, check_device
+from vlmask.results.io import FORMATS, check_destination, output_set
 from vlmask.spec import SweepSpec
-from vlmask.viz.compare import write_compare
-from vlmask.viz.heatmap import METRICS
-from vlmask.viz.plot import plot_heatmap
-from vlmask.viz.report import write_report
-from vlmask.viz.summary_plot import plot_summary, summary_figure
 
-log = logging.getLogger("vlmask")
-
+if TYPE_CHECKING:
+    import xarray as xr
 
 FLAGS = {
     f.name: "--" + f.metadata.get("one", f.name).replace("_", "-")
@@ -102,14 +64,38 @@ def _spec(args: argparse.Namespace) -> SweepSpec:
     return SweepSpec(**values)
 
 
+TOKEN_ROWS = 40
+"""Rows of the token table ``vlmask run`` prints by default: the first and last half of them."""
+
+
+def _count(least: int):
+    """An argparse type: a whole number of at least ``least``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is below {least}: give {least} or more")
+        return value
+
+    return parse
+
+
+def _rows(text: str) -> int | None:
+    """``--tokens``: how many rows of the token table to print, or ``all`` (None)."""
+    return None if text == "all" else _count(0)(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmask", description="Attention knockout for vision-language models.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="block each chosen token in turn and measure what changes")
     run.add_argument("--model", help="hub id or checkpoint directory (default: the built-in toy model)")
     _add_sweep_options(run)
-    run.add_argument("--dtype", choices=sorted(DTYPES), help="default float32 on CPU, bfloat16 on CUDA")
-    run.add_argument("--device", default="cpu")
+    run.add_argument("--dtype", choices=DTYPE_NAMES, help="default float32 on CPU, bfloat16 on CUDA")
+    run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
     run.add_argument("--attn-implementation", choices=tuple(MASK_FORMATS), default="sdpa")
     run.add_argument(
         "--device-map",
@@ -122,15 +108,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", default="output")
     run.add_argument("--format", default="nc", help=f"comma-separated, some of {','.join(FORMATS)} (nc always)")
     run.add_argument("--overwrite", action="store_true", help="replace existing result files")
-    run.add_argument("--top", type=int, default=10, help="rows in the printed ranking (default 10)")
+    run.add_argument("--top", type=_count(0), default=10, help="rows in the printed ranking (default 10)")
+    rows = f"rows of the printed token table, or all (default {TOKEN_ROWS}: the first and last half)"
+    run.add_argument("--tokens", type=_rows, default=TOKEN_ROWS, help=rows)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--report", action="store_true", help="also write NAME.html, the interactive report")
     run.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     heat = commands.add_parser("heatmap", help="draw a result's vision-token knockouts over its images (PNG)")
     heat.add_argument("result", help="a .nc file written by vlmask run")
-    heat.add_argument("--metric", default="logprob_drop", help=f"one of {', '.join(METRICS)} (default logprob_drop)")
+    heat.add_argument(
+        "--metric", default="logprob_drop", help="what to draw (default logprob_drop; an unknown one lists them all)"
+    )
     heat.add_argument("--layer", help="decoder layer for residual:/heads: metrics, or final (default: the last)")
-    heat.add_argument("--step", type=int, default=0, help="generation step (default 0)")
+    heat.add_argument("--step", type=_count(0), default=0, help="generation step (default 0)")
     heat.add_argument("-o", "--output", help="PNG file (default: RESULT with .png)")
     heat.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
     heat.add_argument("-v", "--verbose", action="store_true", help="log what happens")
@@ -149,11 +139,14 @@ def _parser() -> argparse.ArgumentParser:
     many.add_argument("config", help="YAML file of items: name, prompt, image(s), mask, num_tokens, model, ...")
     many.add_argument("--shard", default="0/1", help="run shard i of n: the items whose index %% n == i (like 0/4)")
     many.add_argument("--output-dir", help="where NAME.nc are written (default: the file's output_dir, else output)")
+    many.add_argument("--overwrite", action="store_true", help="also replace NAME.nc files this batch did not write")
     many.add_argument("--no-progress", action="store_true", help="no progress bar")
     many.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     summary = commands.add_parser("summary", help="mean effects over many results, with bootstrap intervals")
     summary.add_argument("results", nargs="+", help="result files, result directories or batch YAML files")
-    summary.add_argument("--by", default="unit", help=f"comma-separated, some of {', '.join(GROUPINGS)} (default unit)")
+    summary.add_argument(
+        "--by", default="unit", help="comma-separated: unit, unit-kind, window, layer, intervention (default unit)"
+    )
     summary.add_argument("--step", type=int, default=0, help="generation step (default 0)")
     summary.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     summary.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
@@ -165,23 +158,47 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_output(paths: list[Path], overwrite: bool, flag: str, folder_flag: str | None = None) -> None:
+    """Refuse, before any work, outputs that exist (naming the flags that would change that) or cannot be written."""
+    for path in paths:
+        if path.exists() and not overwrite:
+            raise VlmaskError(f"output '{path}' already exists: choose another {flag} or pass --overwrite")
+    try:
+        check_destination(paths, overwrite=True)
+    except VlmaskError as err:
+        raise VlmaskError(f"{folder_flag or flag}: {err}") from None
+
+
 def _targets(args: argparse.Namespace) -> tuple[Path, list[str]]:
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise VlmaskError(f"--format {bad[0]!r} is not known: expected some of {','.join(FORMATS)}")
-    if not args.output or Path(args.output).name != args.output:
-        raise VlmaskError(f"--output {args.output!r} must be a plain name; use --output-dir for the folder")
-    stem = Path(args.output_dir) / args.output
-    for fmt in ["nc", *formats, *(["html"] if args.report else [])]:
-        _refuse_existing(stem.with_suffix(f".{fmt}"), args.overwrite, "--output")
+    name = args.output
+    if not name or Path(name).name != name or name.startswith(".") or "\0" in name:
+        raise VlmaskError(
+            f"--output {name!r} must be a plain file name, not starting with '.'; use --output-dir for the folder"
+        )
+    if "\0" in args.output_dir:
+        raise VlmaskError(f"--output-dir {args.output_dir!r} holds a NUL character: no folder is named so")
+    stem = Path(args.output_dir) / name
+    suffixes = dict.fromkeys(["nc", *formats, *(["html"] if args.report else [])])
+    _check_output([stem.with_suffix(f".{fmt}") for fmt in suffixes], args.overwrite, "--output", "--output-dir")
     return stem, formats
 
 
-def _print_tokens(ds: xr.Dataset) -> None:
+def _print_tokens(ds: xr.Dataset, rows: int | None) -> None:
+    from vlmask.results.schema import ATTR, SEQ, SEQ_COL, SEQ_KIND, SEQ_ROW, SEQ_TEXT, VISION
+
     print(f"model input ({ds.sizes[SEQ]} tokens, chat template {ds.attrs[ATTR.chat_template]}):")
     print(f"  {'pos':>4}  {'kind':<7} {'img':>5} {'row':>3} {'col':>3}  token")
-    for pos in ds[SEQ].values:
+    positions = ds[SEQ].values.tolist()
+    hidden = 0 if rows is None else max(0, len(positions) - rows)
+    for i, pos in enumerate(positions):
+        if hidden and rows // 2 <= i < rows // 2 + hidden:
+            if i == rows // 2:
+                print(f"  ... {hidden} more; --tokens all to see everything")
+            continue
         row = ds.sel(seq=pos)
         vision = row[SEQ_KIND].item() == VISION
         image = _source(row) if vision else ""
@@ -200,6 +217,8 @@ def _print_tokens(ds: xr.Dataset) -> None:
 
 def _source(row: xr.Dataset) -> str:
     """``0`` for image 0 (``0:2`` for its LLaVA-NeXT tile 2), ``v0:1`` for video 0's frame group 1."""
+    from vlmask.results.schema import SEQ_IMAGE, SEQ_T, SEQ_VIDEO
+
     image, t = int(row[SEQ_IMAGE]), int(row[SEQ_T])
     if image >= 0:
         return f"{image}:{t}" if t > 0 else str(image)
@@ -207,6 +226,8 @@ def _source(row: xr.Dataset) -> str:
 
 
 def _vision_ranges(ds: xr.Dataset) -> list[tuple[str, tuple[int, int]]]:
+    from vlmask.results.schema import SEQ_IMAGE, SEQ_T, SEQ_VIDEO, vision_ranges
+
     out = []
     for start, end in vision_ranges(ds):
         image, video, t = (int(ds[name].values[start]) for name in (SEQ_IMAGE, SEQ_VIDEO, SEQ_T))
@@ -216,17 +237,38 @@ def _vision_ranges(ds: xr.Dataset) -> list[tuple[str, tuple[int, int]]]:
 
 def _label(row: xr.Dataset) -> str:
     """A masked unit as a person reads it: its text, or for vision tokens where it sits."""
+    from vlmask.results.schema import (
+        TOKEN_COL,
+        TOKEN_IMAGE,
+        TOKEN_KIND,
+        TOKEN_ROW,
+        TOKEN_SIZE,
+        TOKEN_T,
+        TOKEN_TEXT,
+        TOKEN_VIDEO,
+        VISION,
+    )
+
     if row[TOKEN_KIND].item() != VISION:
         return repr(row[TOKEN_TEXT].item())
     video = int(row[TOKEN_VIDEO])
     media = f"video {video} t{int(row[TOKEN_T])}" if video >= 0 else f"image {int(row[TOKEN_IMAGE])}"
-    if video < 0 and int(row[TOKEN_T]) > 0:  # a LLaVA-NeXT tile (panel 0 is the base image)
-        media += f" tile {int(row[TOKEN_T])}"
     size = int(row[TOKEN_SIZE])
     return f"{media} r{int(row[TOKEN_ROW])} c{int(row[TOKEN_COL])}" + (f" ({size} tokens)" if size > 1 else "")
 
 
 def _print_ranking(ds: xr.Dataset, top: int) -> None:
+    from vlmask.results.schema import (
+        ATTR,
+        KL,
+        LOGPROB_DROP,
+        MASKED_CONTINUATION,
+        PROB_CHANGE_PCT,
+        STEP,
+        TOKEN,
+        TOKEN_KIND,
+    )
+
     kl = ds[KL].mean(STEP)
     order = kl.sortby(kl, ascending=False)[TOKEN].values[:top]
     print(f"clean continuation: {ds.attrs[ATTR.clean_continuation]!r}")
@@ -243,9 +285,42 @@ def _print_ranking(ds: xr.Dataset, top: int) -> None:
         )
 
 
+def _quiet_transformers(verbose: bool) -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    if not verbose:
+        transformers.utils.logging.set_verbosity_error()
+
+
+def _write_run(ds: xr.Dataset, stem: Path, formats: list[str], args: argparse.Namespace) -> list[Path]:
+    """The run's files as one set: every one of them lands, or (on a failure or an interrupt) none."""
+    from vlmask.results.io import save_results, write_tables
+    from vlmask.viz.report import write_report
+
+    targets = [stem.with_suffix(f".{fmt}") for fmt in dict.fromkeys(["nc", *formats, *(["html"] * args.report)])]
+    try:
+        with output_set() as landed:
+            save_results(ds, stem.with_suffix(".nc"), overwrite=args.overwrite)
+            write_tables(ds, stem, formats, overwrite=args.overwrite)
+            if args.report:
+                write_report(ds, stem.with_suffix(".html"), overwrite=args.overwrite)
+    except VlmaskError as err:
+        before = [str(p) for p in targets if p.exists()]
+        there = f"; {', '.join(before)} from before, untouched" if before else ""
+        raise VlmaskError(f"{err}; no file of this run was written{there}") from None
+    return landed
+
+
 def run(args: argparse.Namespace) -> int:
     stem, formats = _targets(args)
     spec = _spec(args)
+    check_device(args.device)
+    _quiet_transformers(args.verbose)
+    from vlmask.builtin import DEFAULT_MODEL_PATH
+    from vlmask.engine.sweep import sweep
+    from vlmask.model.load import load_model
+
     vl = load_model(
         args.model,
         device=args.device,
@@ -259,26 +334,24 @@ def run(args: argparse.Namespace) -> int:
         card = (DEFAULT_MODEL_PATH / "README.md").read_text().splitlines()[0].lstrip("# ")
         print(f"model: built-in {DEFAULT_MODEL_PATH.name}: {card} (pass --model for a real one)")
     ds = sweep(vl, spec, progress=not args.no_progress)
-    path = save_results(ds, stem.with_suffix(".nc"), overwrite=args.overwrite)
-    written = [path, *write_tables(ds, stem, formats, overwrite=args.overwrite)]
-    if args.report:
-        written.append(write_report(ds, stem.with_suffix(".html"), overwrite=args.overwrite))
-    _print_tokens(ds)
+    _print_tokens(ds, args.tokens)
     _print_ranking(ds, args.top)
-    for out in written:
-        print(f"wrote {out}")
+    written = _write_run(ds, stem, formats, args)
+    try:
+        for out in written:
+            print(f"wrote {out}")
+    except KeyboardInterrupt:
+        print(f"vlmask: interrupted; written: {', '.join(map(str, written))}", file=sys.stderr)
+        return 130
     return 0
-
-
-def _refuse_existing(path: Path, overwrite: bool, flag: str = "-o") -> None:
-    """Refuse an existing output before any work, naming the flags that would change that."""
-    if path.exists() and not overwrite:
-        raise VlmaskError(f"output '{path}' already exists: choose another {flag} or pass --overwrite")
 
 
 def heatmap(args: argparse.Namespace) -> int:
     path = Path(args.output) if args.output else Path(args.result).with_suffix(".png")
-    _refuse_existing(path, args.overwrite)
+    _check_output([path], args.overwrite, "-o")
+    from vlmask.results.io import open_results
+    from vlmask.viz.plot import plot_heatmap
+
     ds = open_results(args.result)
     plot_heatmap(ds, path, args.metric, args.layer, args.step, overwrite=args.overwrite)
     print(f"wrote {path}")
@@ -287,14 +360,20 @@ def heatmap(args: argparse.Namespace) -> int:
 
 def report(args: argparse.Namespace) -> int:
     path = Path(args.output) if args.output else Path(args.result).with_suffix(".html")
-    _refuse_existing(path, args.overwrite)
+    _check_output([path], args.overwrite, "-o")
+    from vlmask.results.io import open_results
+    from vlmask.viz.report import write_report
+
     write_report(open_results(args.result), path, overwrite=args.overwrite)
     print(f"wrote {path}")
     return 0
 
 
 def compare(args: argparse.Namespace) -> int:
-    _refuse_existing(Path(args.output), args.overwrite)
+    _check_output([Path(args.output)], args.overwrite, "-o")
+    from vlmask.results.io import open_results
+    from vlmask.viz.compare import write_compare
+
     a, b = open_results(args.a), open_results(args.b)
     names = (Path(args.a).stem, Path(args.b).stem)
     if names[0] == names[1]:
@@ -306,6 +385,7 @@ def compare(args: argparse.Namespace) -> int:
 
 def batch(args: argparse.Namespace) -> int:
     """Exit status 1 if any item failed (each failure is printed with its error), else 0."""
+    from vlmask.batch.run import Outcome, parse_shard, run_batch
 
     def show(outcome: Outcome) -> None:
         if outcome.status == "failed":
@@ -318,7 +398,10 @@ def batch(args: argparse.Namespace) -> int:
         shard = parse_shard(args.shard)
     except VlmaskError as err:
         raise VlmaskError(f"--shard: {err}") from None
-    outcomes = run_batch(args.config, args.output_dir, shard=shard, progress=not args.no_progress, report=show)
+    _quiet_transformers(args.verbose)
+    outcomes = run_batch(
+        args.config, args.output_dir, shard=shard, progress=not args.no_progress, report=show, overwrite=args.overwrite
+    )
     counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "skipped", "failed")}
     print(
         f"shard {args.shard}: {len(outcomes)} items, {counts['done']} done, {counts['skipped']} up to date,"
@@ -329,9 +412,11 @@ def batch(args: argparse.Namespace) -> int:
 
 def summary(args: argparse.Namespace) -> int:
     out = Path(args.output)
-    _refuse_existing(out, args.overwrite)
-    if args.png:
-        _refuse_existing(Path(args.png), args.overwrite, "--png")
+    _check_output([out, *([Path(args.png)] if args.png else [])], args.overwrite, "-o")
+    from vlmask.batch.summary import summarize
+    from vlmask.results.io import atomic_write
+    from vlmask.viz.summary_plot import plot_summary, summary_figure
+
     result = summarize(args.results, args.by, step=args.step, resamples=args.resamples, seed=args.seed)
     if args.png:
         summary_figure(result, args.metric)  # a bad --metric fails before any file is written
@@ -351,12 +436,9 @@ def _with_flag(err: VlmaskError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vlmask`` command."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    transformers.utils.logging.disable_progress_bar()
-    if not args.verbose:
-        transformers.utils.logging.set_verbosity_error()
     try:
+        args = _parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
         commands = {
             "run": run,
             "heatmap": heatmap,

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from interventions import Intervention
-from interventions import from_dict as intervention_from_dict
 from interventions._common import ints, one_int
 from vlmask.errors import VlmaskError
 from vlmask.inputs.media import read_image
@@ -30,6 +29,9 @@ from vlmask.inputs.prompt import CHAT_TEMPLATE_MODES
 from vlmask.inputs.selection import check_indices
 from vlmask.inputs.units import UNITS, parse_unit
 from vlmask.inputs.video import check_fps, read_video
+
+if TYPE_CHECKING:  # torch is imported by the first intervention used, not by the CLI's option parsing
+    from interventions import Intervention
 
 VISION_ATTENTION = ("native", "bidirectional")
 MASK_WORDS = ("text", "prompt", "vision", "all")
@@ -118,6 +120,11 @@ def _text(name: str, value: Any) -> str:
         raise VlmaskError(f"{name} must be text, got {value!r}")
     if not value.strip():
         raise VlmaskError(f"the {name} is empty: give it some text")
+    if "\0" in value:
+        raise VlmaskError(
+            f"the {name} holds a NUL character (at {value.index(chr(0))}): the result file could not record it;"
+            " remove it"
+        )
     return value
 
 
@@ -143,6 +150,8 @@ def _count_or_none(name: str, value: Any) -> int | None:
 def _fps(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise VlmaskError(f"{name} must be a number of frames per second, got {value!r}")
+    if not math.isfinite(value):
+        raise VlmaskError(f"video fps must be a finite number of frames per second, got {value}")
     check_fps(value)
     return float(value)
 
@@ -174,8 +183,10 @@ def _unit(name: str, value: Any) -> str:
 
 
 def _intervention(value: Any) -> Any:
+    from interventions import Intervention, from_dict
+
     if isinstance(value, Mapping):
-        return intervention_from_dict(dict(value))
+        return from_dict(dict(value))
     if not isinstance(value, Intervention):
         raise VlmaskError(
             f"{value!r} is not an intervention: pass BlockKeys, BlockEdges, AblateHeads, ... (subclasses of"
@@ -187,6 +198,8 @@ def _intervention(value: Any) -> Any:
 def _over(name: str, value: Any) -> tuple[Any, ...] | None:
     if value is None:
         return None
+    from interventions import Intervention
+
     values = [value] if isinstance(value, (Mapping, Intervention)) else value
     if not isinstance(values, (list, tuple)) or not values:
         raise VlmaskError(f"over must be a non-empty list of interventions to knock out one by one, got {value!r}")

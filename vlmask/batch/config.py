@@ -13,7 +13,9 @@
 
 A bare list of items is accepted too. Paths (images, video directories, a model directory)
 are relative to the configuration file. Every problem is reported at once, each with the
-line it is on.
+line it is on. A file is read as plain data: tags that would make objects (``!!python/...``)
+are refused, and so is a file over :data:`MAX_BYTES` or one whose aliases expand to more
+than :data:`MAX_VALUES` values (a "billion laughs"), before any of it is used.
 """
 
 from __future__ import annotations
@@ -30,8 +32,7 @@ import yaml
 
 from vlmask.errors import VlmaskError
 from vlmask.inputs.video import video_hash
-from vlmask.model.attention import MASK_FORMATS
-from vlmask.model.load import DTYPES
+from vlmask.model.names import DTYPE_NAMES, MASK_FORMATS, check_device
 from vlmask.results.dataset import SCHEMA_VERSION
 from vlmask.spec import SweepSpec
 
@@ -42,6 +43,12 @@ SWEEP_KEYS = tuple(k for f in dataclasses.fields(SweepSpec) for k in (f.metadata
 ITEM_KEYS = ("name", *SWEEP_KEYS, *MODEL_KEYS)
 TOP_KEYS = ("items", "defaults", "output_dir")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MAX_BYTES = 2**20
+"""The largest batch file read (1 MiB)."""
+MAX_VALUES = 100_000
+"""The most values (scalars, lists, mappings) a batch file may hold once its aliases are expanded."""
+PLAIN_TAGS = frozenset(tag for tag in yaml.SafeLoader.yaml_constructors if tag is not None)
+"""The YAML tags of plain data (text, numbers, booleans, null, lists, mappings, dates)."""
 
 
 @dataclass(frozen=True)
@@ -94,12 +101,14 @@ def _model_option(key: str, value: Any, base_dir: Path) -> Any:
     if key in ("model", "device"):
         if not isinstance(value, str) or not value.strip():
             raise VlmaskError(f"{key} must be non-empty text, got {value!r}")
+        if key == "device":
+            return check_device(value)
         if key == "model" and (base_dir / value).exists():
             return str((base_dir / value).resolve())
         if key == "model" and value.startswith(("/", "./", "../", "~")):
             raise VlmaskError(f"model directory '{base_dir / value}' does not exist")
         return value
-    choices = {"dtype": tuple(sorted(DTYPES)), "attn_implementation": tuple(MASK_FORMATS)}[key]
+    choices = {"dtype": tuple(sorted(DTYPE_NAMES)), "attn_implementation": tuple(MASK_FORMATS)}[key]
     if value not in choices:
         raise VlmaskError(f"{key} {value!r} is not known: expected one of {', '.join(choices)}")
     return value
@@ -222,6 +231,51 @@ def _duplicates(items: yaml.SequenceNode, problems: _Problems) -> None:
             seen.setdefault(name.value, node.start_mark.line + 1)
 
 
+def _check_nodes(root: yaml.Node, problems: _Problems) -> None:
+    """Record each tag that is not plain data, and refuse aliases that expand past :data:`MAX_VALUES`."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = MAX_VALUES + 1  # while counting: a node that holds itself counts as too many
+        if node.tag not in PLAIN_TAGS:
+            shown = node.tag.replace("tag:yaml.org,2002:", "!!")
+            problems.add(node, f"tag {shown!r} is not allowed: a batch file holds plain values (text, numbers, lists)")
+        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value
+        total = 1
+        if isinstance(node, yaml.CollectionNode):
+            for child in children:
+                total += size(child)
+                if total > MAX_VALUES:
+                    break
+        sizes[id(node)] = total
+        return total
+
+    if size(root) > MAX_VALUES:
+        problems.add(
+            None, f"the file holds more than {MAX_VALUES} values once its aliases (*name) are expanded: refused"
+        )
+
+
+def _compose(path: Path) -> yaml.Node | None:
+    """The file's YAML node tree (aliases shared, nothing constructed), its syntax errors told at their line."""
+    size = path.stat().st_size
+    if size > MAX_BYTES:
+        raise VlmaskError(f"batch configuration '{path}' is {size} bytes: at most {MAX_BYTES} (1 MiB) are read")
+    try:
+        with path.open(encoding="utf-8") as stream:
+            return yaml.compose(stream)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        why = " ".join(f"{err.context or ''} {err.problem}".split())
+        raise VlmaskError(f"{where}: not valid YAML: {why}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
+        why = "it nests too deeply" if isinstance(err, RecursionError) else " ".join(str(err).split())
+        raise VlmaskError(f"'{path}' is not valid YAML: {why}") from None
+
+
 def read_config(path: str | Path) -> Config:
     """Parse and validate a batch configuration; every problem is reported at once, with its line.
 
@@ -234,11 +288,11 @@ def read_config(path: str | Path) -> Config:
     path = Path(path)
     if not path.is_file():
         raise VlmaskError(f"batch configuration '{path}' does not exist")
-    try:
-        root = yaml.compose(path.read_text())
-    except yaml.YAMLError as err:
-        raise VlmaskError(f"'{path}' is not valid YAML: {' '.join(str(err).split())}") from None
+    root = _compose(path)
     problems = _Problems(path)
+    if root is not None:
+        _check_nodes(root, problems)
+        problems.raise_if_any()
     items_node, defaults, output_dir = root, {}, None
     if isinstance(root, yaml.MappingNode):
         top = _pairs(root)

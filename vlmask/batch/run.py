@@ -1,8 +1,11 @@
 """Batch runs: many sweeps from one YAML file, one result file each, resumable and shardable.
 
 - Each item writes ``OUTPUT_DIR/<name>.nc``, with its settings and their hash in the attributes
-  (``batch_name``, ``batch_item``, ``batch_config_hash``).
+  (``batch_name``, ``batch_item``, ``batch_config_hash``) and the configuration file it came
+  from (``batch_config``, its absolute path).
 - Rerunning skips every item whose file exists with the same hash; a changed item is rerun.
+  A file of an item's name that this configuration did not write (a ``vlmask run`` result,
+  another batch's) is left alone: that item fails, unless ``overwrite``.
 - An item that fails is reported with its error; the others still run.
 - ``shard=(i, n)`` runs the items whose index in the file is ``i`` modulo ``n``.
 - Each distinct model (model, dtype, device, attention implementation) is loaded once.
@@ -25,7 +28,7 @@ from vlmask.batch.config import Config, Item, read_config
 from vlmask.engine.sweep import sweep
 from vlmask.errors import VlmaskError
 from vlmask.model.load import VLModel, load_model
-from vlmask.results.io import save_results
+from vlmask.results.io import check_destination, save_results
 
 log = logging.getLogger(__name__)
 
@@ -72,25 +75,63 @@ def shard_items(items: Sequence[Item], shard: tuple[int, int]) -> list[Item]:
     return [item for item in items if item.index % n == i]
 
 
-def up_to_date(path: Path, config_hash: str) -> bool:
-    """Whether ``path`` holds a result made from settings with ``config_hash``."""
+def provenance(path: Path) -> dict[str, str]:
+    """The batch attributes of the result at ``path`` (``batch_config``, ``batch_config_hash``, ...), {} if none."""
     if not path.exists():
-        return False
+        return {}
     try:
         with xr.open_dataset(path, engine="netcdf4") as ds:
-            return ds.attrs.get("batch_config_hash") == config_hash
+            return {k: str(v) for k, v in ds.attrs.items() if k.startswith("batch_")}
     except (OSError, ValueError):
-        return False
+        return {}
 
 
-def _run_item(vl: VLModel, item: Item, path: Path, progress: bool) -> None:
+def up_to_date(path: Path, config_hash: str) -> bool:
+    """Whether ``path`` holds a result made from settings with ``config_hash``."""
+    return provenance(path).get("batch_config_hash") == config_hash
+
+
+def _not_ours(path: Path, item: Item, config: Path) -> str | None:
+    """Why the existing file ``path`` may not be replaced by ``item`` of ``config`` (None if it may)."""
+    if not path.exists():
+        return None
+    made = provenance(path)
+    if made.get("batch_config") == str(config) and made.get("batch_name") == item.name:
+        return None
+    origin = f"the batch {made['batch_config']}" if "batch_config" in made else "a batch"
+    return (
+        f"'{path}' exists and was written by {origin if made else 'something else (not a batch)'}, not by this"
+        " item: pass --overwrite (overwrite=True) to replace it, or rename the item"
+    )
+
+
+def _run_item(vl: VLModel, item: Item, path: Path, config: Path, progress: bool) -> None:
     ds = sweep(vl, item.spec, progress=progress)
     ds.attrs.update(
+        batch_config=str(config),
         batch_name=item.name,
         batch_item=json.dumps(item.settings, sort_keys=True),
         batch_config_hash=item.config_hash,
     )
     save_results(ds, path, overwrite=True)
+
+
+def _groups(
+    cfg: Config, shard: tuple[int, int], out_dir: Path, overwrite: bool, record: Callable[[Item, Outcome], None]
+) -> dict[tuple, list[Item]]:
+    """The shard's items to run, by model; up-to-date ones are recorded as skipped, others' files as failed."""
+    items = shard_items(cfg.items, shard)
+    check_destination([out_dir / f"{item.name}.nc" for item in items], overwrite=True)
+    groups: dict[tuple, list[Item]] = {}
+    for item in items:
+        path = out_dir / f"{item.name}.nc"
+        if up_to_date(path, item.config_hash):
+            record(item, Outcome(item.name, "skipped", path))
+        elif (why := None if overwrite else _not_ours(path, item, cfg.path.resolve())) is not None:
+            record(item, Outcome(item.name, "failed", path, why, line=item.line))
+        else:
+            groups.setdefault(item.model, []).append(item)
+    return groups
 
 
 def run_batch(
@@ -101,12 +142,16 @@ def run_batch(
     progress: bool = False,
     load: Callable[..., Any] | None = None,
     report: Callable[[Outcome], None] | None = None,
+    overwrite: bool = False,
 ) -> list[Outcome]:
     """Run the items of a batch configuration (or of one shard of it) and return what happened to each.
 
     The configuration is validated as a whole first (:class:`VlmaskError` listing every
     problem). ``output_dir`` wins over the file's ``output_dir``, which wins over
     ``output``. ``report`` is called as each item finishes; ``load`` defaults to ``load_model``.
+    An item whose file exists but was not written by this configuration fails (the file is
+    kept) unless ``overwrite``; an output folder that cannot take files is refused before
+    any model loads.
 
     Example:
         >>> import pathlib, tempfile
@@ -127,14 +172,7 @@ def run_batch(
         if report is not None:
             report(outcome)
 
-    groups: dict[tuple, list[Item]] = {}
-    for item in shard_items(cfg.items, shard):
-        path = out_dir / f"{item.name}.nc"
-        if up_to_date(path, item.config_hash):
-            record(item, Outcome(item.name, "skipped", path))
-        else:
-            groups.setdefault(item.model, []).append(item)
-    for model, items in groups.items():
+    for model, items in _groups(cfg, shard, out_dir, overwrite, record).items():
         options = {k: v for k, v in model if v is not None}
         try:
             vl = load(options.pop("model", None), **options)
@@ -145,7 +183,7 @@ def run_batch(
         for item in items:
             path, started = out_dir / f"{item.name}.nc", time.perf_counter()
             try:
-                _run_item(vl, item, path, progress)
+                _run_item(vl, item, path, cfg.path.resolve(), progress)
             except Exception as err:  # one item's failure must not stop the others
                 log.debug("item %s failed", item.name, exc_info=True)
                 record(item, Outcome(item.name, "failed", path, _describe(err), line=item.line))

@@ -16,6 +16,7 @@ import xarray as xr
 
 from interventions import Intervention, ModelShape, compose
 from vlmask.engine.backend import Backend
+from vlmask.engine.budget import announce, check_length
 from vlmask.engine.knockouts import Knockouts, knockouts_of
 from vlmask.engine.labels import sweep_record
 from vlmask.engine.passes import NOTHING, PromptPasses
@@ -113,8 +114,10 @@ def sweep(
     built = build_prompt(
         vl.processor, spec.prompt, list(spec.images), spec.chat_template, list(spec.videos), spec.video_fps
     )
-    base, knockouts = _interventions(vl, built, spec)
     prompt_ids = built.inputs["input_ids"]
+    check_length(vl, prompt_ids.shape[1], spec.num_tokens)
+    base, knockouts = _interventions(vl, built, spec)
+    announce(vl, built.inputs, knockouts.values, spec.num_tokens)
     passes = PromptPasses.of(vl, built, prompt_ids.shape[1] + spec.num_tokens - 1, spec.vision_attention, backend)
     measured = passes.measure(
         prompt_ids,

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from vlmask.errors import VlmaskError
 from vlmask.inputs.grid import Grid, Layout, coordinates
 from vlmask.inputs.layout import layout_of
 from vlmask.inputs.media import ImageFile, read_image
 from vlmask.inputs.video import VideoFile, read_video, video_kwargs
+
+if TYPE_CHECKING:  # annotations only: the command line reads CHAT_TEMPLATE_MODES without torch
+    import torch
 
 CHAT_TEMPLATE_MODES = ("auto", "on", "off")
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from vlmask.errors import VlmaskError
-
-MASK_FORMATS = {"sdpa": "boolean (True = may attend)", "eager": "additive float (0 or the dtype's minimum)"}
+from vlmask.model.names import MASK_FORMATS
 
 
 def check_attention_implementation(name: str) -> None:

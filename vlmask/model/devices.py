@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from vlmask.errors import VlmaskError
+from vlmask.model.names import DEVICE_MAPS
 
 
 def execution_device(module: Any, model: Any) -> torch.device:
@@ -23,10 +24,6 @@ def execution_device(module: Any, model: Any) -> torch.device:
         if param.device.type != "meta":
             return param.device
     return next(model.parameters()).device
-
-
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-"""The device-map strategies of accelerate / transformers; a JSON file maps module names to devices instead."""
 
 
 def device_map_of(value: str | dict[str, Any]) -> str | dict[str, Any]:

@@ -18,10 +18,11 @@ from vlmask.errors import VlmaskError
 from vlmask.model.attention import check_attention_implementation
 from vlmask.model.devices import device_map_of, execution_device, max_memory_of
 from vlmask.model.families import Family, family_of
+from vlmask.model.names import DTYPE_NAMES
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass

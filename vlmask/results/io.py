@@ -1,58 +1,184 @@
-"""Result files: netCDF written atomically, read back, and long-form tables (CSV, JSON)."""
+"""Result files: netCDF written atomically, read back, and long-form tables (CSV, JSON).
+
+Every file is written to a hidden temporary file beside it, then renamed. Inside
+:func:`output_set`, the renames wait until the block ends, so that the files of one run land
+together or not at all. A write that fails (a full disk, a read-only filesystem) is a
+:class:`VlmaskError` naming the file and the cause. Importing this module loads neither
+xarray nor pandas: the command line reads :data:`FORMATS` while parsing its options.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import errno
 import os
+import re
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
-import xarray as xr
+from typing import TYPE_CHECKING, Any
 
 from vlmask.errors import VlmaskError
-from vlmask.results.metrics import LOGIT_METRICS
-from vlmask.results.schema import (
-    HEAD,
-    INTERVENTION,
-    INTERVENTION_TYPE,
-    LAYER,
-    METRIC,
-    METRIC_VARIABLES,
-    STEP,
-    STEP_TOKEN,
-    TOKEN,
-    TOKEN_KIND,
-    TOKEN_TEXT,
-    WINDOW,
-    WINDOW_END,
-    WINDOW_START,
-)
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import xarray as xr
 
 FORMATS = ("nc", "csv", "json")
+
+
+@dataclass
+class _Pending:
+    """The files of one :func:`output_set`: written temporaries waiting to be renamed, and folders it made."""
+
+    renames: list[tuple[Path, Path]] = field(default_factory=list)
+    folders: list[Path] = field(default_factory=list)
+
+
+_PENDING: contextvars.ContextVar[_Pending | None] = contextvars.ContextVar("vlmask_output_set", default=None)
+
+
+def _stale_temporaries(path: Path) -> list[Path]:
+    """Empty hidden temporaries of ``path``'s stem (``.run.nc.k2j4x8_a.tmp``) left by a killed writer."""
+    pattern = re.compile(rf"\.{re.escape(path.stem)}\.[A-Za-z0-9]+\.[A-Za-z0-9_]{{8}}\.tmp")
+    if not path.parent.is_dir():
+        return []
+    found = [p for p in path.parent.iterdir() if pattern.fullmatch(p.name)]
+    return [p for p in found if p.is_file() and p.stat().st_size == 0]
+
+
+def _make_folder(folder: Path) -> None:
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    pending = _PENDING.get()
+    if pending is not None:
+        pending.folders.extend(missing)  # deepest first: removed in this order if the set fails
+
+
+def _cause(err: BaseException, folder: Path) -> str:
+    """What went wrong in words, with the free space where a full disk is likely."""
+    text = err.strerror if isinstance(err, OSError) and err.strerror else " ".join(str(err).split())
+    full = isinstance(err, RuntimeError) or (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT))
+    if full:
+        with contextlib.suppress(OSError):
+            text += f" ({shutil.disk_usage(folder).free // 1024} KiB free there)"
+    return text
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    """A failure of the disk, not of the program: any OSError, or netCDF's own (``NetCDF: HDF error``)."""
+    return isinstance(err, OSError) or (isinstance(err, RuntimeError) and str(err).startswith("NetCDF:"))
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
 
-    An interrupted or failed write leaves neither a partial ``path`` nor the temporary file.
-    The file gets the permissions a plain ``open`` would give it (``0o666`` less the umask),
-    not the temporary file's private ``0o600``.
+    An interrupted or failed write leaves neither a partial ``path`` nor the temporary file,
+    and a write that fails for the disk's sake raises :class:`VlmaskError` naming ``path`` and
+    the cause. Empty temporaries of the same stem that a killed writer left are removed. The
+    file gets the permissions a plain ``open`` would give it (``0o666`` less the umask), not the
+    temporary file's private ``0o600``. Inside :func:`output_set` the rename waits for the set.
+
+    Example:
+        >>> atomic_write(tmp / "a.txt", lambda t: t.write_text("hi")).read_text()
+        'hi'
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        _make_folder(path.parent)
+        for stale in _stale_temporaries(path):
+            stale.unlink(missing_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise VlmaskError(f"cannot write '{path}': {_cause(err, path.parent)}") from None
     os.close(fd)
-    tmp = Path(name)
-    umask = os.umask(0)
+    tmp, pending, umask = Path(name), _PENDING.get(), os.umask(0)
     os.umask(umask)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
+        if pending is None:
+            os.replace(tmp, path)
+        else:
+            pending.renames.append((tmp, path))
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if _is_write_failure(err):
+            raise VlmaskError(f"cannot write '{path}': {_cause(err, path.parent)}") from None
+        raise
     return path
+
+
+@contextlib.contextmanager
+def output_set() -> Iterator[list[Path]]:
+    """The files written inside land together when the block ends, or none of them does.
+
+    Each :func:`atomic_write` inside (results, tables, pages, pictures) writes its temporary
+    file; at the end all are renamed into place. If anything fails or is interrupted first,
+    every temporary, every file of the set already renamed and every folder made for it are
+    removed. The list it yields holds the files that landed (filled at the end).
+
+    Example:
+        >>> with output_set() as landed:
+        ...     _ = atomic_write(tmp / "x.txt", lambda t: t.write_text("x"))
+        ...     (tmp / "x.txt").exists()  # not yet
+        False
+        >>> [p.name for p in landed], (tmp / "x.txt").read_text()
+        (['x.txt'], 'x')
+    """
+    pending, landed = _Pending(), []
+    token = _PENDING.set(pending)
+    try:
+        yield landed
+        for tmp, path in pending.renames:
+            try:
+                os.replace(tmp, path)
+            except OSError as err:
+                raise VlmaskError(f"cannot write '{path}': {_cause(err, path.parent)}") from None
+            landed.append(path)
+    except BaseException:
+        for path in landed:
+            path.unlink(missing_ok=True)
+        landed.clear()
+        raise
+    finally:
+        _PENDING.reset(token)
+        for tmp, _ in pending.renames:
+            tmp.unlink(missing_ok=True)
+        if not landed:
+            for folder in pending.folders:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only if empty
+
+
+def check_destination(paths: Sequence[Path], overwrite: bool) -> None:
+    """Refuse, before any work, outputs that exist (unless ``overwrite``) or whose folder cannot take files.
+
+    The folder may not exist yet: then the nearest folder above it that does must take a
+    file. Nothing is left behind by the check.
+
+    Example:
+        >>> check_destination([tmp / "new" / "run.nc"], overwrite=False)
+        >>> check_destination([Path("README.md") / "run.nc"], overwrite=False)
+        Traceback (most recent call last):
+        ...
+        vlmask.VlmaskError: output folder 'README.md' is a file, not a folder
+    """
+    for path in paths:
+        refuse_existing(path, overwrite)
+    for folder in dict.fromkeys(path.parent for path in paths):
+        above = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+        if not above.is_dir():
+            where = "" if above == folder else f" (in '{folder}')"
+            raise VlmaskError(f"output folder '{above}'{where} is a file, not a folder")
+        try:
+            fd, name = tempfile.mkstemp(prefix=".vlmask-check.", suffix=".tmp", dir=above)
+        except OSError as err:
+            raise VlmaskError(f"cannot write in output folder '{above}': {_cause(err, above)}") from None
+        os.close(fd)
+        os.unlink(name)
 
 
 def refuse_existing(path: Path, overwrite: bool) -> None:
@@ -86,11 +212,14 @@ def open_results(path: str | Path) -> xr.Dataset:
     """Open a result file written by :func:`save_results` (loaded into memory).
 
     Example:
+        >>> import xarray as xr
         >>> same = open_results(save_results(ds, tmp / "run.nc"))
         >>> xr.testing.assert_identical(same, ds)
         >>> int(same["kl"].sel(step=0).idxmax("token")) in same["token"].values
         True
     """
+    import xarray as xr
+
     path = Path(path)
     if not path.exists():
         raise VlmaskError(f"result file '{path}' does not exist")
@@ -110,10 +239,31 @@ def long_table(ds: xr.Dataset) -> pd.DataFrame:
     ``window, window_start, window_end``.
 
     Example:
+        >>> from vlmask.results.schema import METRIC_VARIABLES
         >>> table = long_table(ds)  # or ds.vlmask.table()
         >>> len(table) == sum(ds[name].size for name in METRIC_VARIABLES)
         True
     """
+    import pandas as pd
+
+    from vlmask.results.metrics import LOGIT_METRICS
+    from vlmask.results.schema import (
+        HEAD,
+        INTERVENTION,
+        INTERVENTION_TYPE,
+        LAYER,
+        METRIC,
+        METRIC_VARIABLES,
+        STEP,
+        STEP_TOKEN,
+        TOKEN,
+        TOKEN_KIND,
+        TOKEN_TEXT,
+        WINDOW,
+        WINDOW_END,
+        WINDOW_START,
+    )
+
     frames = []
     for name in METRIC_VARIABLES:
         da = ds[name].astype(float)
