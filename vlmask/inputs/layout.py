@@ -11,8 +11,6 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from transformers.image_processing_utils import select_best_resolution
-
 from vlmask.inputs.grid import WHOLE, Cell, Extent, Grid, Layout, qwen_layout
 
 
@@ -133,6 +131,8 @@ def anyres_layout(sizes: Sequence[tuple[int, int]], image_processor: Any, side: 
     base = _cropped(WHOLE, *squashed, image_processor.crop_size) if crop else WHOLE
     grids, cells = [], []
     for index, (height, width) in enumerate(sizes):
+        from transformers.image_processing_utils import select_best_resolution  # heavy: only for LLaVA-NeXT
+
         canvas = tuple(select_best_resolution((height, width), image_processor.image_grid_pinpoints))
         across = canvas[1] // side[1]
         extents = [base, *_tile_extents(height, width, canvas, side[0])]
