@@ -14,6 +14,7 @@ from pathlib import Path
 import transformers
 import xarray as xr
 
+from vlmask.batch.cluster import run_batch_on_cluster
 from vlmask.batch.run import Outcome, parse_shard, run_batch
 from vlmask.batch.summary import GROUPINGS, summarize
 from vlmask.builtin import DEFAULT_MODEL_PATH
@@ -147,7 +148,13 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     many = commands.add_parser("batch", help="run the sweeps listed in a YAML file, one result each (resumable)")
     many.add_argument("config", help="YAML file of items: name, prompt, image(s), mask, num_tokens, model, ...")
-    many.add_argument("--shard", default="0/1", help="run shard i of n: the items whose index %% n == i (like 0/4)")
+    many.add_argument(
+        "--shard",
+        default="0/1",
+        help="run shard i of n: the items whose index %% n == i (like 0/4); auto: this Slurm array task's",
+    )
+    many.add_argument("--scheduler", help="run the items on the Dask cluster at this address (tcp://host:8786)")
+    many.add_argument("--workers", type=int, help="run the items on a local Dask cluster of this many processes")
     many.add_argument("--output-dir", help="where NAME.nc are written (default: the file's output_dir, else output)")
     many.add_argument("--no-progress", action="store_true", help="no progress bar")
     many.add_argument("-v", "--verbose", action="store_true", help="log what happens")
@@ -318,7 +325,18 @@ def batch(args: argparse.Namespace) -> int:
         shard = parse_shard(args.shard)
     except VlmaskError as err:
         raise VlmaskError(f"--shard: {err}") from None
-    outcomes = run_batch(args.config, args.output_dir, shard=shard, progress=not args.no_progress, report=show)
+    if args.scheduler is not None or args.workers is not None:
+        outcomes = run_batch_on_cluster(
+            args.config,
+            args.output_dir,
+            scheduler=args.scheduler,
+            workers=args.workers,
+            shard=shard,
+            progress=not args.no_progress,
+            report=show,
+        )
+    else:
+        outcomes = run_batch(args.config, args.output_dir, shard=shard, progress=not args.no_progress, report=show)
     counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "skipped", "failed")}
     print(
         f"shard {args.shard}: {len(outcomes)} items, {counts['done']} done, {counts['skipped']} up to date,"
