@@ -137,7 +137,13 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     many = commands.add_parser("batch", help="run the sweeps listed in a YAML file, one result each (resumable)")
     many.add_argument("config", help="YAML file of items: name, prompt, image(s), mask, num_tokens, model, ...")
-    many.add_argument("--shard", default="0/1", help="run shard i of n: the items whose index %% n == i (like 0/4)")
+    many.add_argument(
+        "--shard",
+        default="0/1",
+        help="run shard i of n: the items whose index %% n == i (like 0/4); auto: this Slurm array task's",
+    )
+    many.add_argument("--scheduler", help="run the items on the Dask cluster at this address (tcp://host:8786)")
+    many.add_argument("--workers", type=int, help="run the items on a local Dask cluster of this many processes")
     many.add_argument("--output-dir", help="where NAME.nc are written (default: the file's output_dir, else output)")
     many.add_argument("--overwrite", action="store_true", help="also replace NAME.nc files this batch did not write")
     many.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -399,9 +405,14 @@ def batch(args: argparse.Namespace) -> int:
     except VlmaskError as err:
         raise VlmaskError(f"--shard: {err}") from None
     _quiet_transformers(args.verbose)
-    outcomes = run_batch(
-        args.config, args.output_dir, shard=shard, progress=not args.no_progress, report=show, overwrite=args.overwrite
-    )
+    common = dict(shard=shard, progress=not args.no_progress, report=show, overwrite=args.overwrite)
+    if args.scheduler is not None or args.workers is not None:
+        from vlmask.batch.cluster import run_batch_on_cluster
+
+        cluster = dict(scheduler=args.scheduler, workers=args.workers)
+        outcomes = run_batch_on_cluster(args.config, args.output_dir, **cluster, **common)
+    else:
+        outcomes = run_batch(args.config, args.output_dir, **common)
     counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "skipped", "failed")}
     print(
         f"shard {args.shard}: {len(outcomes)} items, {counts['done']} done, {counts['skipped']} up to date,"

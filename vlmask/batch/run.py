@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,17 +50,21 @@ class Outcome:
 PROMPT = "prompt"  # the dimension of open_batch's view: one entry per result
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """``(i, n)`` from ``"i/n"``, with ``0 <= i < n``.
+def parse_shard(text: str, env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """``(i, n)`` from ``"i/n"``, with ``0 <= i < n``; ``"auto"`` reads a Slurm job array's task id and count.
 
     Example:
         >>> parse_shard("1/3")
         (1, 3)
+        >>> parse_shard("auto", {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "8"})
+        (4, 8)
         >>> parse_shard("3/3")
         Traceback (most recent call last):
         ...
         vlmask.VlmaskError: shard '3/3' is not understood: write i/n with 0 <= i < n, like 0/4
     """
+    if text == "auto":
+        return _slurm_shard(os.environ if env is None else env)
     try:
         i, n = (int(part) for part in text.split("/"))
     except ValueError:
@@ -67,6 +72,25 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not 0 <= i < n:
         raise VlmaskError(f"shard {text!r} is not understood: write i/n with 0 <= i < n, like 0/4")
     return i, n
+
+
+def _slurm_shard(env: Mapping[str, str]) -> tuple[int, int]:
+    """This task's shard of a Slurm job array (``sbatch --array=0-7``): ids counted from the array's first."""
+    names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")
+    if any(name not in env for name in names):
+        raise VlmaskError(
+            "shard 'auto' reads SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT, which are not set: run it as a task of "
+            "a Slurm job array (sbatch --array=0-N) or give i/n"
+        )
+    try:
+        task, count = int(env[names[0]]), int(env[names[1]])
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+    except ValueError:
+        raise VlmaskError(f"Slurm array variables are not whole numbers: {[env.get(n) for n in names]}") from None
+    i = task - first
+    if not 0 <= i < count:
+        raise VlmaskError(f"Slurm task {task} is outside its array of {count} tasks starting at {first}")
+    return i, count
 
 
 def shard_items(items: Sequence[Item], shard: tuple[int, int]) -> list[Item]:
