@@ -397,20 +397,23 @@ def relative_paths(ds: xr.Dataset, path: str | Path) -> dict[str, str]:
 def check_result(ds: xr.Dataset, *variables: str) -> None:
     """Refuse a Dataset that is not a vlmask result, or lacks one of ``variables``, saying which.
 
+    A result is known by its ``schema_version`` attribute or, failing that, by any of the metric variables.
+
     Example:
-        >>> check_result(xr.Dataset({"t": ("x", [1.0])}))
+        >>> check_result(xr.Dataset({"t": ("x", [1.0])}))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        vlmask.VlmaskError: this is not a vlmask result: it has no 'schema_version' attribute (variables: t)
+        vlmask.VlmaskError: this is not a vlmask result: it has none of its variables (residual, heads, kl, ...) ...
         >>> check_result(ds[["kl"]].assign_attrs(ds.attrs), "logprob_drop")
         Traceback (most recent call last):
         ...
         vlmask.VlmaskError: this is not a complete vlmask result: it has no 'logprob_drop' variable (it has: kl)
     """
     shown = ", ".join(map(str, list(ds.data_vars)[:8])) or "none"
-    if ATTR.schema_version not in ds.attrs:
+    if ATTR.schema_version not in ds.attrs and not set(METRIC_VARIABLES) & set(ds.data_vars):
         raise VlmaskError(
-            f"this is not a vlmask result: it has no {ATTR.schema_version!r} attribute (variables: {shown})"
+            f"this is not a vlmask result: it has none of its variables ({', '.join(METRIC_VARIABLES[:3])}, ...)"
+            f" nor a {ATTR.schema_version!r} attribute (variables: {shown})"
         )
     for name in variables:
         if name not in ds.data_vars:

@@ -58,4 +58,4 @@ def locate(ds: xr.Dataset, f: RecordedFile, what: str) -> tuple[Path | None, str
             f"{what} '{where}' has changed since the sweep (SHA-256 {actual[:12]}..., recorded {f.sha256[:12]}...)"
         )
     tried = ", ".join(f"'{p}'" for p in f.candidates(result_file(ds)))
-    return None, f"{what} '{f.path}' recorded in the result does not exist (looked at {tried})"
+    return None, f"{what} '{f.path}' recorded in the result does not exist or is not readable here (looked at {tried})"
