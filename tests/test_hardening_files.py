@@ -110,9 +110,9 @@ class Case:
     name: str
     prepare: Callable[[Path, Path], list[str]]
     status: int
-    words: tuple[str, ...]  # in stderr (one line when status is 2)
+    words: tuple[str, ...]  # in stderr or the log (stderr is one line when status is 2)
     files: set[str]  # what the output folder ``folder/out`` holds afterwards
-    absent: tuple[str, ...] = ()  # never in stderr
+    absent: tuple[str, ...] = ()  # in neither
 
 
 def _moved_together(folder: Path, saved: Path) -> list[str]:
@@ -193,7 +193,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_case(case: Case, saved: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_case(case: Case, saved: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, caplog) -> None:
     saved_copy = tmp_path / "saved"
     shutil.copytree(saved, saved_copy)  # cases may move its files
     argv = case.prepare(tmp_path, saved_copy)
@@ -202,11 +202,12 @@ def test_case(case: Case, saved: Path, tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.chdir(elsewhere)  # never the folder the sweep ran in
     status = main(argv)
     err = capsys.readouterr().err
+    said = err + caplog.text  # under pytest, log lines (the CLI's stderr) reach caplog instead
     assert status == case.status, err
     for word in case.words:
-        assert word in err, (word, err)
+        assert word in said, (word, said)
     for word in case.absent:
-        assert word not in err, (word, err)
+        assert word not in said, (word, said)
     if case.status == 2:
         assert len(err.strip().splitlines()) == 1 and err.startswith("vlmask: error: "), err
     assert files_in(tmp_path / "out") == case.files
@@ -296,4 +297,28 @@ def test_text_only_report_has_no_stray_null(tmp_path: Path) -> None:
     ds = vlmask.sweep(vlmask.load_model(), "what is in this image ?", num_tokens=1, progress=False)
     page = open_page(ds.vlmask.report(tmp_path / "t.html"))
     assert page.body["data-status"] == "ok" and page.console == []
-    assert "</section>null" not in page.dom and ">null<" not in page.dom
+    between = page.dom.split("<h2>Selected token</h2>")[1].split("<h2>Continuations</h2>")[0]
+    assert "</section>null<section>" not in between and "</section><section>" in between
+
+
+@needs_chromium
+def test_a_large_report_is_readable_despite_an_outlier(tmp_path: Path) -> None:
+    from tests.test_report import synthetic
+
+    ds = synthetic(tokens=969, layers=4, heads=4, grid=(10, 10))
+    ds["residual"][0, 5, 2, 0] = 1e4  # one outlier among values in [0, 1)
+    ds.attrs["prompt"] = "describe " * 120  # 1080 characters
+    path = ds.vlmask.report(tmp_path / "large.html")
+    views = {scale: open_page(path, f"metric=residual:l2&scale={scale}") for scale in ("clip", "linear", "log")}
+    for scale, page in views.items():
+        assert page.body["data-status"] == "ok" and page.console == [], scale
+        assert page.one("canvas", id="heatmap")["data-scale"] == scale
+    default = open_page(path, "metric=residual:l2").one("canvas", id="heatmap")
+    assert default["data-scale"] == "clip" and float(default["data-max"]) < 1.0  # the outlier does not set it
+    assert float(views["linear"].one("canvas", id="heatmap")["data-max"]) == 1e4
+    heat = views["clip"].one("canvas", id="heatmap")
+    assert int(heat["data-cell-h"]) >= 12 and int(heat["data-label-w"]) > 0  # labelled rows that can be read
+    assert int(heat["height"]) >= 969 * 12 and int(heat["width"]) >= 4 * 64  # the map grew with the result
+    page = views["clip"]
+    assert page.one("q", id="prompt")["_text"] == ds.attrs["prompt"]  # all of it, inside the collapsed box
+    assert page.one("details", id="prompt-box") and len(page.one("q", id="prompt-start")["_text"]) < 300
