@@ -28,7 +28,8 @@ from vlmask.builtin import make_processor
 from vlmask.cli import main
 from vlmask.inputs.media import MAX_PIXELS, ORIENTATION_TAG, read_image
 from vlmask.inputs.prompt import build_prompt
-from vlmask.results.schema import CF_METADATA, recorded_media
+from vlmask.results.cf import CF_METADATA
+from vlmask.results.schema import recorded_media
 from vlmask.viz.heatmap import heatmap
 from vlmask.viz.plot import panel_pictures
 from vlmask.viz.report import report_data

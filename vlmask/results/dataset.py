@@ -19,12 +19,11 @@ import xarray as xr
 
 from vlmask.inputs.grid import Grid
 from vlmask.inputs.prompt import TokenTable
+from vlmask.results.cf import CF_METADATA, CONVENTIONS
 from vlmask.results.metrics import LOGIT_METRICS, VECTOR_METRICS
 from vlmask.results.schema import (
     ATTR,
-    CF_METADATA,
     CLEAN_TOP_LOGPROB,
-    CONVENTIONS,
     DESCRIPTIONS,
     HEAD,
     HEADS,
