@@ -163,7 +163,7 @@ def test_pictures_are_embedded_only_when_the_hash_matches(with_image, images):
     changed.attrs["image_sha256"] = json.dumps(["0" * 64])
     [panel] = picture_panels(changed)
     assert panel["src"] is None and "has changed since the sweep" in panel["note"]
-    changed.attrs["image_files"] = json.dumps(["/no/such/picture.png"])
+    changed.attrs["image_files"] = changed.attrs["image_files_absolute"] = json.dumps(["/no/such/picture.png"])
     assert "is not readable here" in picture_panels(changed)[0]["note"]
 
 

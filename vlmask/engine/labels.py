@@ -7,6 +7,7 @@ sees strings, numbers and tensors.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from vlmask.engine.knockouts import Knockouts
@@ -35,7 +36,21 @@ def model_labels(vl: VLModel) -> ModelLabels:
         dtype=str(vl.dtype).removeprefix("torch."),
         device=_placement(vl),
         video_frames_per_group=int(getattr(video, "temporal_patch_size", 0)),
+        path=_model_path(vl.name),
     )
+
+
+def _model_path(name: str) -> str:
+    """Where model ``name`` (a directory or hub id) was loaded from: its absolute directory or hub cache snapshot."""
+    if Path(name).is_dir():
+        return str(Path(name).resolve())
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a valid hub id
+        return ""
+    return str(Path(found).parent) if isinstance(found, str) else ""
 
 
 def sweep_record(
@@ -51,7 +66,7 @@ def sweep_record(
         return tokenizer.decode(ids, skip_special_tokens=False)
 
     media = RecordedMedia(
-        images=tuple(RecordedFile(f.path, f.sha256) for f in built.images),
+        images=tuple(RecordedFile(f.path, f.sha256, orientation=f.orientation) for f in built.images),
         videos=tuple(RecordedFile(v.path, v.sha256, tuple(v.frame_names)) for v in built.videos),
         fps=float(video_fps),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -9,11 +10,13 @@ from typing import TYPE_CHECKING, Any
 from vlmask.errors import VlmaskError
 from vlmask.inputs.grid import Grid, Layout, coordinates
 from vlmask.inputs.layout import layout_of
-from vlmask.inputs.media import ImageFile, read_image
+from vlmask.inputs.media import ImageFile, processor_pixel_cap, read_image
 from vlmask.inputs.video import VideoFile, read_video, video_kwargs
 
 if TYPE_CHECKING:  # annotations only: the command line reads CHAT_TEMPLATE_MODES without torch
     import torch
+
+log = logging.getLogger(__name__)
 
 CHAT_TEMPLATE_MODES = ("auto", "on", "off")
 
@@ -181,7 +184,11 @@ def build_prompt(
             f"this model reads text only, but {len(images)} image(s) and {len(videos)} video(s) were given: "
             "drop the images and videos, or load a vision-language model"
         )
-    files = tuple(read_image(path) for path in images)
+    cap = processor_pixel_cap(processor)
+    files = tuple(read_image(path, cap) for path in images)
+    for file in files:
+        if file.frames > 1:
+            log.warning("image file '%s' is animated (%d frames): the model sees frame 0 only", file.path, file.frames)
     clips = tuple(read_video(path) for path in videos)
     text, used_template = format_prompt(processor, prompt, len(files), chat_template, len(clips))
     # A chat template writes any begin-of-text token itself; a raw prompt gets the tokenizer's own.

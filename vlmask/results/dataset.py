@@ -8,6 +8,7 @@ declared in :mod:`vlmask.results.schema`.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -18,6 +19,7 @@ import xarray as xr
 
 from vlmask.inputs.grid import Grid
 from vlmask.inputs.prompt import TokenTable
+from vlmask.results.cf import CF_METADATA, CONVENTIONS
 from vlmask.results.metrics import LOGIT_METRICS, VECTOR_METRICS
 from vlmask.results.schema import (
     ATTR,
@@ -37,6 +39,7 @@ from vlmask.results.schema import (
     STEP_TOKEN,
     STEP_TOKEN_ID,
     TOP_CHANGED,
+    RecordedFile,
     RecordedMedia,
 )
 
@@ -54,6 +57,7 @@ class ModelLabels:
     dtype: str  # like "float32"
     device: str
     video_frames_per_group: int = 0  # frames merged into one frame group (0: the model reads no video)
+    path: str = ""  # where the model was loaded from: its directory or hub cache snapshot ("" if unknown)
 
 
 @dataclass(frozen=True)
@@ -162,20 +166,31 @@ def _coords(rec: SweepRecord) -> dict[str, Any]:
     }
 
 
+def _absolute(f: RecordedFile) -> str:
+    """The file's absolute path: as recorded, else resolved against the working folder the sweep read it from."""
+    return f.absolute or os.path.abspath(f.path)
+
+
 def _attrs(rec: SweepRecord) -> dict[str, Any]:
     """The attributes: provenance as strings and numbers, structured values as JSON text."""
     model, media, over = rec.model, rec.media, rec.knockout_dims[0]
     return {
+        ATTR.Conventions: CONVENTIONS,
+        ATTR.title: f"vlmask attention-knockout sweep over {over}s: {rec.prompt[:60]}",
         ATTR.schema_version: SCHEMA_VERSION,
         ATTR.model: model.name,
+        ATTR.model_path: model.path,
         ATTR.model_family: model.family,
         ATTR.builtin_model: int(model.builtin),
         ATTR.prompt: rec.prompt,
         ATTR.model_input_text: rec.model_input_text,
         ATTR.chat_template: "on" if rec.chat_template else "off",
         ATTR.image_files: json.dumps([f.path for f in media.images]),
+        ATTR.image_files_absolute: json.dumps([_absolute(f) for f in media.images]),
         ATTR.image_sha256: json.dumps([f.sha256 for f in media.images]),
+        ATTR.image_orientation: json.dumps([f.orientation for f in media.images]),
         ATTR.video_files: json.dumps([v.path for v in media.videos]),
+        ATTR.video_files_absolute: json.dumps([_absolute(v) for v in media.videos]),
         ATTR.video_sha256: json.dumps([v.sha256 for v in media.videos]),
         ATTR.video_frames: json.dumps([list(v.frames) for v in media.videos]),
         ATTR.video_fps: float(media.fps),
@@ -208,8 +223,13 @@ def to_dataset(rec: SweepRecord) -> xr.Dataset:
     Example:
         >>> ds[RESIDUAL].dims, ds[RESIDUAL].attrs["description"] == DESCRIPTIONS[RESIDUAL]
         (('step', 'token', 'layer', 'metric'), True)
+        >>> ds.attrs["Conventions"], ds["layer"].attrs, ds["prob_change_pct"].attrs["units"]
+        ('CF-1.10', {'long_name': 'decoder layer', 'units': '1'}, 'percent')
     """
     ds = xr.Dataset(_data(rec), coords=_coords(rec), attrs=_attrs(rec))
     for name, text in DESCRIPTIONS.items():
         ds[name].attrs["description"] = text
+    for name, (long_name, units) in CF_METADATA.items():
+        if name in ds.variables:
+            ds[name].attrs.update({"long_name": long_name, **({"units": units} if units else {})})
     return ds

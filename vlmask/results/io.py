@@ -199,12 +199,18 @@ def refuse_existing(path: Path, overwrite: bool) -> None:
 def save_results(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``ds`` to netCDF atomically (a temporary file, then a rename).
 
+    First records in ``ds.attrs`` where its images and videos lie relative to ``path``
+    (:func:`~vlmask.results.schema.relative_paths`), so the file finds them wherever both are moved.
+
     Example:
         >>> save_results(ds, tmp / "run.nc") == tmp / "run.nc"
         True
     """
     path = Path(path)
     refuse_existing(path, overwrite)
+    from vlmask.results.schema import relative_paths
+
+    ds.attrs.update(relative_paths(ds, path))
     return atomic_write(path, lambda tmp: ds.to_netcdf(tmp, engine="netcdf4"))
 
 

@@ -16,7 +16,9 @@ Keyword arguments such as ``ds.sel(step=0)`` name dims as xarray itself does.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -78,16 +80,24 @@ VISION = "vision"  # the token kind of image and video tokens (the others: "text
 class _Attributes:
     """The names of a result's attributes (a namespace: several are also dimension names)."""
 
+    Conventions: str = "Conventions"  # CF: the metadata conventions followed (the name CF gives it)
+    title: str = "title"  # CF: what the file holds
     schema_version: str = "schema_version"
-    model: str = "model"
+    model: str = "model"  # the model as given: a hub id or a path
+    model_path: str = "model_path"  # where it was loaded from: the directory, or the hub cache snapshot ("" if unknown)
     model_family: str = "model_family"
     builtin_model: str = "builtin_model"
     prompt: str = "prompt"
     model_input_text: str = "model_input_text"
     chat_template: str = "chat_template"
-    image_files: str = "image_files"  # JSON: list of paths
+    image_files: str = "image_files"  # JSON: list of paths, as given
+    image_files_absolute: str = "image_files_absolute"  # JSON: list of absolute paths
+    image_files_relative: str = "image_files_relative"  # JSON: list of paths relative to the result file (on save)
     image_sha256: str = "image_sha256"  # JSON: list of hex digests
+    image_orientation: str = "image_orientation"  # JSON: list of the EXIF Orientation applied to each (1: none)
     video_files: str = "video_files"  # JSON: list of frame directories
+    video_files_absolute: str = "video_files_absolute"  # JSON: list of absolute paths
+    video_files_relative: str = "video_files_relative"  # JSON: list of paths relative to the result file (on save)
     video_sha256: str = "video_sha256"  # JSON: list of hashes over each directory's frames
     video_frames: str = "video_frames"  # JSON: list of each video's frame file names
     video_fps: str = "video_fps"
@@ -118,7 +128,7 @@ ATTR = _Attributes()
 
 Example:
     >>> ATTR.vision_ranges, len(ATTRIBUTES)
-    ('vision_ranges', 33)
+    ('vision_ranges', 41)
 """
 ATTRIBUTES = tuple(f.name for f in fields(_Attributes))
 
@@ -196,11 +206,31 @@ def vision_grids(ds: xr.Dataset) -> list[Grid]:
 
 @dataclass(frozen=True)
 class RecordedFile:
-    """An input file recorded in a result: an image file, or a video's frame directory and its frame names."""
+    """An input file recorded in a result: an image file, or a video's frame directory and its frame names.
+
+    ``path`` is as the sweep was given it, ``absolute`` as it resolved then, ``relative`` relative to
+    the folder of the result file it was saved in (empty where not recorded); ``orientation`` is
+    the EXIF Orientation that was applied to an image (1: none).
+    """
 
     path: str
     sha256: str
     frames: tuple[str, ...] = ()
+    absolute: str = ""
+    relative: str = ""
+    orientation: int = 1
+
+    def candidates(self, result: str | Path | None = None) -> list[Path]:
+        """Where to look for the file, in order: relative to the ``result`` file's folder, absolute, as recorded.
+
+        Example:
+            >>> f = RecordedFile("img/a.png", "0" * 64, absolute="/data/img/a.png", relative="../img/a.png")
+            >>> [str(p) for p in f.candidates("/moved/runs/r.nc")]
+            ['/moved/img/a.png', '/data/img/a.png', 'img/a.png']
+        """
+        found = [Path(os.path.normpath(Path(result).parent / self.relative))] if self.relative and result else []
+        found += [Path(p) for p in (self.absolute, self.path) if p]
+        return list(dict.fromkeys(found))
 
 
 @dataclass(frozen=True)
@@ -222,27 +252,123 @@ def _files(ds: xr.Dataset, files: str, hashes: str, default: Any = ...) -> list[
     return list(zip(paths, sha, strict=True))
 
 
+def _each(ds: xr.Dataset, name: str, count: int, kind: type, default: Any) -> list[Any]:
+    """The optional JSON list attribute ``name``: one ``kind`` per file (``default`` each if it is missing)."""
+    value = json_attr(ds, name, [default] * count)
+    if not isinstance(value, list) or len(value) != count or not all(isinstance(v, kind) for v in value):
+        raise _malformed(name, value, f"a list of {count} {kind.__name__} values, one per file")
+    return value
+
+
 def recorded_media(ds: xr.Dataset) -> RecordedMedia:
     """The image files and video frame directories recorded in ``ds``, with their SHA-256 and frame names.
 
-    Results without videos recorded (written before video support) read as having none.
+    Results without videos recorded (written before video support) read as having none; results
+    without absolute or relative paths or orientations (older ones) as having none recorded.
 
     Example:
         >>> media = recorded_media(ds)
         >>> [f.path.endswith("shapes.png") for f in media.images], len(media.images[0].sha256), media.videos
         ([True], 64, ())
+        >>> Path(media.images[0].absolute).is_absolute(), media.images[0].orientation
+        (True, 1)
     """
     images = _files(ds, ATTR.image_files, ATTR.image_sha256)
     videos = _files(ds, ATTR.video_files, ATTR.video_sha256, [])
     frames = json_attr(ds, ATTR.video_frames, [[] for _ in videos])
     if not isinstance(frames, list) or len(frames) != len(videos):
         raise _malformed(ATTR.video_frames, frames, f"a list of {len(videos)} lists of frame names")
+    where = {
+        name: _each(ds, name, len(listed), str, "")
+        for name, listed in (
+            (ATTR.image_files_absolute, images),
+            (ATTR.image_files_relative, images),
+            (ATTR.video_files_absolute, videos),
+            (ATTR.video_files_relative, videos),
+        )
+    }
+    turned = _each(ds, ATTR.image_orientation, len(images), int, 1)
     return RecordedMedia(
-        images=tuple(RecordedFile(path, sha) for path, sha in images),
-        videos=tuple(RecordedFile(p, h, tuple(map(str, f))) for (p, h), f in zip(videos, frames, strict=True)),
+        images=tuple(
+            RecordedFile(path, sha, (), absolute, relative, orientation)
+            for (path, sha), absolute, relative, orientation in zip(
+                images, where[ATTR.image_files_absolute], where[ATTR.image_files_relative], turned, strict=True
+            )
+        ),
+        videos=tuple(
+            RecordedFile(p, h, tuple(map(str, f)), absolute, relative)
+            for (p, h), f, absolute, relative in zip(
+                videos, frames, where[ATTR.video_files_absolute], where[ATTR.video_files_relative], strict=True
+            )
+        ),
         fps=float(ds.attrs.get(ATTR.video_fps, 2.0)),
         frames_per_group=int(ds.attrs.get(ATTR.video_frames_per_group, 2)),
     )
+
+
+def result_file(ds: xr.Dataset) -> str | None:
+    """The file ``ds`` was opened from (xarray's ``encoding["source"]``), or None for a Dataset made in memory.
+
+    Example:
+        >>> result_file(ds) is None
+        True
+    """
+    source = ds.encoding.get("source")
+    return str(source) if source else None
+
+
+def relative_paths(ds: xr.Dataset, path: str | Path) -> dict[str, str]:
+    """The attributes recording ``ds``'s images and videos relative to the folder of the result file ``path``.
+
+    :func:`~vlmask.results.io.save_results` records them, so a saved result finds its inputs when
+    both are moved together, opened from any working folder. Empty for a Dataset that records no files.
+
+    Example:
+        >>> relative_paths(ds, Path("examples/runs/r.nc").absolute())
+        {'image_files_relative': '["../shapes.png"]', 'video_files_relative': '[]'}
+    """
+    if ATTR.image_files not in ds.attrs:
+        return {}
+    media, source = recorded_media(ds), result_file(ds)
+    folder = Path(path).absolute().parent
+
+    def relative(f: RecordedFile) -> str:
+        here = next((p for p in f.candidates(source) if p.exists()), Path(f.absolute or f.path))
+        try:
+            return os.path.relpath(os.path.abspath(here), folder)
+        except ValueError:  # another drive (Windows): no relative path
+            return ""
+
+    return {
+        ATTR.image_files_relative: json.dumps([relative(f) for f in media.images]),
+        ATTR.video_files_relative: json.dumps([relative(v) for v in media.videos]),
+    }
+
+
+def check_result(ds: xr.Dataset, *variables: str) -> None:
+    """Refuse a Dataset that is not a vlmask result, or lacks one of ``variables``, saying which.
+
+    A result is known by its ``schema_version`` attribute or, failing that, by any of the metric variables.
+
+    Example:
+        >>> check_result(xr.Dataset({"t": ("x", [1.0])}))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        vlmask.VlmaskError: this is not a vlmask result: it has none of its variables (residual, heads, kl, ...) ...
+        >>> check_result(ds[["kl"]].assign_attrs(ds.attrs), "logprob_drop")
+        Traceback (most recent call last):
+        ...
+        vlmask.VlmaskError: this is not a complete vlmask result: it has no 'logprob_drop' variable (it has: kl)
+    """
+    shown = ", ".join(map(str, list(ds.data_vars)[:8])) or "none"
+    if ATTR.schema_version not in ds.attrs and not set(METRIC_VARIABLES) & set(ds.data_vars):
+        raise VlmaskError(
+            f"this is not a vlmask result: it has none of its variables ({', '.join(METRIC_VARIABLES[:3])}, ...)"
+            f" nor a {ATTR.schema_version!r} attribute (variables: {shown})"
+        )
+    for name in variables:
+        if name not in ds.data_vars:
+            raise VlmaskError(f"this is not a complete vlmask result: it has no {name!r} variable (it has: {shown})")
 
 
 def knockout_dims(ds: xr.Dataset) -> tuple[str, ...]:

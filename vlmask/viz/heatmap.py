@@ -29,6 +29,7 @@ from vlmask.results.schema import (
     TOKEN_MEMBERS,
     VISION,
     WINDOW,
+    check_result,
     vision_grids,
 )
 
@@ -96,6 +97,7 @@ def unit_values(
         raise VlmaskError(
             f"step {step} is out of range: the result has {len(steps)} steps (0-{len(steps) - 1})", option="step"
         )
+    check_result(ds, name)
     where = _layer(ds, name, layer)
     if name in LOGIT_METRICS:
         return ds[name].sel(step=step).astype(float), None
@@ -141,6 +143,7 @@ def heatmap(
         >>> heat.dims, heat.shape, int(heat.notnull().sum())  # one 4x4 image, every cell masked
         (('panel', 'row', 'col'), (1, 4, 4), 16)
     """
+    check_result(ds)
     if TOKEN not in ds.dims or WINDOW in ds.dims:
         raise VlmaskError(
             "a heatmap needs a token sweep at one set of layers: this result has dims"

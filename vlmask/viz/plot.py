@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from pathlib import Path
@@ -14,7 +13,8 @@ from PIL import Image
 
 from vlmask.errors import VlmaskError
 from vlmask.inputs.grid import WHOLE
-from vlmask.inputs.video import frame_paths, video_hash
+from vlmask.inputs.media import open_image
+from vlmask.inputs.video import frame_paths
 from vlmask.results.io import atomic_write, refuse_existing
 from vlmask.results.schema import (
     PANEL_COLS,
@@ -22,48 +22,36 @@ from vlmask.results.schema import (
     PANEL_ROWS,
     PANEL_SOURCE,
     PANEL_T,
+    RecordedFile,
     recorded_media,
     vision_grids,
 )
 from vlmask.viz.heatmap import cell_colors, heatmap, paint, panel_box
+from vlmask.viz.sources import locate
 
 log = logging.getLogger(__name__)
 
 MAX_SIDE = 1024  # images are drawn at most this many pixels on their longest side
 
 
-def _checked(path: Path, actual: str, expected: str, what: str) -> None:
-    if actual != expected:
-        raise VlmaskError(
-            f"{what} '{path}' has changed since the sweep (SHA-256 {actual[:12]}..., recorded {expected[:12]}...): "
-            "the heatmap would not match what the model saw; restore it or rerun the sweep"
-        )
-
-
-def _image(path: str | Path, expected: str) -> Image.Image:
-    path = Path(path)
-    if not path.is_file():
-        raise VlmaskError(f"image file '{path}' recorded in the result does not exist: restore it or rerun the sweep")
-    _checked(path, hashlib.sha256(path.read_bytes()).hexdigest(), expected, "image file")
-    with Image.open(path) as handle:
-        return handle.convert("RGB")
+def _found(ds: xr.Dataset, f: RecordedFile, what: str) -> Path:
+    path, why = locate(ds, f, what)
+    if path is None:
+        raise VlmaskError(f"{why}: restore it or rerun the sweep")
+    return path
 
 
 def panel_pictures(ds: xr.Dataset, layout: xr.DataArray) -> list[tuple[Image.Image, str]]:
     """The picture under each panel of ``layout`` (a :func:`heatmap`) and its label, files checked by SHA-256.
 
-    An image panel shows its region of the image (LLaVA's crop, a LLaVA-NeXT tile); a video frame
-    group shows its first frame.
+    An image panel shows its region (LLaVA's crop, a LLaVA-NeXT tile) of the image as the model saw
+    it (EXIF orientation applied, frame 0); a video frame group shows its first frame. Files are found
+    as :func:`~vlmask.viz.sources.locate` says.
     """
     media = recorded_media(ds)
     grids = {g.index: g for g in vision_grids(ds) if g.source == "image"}
-    images = [_image(f.path, f.sha256) for f in media.images]
-    for video in media.videos:
-        if not Path(video.path).is_dir():
-            raise VlmaskError(
-                f"video directory '{video.path}' recorded in the result does not exist: restore it or rerun"
-            )
-        _checked(Path(video.path), video_hash(video.path), video.sha256, "video directory")
+    images = [open_image(_found(ds, f, "image file"))[0] for f in media.images]
+    videos = [_found(ds, v, "video directory") for v in media.videos]
     per_group = media.frames_per_group
     out = []
     for source, index, t in zip(
@@ -76,12 +64,10 @@ def panel_pictures(ds: xr.Dataset, layout: xr.DataArray) -> list[tuple[Image.Ima
             picture = images[index]
             out.append((picture if extent == WHOLE else picture.crop(panel_box(extent, *picture.size)), label))
             continue
-        frames = frame_paths(media.videos[index].path)
+        frames = frame_paths(videos[index])
         first = min(t * per_group, len(frames) - 1)
         last = min(first + per_group - 1, len(frames) - 1)
-        with Image.open(frames[first]) as handle:
-            picture = handle.convert("RGB")
-        out.append((picture, f"video {index}: frames {first}-{last} (group {t})"))
+        out.append((open_image(frames[first])[0], f"video {index}: frames {first}-{last} (group {t})"))
     return out
 
 

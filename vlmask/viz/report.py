@@ -7,7 +7,6 @@ reading the recorded images); :func:`write_report` writes the self-contained pag
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import logging
@@ -20,7 +19,8 @@ from PIL import Image
 
 from vlmask.errors import VlmaskError
 from vlmask.inputs.grid import WHOLE, Extent
-from vlmask.inputs.video import frame_paths, video_hash
+from vlmask.inputs.media import open_image
+from vlmask.inputs.video import frame_paths
 from vlmask.results.metrics import LOGIT_METRICS
 from vlmask.results.schema import (
     ATTR,
@@ -42,11 +42,14 @@ from vlmask.results.schema import (
     TOKEN_MEMBERS,
     TOKEN_TEXT,
     WINDOW,
+    RecordedFile,
+    check_result,
     recorded_media,
     vision_grids,
 )
 from vlmask.viz.heatmap import panel_box, panels
 from vlmask.viz.page import Numbers, page, write_page
+from vlmask.viz.sources import locate
 
 log = logging.getLogger(__name__)
 
@@ -65,54 +68,54 @@ def _ints(values: Any) -> list[int]:
 
 
 def _data_uri(path: Path, extent: Extent = WHOLE) -> str:
-    """``path`` (its ``extent`` region) as a ``data:`` URI, re-encoded as PNG only if browsers can't show it,
-    it is large or it is cut to a region (LLaVA's crop, a LLaVA-NeXT tile)."""
-    raw = path.read_bytes()
-    with Image.open(io.BytesIO(raw)) as picture:
-        mime = BROWSER_FORMATS.get(picture.format or "")
-        if mime is None or max(picture.size) > MAX_SIDE or extent != WHOLE:
-            picture = picture.convert("RGB")
-            picture = picture if extent == WHOLE else picture.crop(panel_box(extent, *picture.size))
-            picture.thumbnail((MAX_SIDE, MAX_SIDE))
-            buffer = io.BytesIO()
-            picture.save(buffer, format="PNG")
-            raw, mime = buffer.getvalue(), "image/png"
-    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
+    """``path`` (its ``extent`` region) as a ``data:`` URI of the pixels the model saw.
+
+    The file's own bytes when a browser shows them alike; re-encoded when it would not (an EXIF
+    orientation the browser would apply again, an animation, a format browsers lack), it is large,
+    or it is cut to a region (LLaVA's crop, a LLaVA-NeXT tile).
+    """
+    picture, orientation, frames = open_image(path)
+    with Image.open(path) as handle:  # its header: open_image has vetted its size
+        source_format = handle.format or ""
+    mime = BROWSER_FORMATS.get(source_format)
+    if mime is not None and orientation == 1 and frames == 1 and max(picture.size) <= MAX_SIDE and extent == WHOLE:
+        return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+    picture = picture if extent == WHOLE else picture.crop(panel_box(extent, *picture.size))
+    picture.thumbnail((MAX_SIDE, MAX_SIDE))
+    encoding = "JPEG" if source_format == "JPEG" else "PNG"
+    buffer = io.BytesIO()
+    picture.save(buffer, format=encoding, **({"quality": 92} if encoding == "JPEG" else {}))
+    return f"data:image/{encoding.lower()};base64,{base64.b64encode(buffer.getvalue()).decode()}"
 
 
-def _picture(
-    path: Path, actual: str | None, expected: str, what: str, shown: Path | None = None, extent: Extent = WHOLE
-) -> tuple[str | None, str]:
-    """(data URI of ``shown`` or None, note) for a recorded file or directory whose SHA-256 should be ``expected``."""
-    if actual is None:
-        return None, f"{what} '{path}' recorded in the result is not readable here: the cells are drawn on a blank grid"
-    if actual != expected:
-        return None, (
-            f"{what} '{path}' has changed since the sweep (SHA-256 {actual[:12]}..., recorded {expected[:12]}...): "
-            "not shown, the cells are drawn on a blank grid"
-        )
+BLANK = "the cells are drawn on a blank grid"
+
+
+def _shown(path: Path | None, why: str, extent: Extent = WHOLE) -> tuple[str | None, str]:
+    """(data URI or None, note) of a located picture: ``path`` is None where the file was not found."""
+    if path is None:
+        return None, f"{why}: not shown, {BLANK}"
     try:
-        return _data_uri(shown or path, extent), ""
-    except OSError as err:
-        return None, f"{what} '{path}' cannot be read as an image ({err}): the cells are drawn on a blank grid"
+        return _data_uri(path, extent), ""
+    except (OSError, VlmaskError) as err:
+        return None, f"'{path}' cannot be read as an image ({err}): {BLANK}"
 
 
-def _file_hash(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-
-
-def _dir_hash(path: Path) -> str | None:
-    try:
-        return video_hash(path) if path.is_dir() else None
-    except Exception:  # an unreadable directory is reported as a note, never an error
-        return None
+def _video_picture(ds: xr.Dataset, video: RecordedFile, t: int, per_group: int) -> tuple[str | None, str]:
+    """The first frame of frame group ``t`` of a recorded video, as :func:`_shown` gives it."""
+    path, why = locate(ds, video, "video directory")
+    if path is None:
+        return _shown(None, why)
+    frames = frame_paths(path)
+    return _shown(frames[min(t * per_group, len(frames) - 1)], "")
 
 
 def picture_panels(ds: xr.Dataset) -> list[dict[str, Any]]:
     """One entry per image and video frame group: its grid, a label, and its picture as a data URI (or a note).
 
-    Pictures are read from the paths recorded in ``ds`` and shown only if their SHA-256 still
-    matches; otherwise ``src`` is None and ``note`` says why.
+    Pictures are found as :func:`~vlmask.viz.sources.locate` says (beside the result, absolute,
+    as recorded) and shown only if their SHA-256 still matches, as the model saw them (EXIF
+    orientation applied, frame 0 of an animation); otherwise ``src`` is None and ``note`` says why.
 
     Example:
         >>> [(p["label"], p["src"] is not None) for p in picture_panels(ds)]
@@ -121,31 +124,23 @@ def picture_panels(ds: xr.Dataset) -> list[dict[str, Any]]:
     if ATTR.vision_grids not in ds.attrs or SEQ_ROW not in ds.coords:
         return []
     media = recorded_media(ds)
-    image_files = [f.path for f in media.images]
-    per_group = media.frames_per_group
-    hashes = [_file_hash(Path(f.path)) for f in media.images]
+    located = [locate(ds, f, "image file") for f in media.images]
     grids = {g.index: g for g in vision_grids(ds) if g.source == "image"}
-    videos = [(Path(v.path), _dir_hash(Path(v.path)), v.sha256) for v in media.videos]
     out = []
     for panel in panels(ds):
         index, t = int(panel["index"]), int(panel["t"])
         if panel["source"] == "image":
-            label = f"image {index}: {Path(image_files[index]).name}" if index < len(image_files) else f"image {index}"
+            recorded = index < len(media.images)
+            label = f"image {index}: {Path(media.images[index].path).name}" if recorded else f"image {index}"
             src, note = None, f"image {index} is not recorded"
-            if index < len(hashes):
-                extent = grids[index].extent(t)
-                src, note = _picture(
-                    Path(image_files[index]), hashes[index], media.images[index].sha256, "image file", extent=extent
-                )
+            if recorded:
+                src, note = _shown(*located[index], extent=grids[index].extent(t))
                 label += "" if grids[index].t == 1 else " (base image)" if t == 0 else f" (tile {t})"
         else:
             label = f"video {index}: frame group {t}"
             src, note = None, f"video {index} is not recorded"
-            if index < len(videos):
-                path, actual, expected = videos[index]
-                frames = frame_paths(path) if actual is not None else [path]
-                first = frames[min(t * per_group, len(frames) - 1)]
-                src, note = _picture(path, actual, expected, "video directory", first)
+            if index < len(media.videos):
+                src, note = _video_picture(ds, media.videos[index], t, media.frames_per_group)
         out.append({**panel, "label": label, "src": src, "note": note})
     return out
 
@@ -154,14 +149,12 @@ def check_dims(ds: xr.Dataset) -> None:
     """Refuse a result the pages cannot lay out: they show a sweep over masked tokens, one knockout per token.
 
     Example:
-        >>> check_dims(xr.Dataset({"kl": (("step", "token"), [[0.0]])}))
+        >>> check_dims(xr.Dataset({"kl": (("step", "token"), [[0.0]])}, attrs={"schema_version": 3}))
         Traceback (most recent call last):
         ...
-        vlmask.VlmaskError: this is not a vlmask result: it has no 'residual' variable
+        vlmask.VlmaskError: this is not a complete vlmask result: it has no 'residual' variable (it has: kl)
     """
-    for name in (RESIDUAL, HEADS, KL):
-        if name not in ds:
-            raise VlmaskError(f"this is not a vlmask result: it has no {name!r} variable")
+    check_result(ds, RESIDUAL, HEADS, KL)
     for name, dims in (*ORDER.items(), (KL, (STEP, TOKEN))):
         if set(ds[name].dims) != set(dims):
             extra = " (pick one window first: ds.isel(window=i))" if WINDOW in ds[name].dims else ""

@@ -35,17 +35,38 @@ function isNum(v) {
   return typeof v === "number" && Number.isFinite(v);
 }
 
-// A colour scale over the finite values: diverging around 0 when they have both signs.
-function scaleOf(values) {
-  let min = Infinity, max = -Infinity;
-  for (const v of values) if (isNum(v)) { if (v < min) min = v; if (v > max) max = v; }
-  if (min === Infinity) { min = 0; max = 0; }
-  if (min < 0 && max > 0) {
-    const m = Math.max(-min, max);
-    return { min: -m, max: m, stops: DIVERGING, color: (v) => ramp(DIVERGING, (v + m) / (2 * m)) };
+// Colour scales: "linear" spans min..max; "clip" the 1st..99th percentile, so one outlier cannot
+// darken the rest (values beyond saturate); "log" a signed log over three decades below the largest |value|.
+const SCALES = [["clip", "clipped to the 1st–99th percentile"], ["linear", "linear, min to max"], ["log", "logarithmic"]];
+
+function quantile(sorted, q) {
+  if (!sorted.length) return 0;
+  const f = (sorted.length - 1) * q, i = Math.floor(f);
+  return i + 1 < sorted.length ? sorted[i] + (sorted[i + 1] - sorted[i]) * (f - i) : sorted[i];
+}
+
+// A colour scale over the finite values, diverging around 0 when they have both signs.
+function scaleOf(values, mode) {
+  const finite = [];
+  for (const v of values) if (isNum(v)) finite.push(v);
+  finite.sort((a, b) => a - b);
+  let min = finite.length ? finite[0] : 0, max = finite.length ? finite[finite.length - 1] : 0;
+  const clipped = mode === "clip" && finite.length > 2;
+  if (clipped) { min = quantile(finite, 0.01); max = quantile(finite, 0.99); }
+  const both = min < 0 && max > 0;
+  let f = (v) => v;
+  if (mode === "log") {
+    const t = Math.max(Math.abs(min), Math.abs(max)) * 1e-3 || 1;
+    f = (v) => Math.sign(v) * Math.log10(1 + Math.abs(v) / t);
   }
-  const span = max - min || 1;
-  return { min, max, stops: INFERNO, color: (v) => ramp(INFERNO, (v - min) / span) };
+  const lo = f(min), hi = f(max);
+  const base = { min, max, mode: mode || "linear", clipped };
+  if (both) {
+    const m = Math.max(-lo, hi), top = Math.max(-min, max);
+    return { ...base, min: -top, max: top, stops: DIVERGING, color: (v) => ramp(DIVERGING, (f(v) + m) / (2 * m)) };
+  }
+  const span = hi - lo || 1;
+  return { ...base, stops: INFERNO, color: (v) => ramp(INFERNO, (f(v) - lo) / span) };
 }
 
 function rgb(c) {
@@ -75,16 +96,17 @@ function legend(sc, label) {
     ctx.fillStyle = rgb(ramp(sc.stops, x / 159));
     ctx.fillRect(x, 0, 1, 10);
   }
-  return el("span", { class: "legend-box" }, el("span", { text: fmt(sc.min) }), canvas, el("span", { text: fmt(sc.max) }), el("span", { class: "muted", text: " " + label }));
+  const note = sc.clipped ? " (clipped to the 1st–99th percentile)" : sc.mode === "log" ? " (log scale)" : "";
+  return el("span", { class: "legend-box" }, el("span", { text: (sc.clipped ? "≤" : "") + fmt(sc.min) }), canvas, el("span", { text: (sc.clipped ? "≥" : "") + fmt(sc.max) }), el("span", { class: "muted", text: " " + label + note }));
 }
 
 // A heatmap on one canvas: rows x cols cells, labels drawn on the canvas, a tooltip on hover.
-// spec: {rows, cols, value(r, c), rowLabel(r), colLabel(c), tip(r, c, v), selectedRow, onClick(r, c), cellW, cellH, name,
-//        scaleFor(c): a colour scale per column (default: one over all cells)}
+// spec: {rows, cols, value(r, c), rowLabel(r), colLabel(c), tip(r, c, v), selectedRow, onClick(r, c), cellW, cellH, labelW,
+//        name, scale (a scaleOf mode), scaleFor(c): a colour scale per column (default: one over all cells)}
 function heatmap(spec) {
   const cellW = spec.cellW || Math.max(6, Math.min(28, Math.floor(640 / Math.max(1, spec.cols))));
   const cellH = spec.cellH || Math.max(3, Math.min(18, Math.floor(640 / Math.max(1, spec.rows))));
-  const labelW = cellH >= 8 && spec.rowLabel ? 120 : 0;
+  const labelW = cellH >= 8 && spec.rowLabel ? spec.labelW || 120 : 0;
   const headH = cellW >= 12 && spec.colLabel ? 14 : 0;
   const canvas = el("canvas", { class: "heatmap", width: labelW + spec.cols * cellW, height: headH + spec.rows * cellH });
   const ctx = canvas.getContext("2d");
@@ -93,14 +115,14 @@ function heatmap(spec) {
     const v = spec.value(r, c);
     values[r * spec.cols + c] = isNum(v) ? v : NaN;
   }
-  const sc = scaleOf(values);
+  const sc = scaleOf(values, spec.scale);
   let sum = 0, finite = 0;
   ctx.font = Math.min(11, cellH - 1) + "px sans-serif";
   ctx.textBaseline = "middle";
   for (let r = 0; r < spec.rows; r++) {
     if (labelW) {
       ctx.fillStyle = r === spec.selectedRow ? "#b00" : "#333";
-      ctx.fillText(shown(spec.rowLabel(r)).slice(0, 18), 2, headH + r * cellH + cellH / 2, labelW - 4);
+      ctx.fillText(shown(spec.rowLabel(r)).slice(0, Math.floor(labelW / 6.5)), 2, headH + r * cellH + cellH / 2, labelW - 4);
     }
     for (let c = 0; c < spec.cols; c++) {
       const v = values[r * spec.cols + c];
@@ -121,7 +143,7 @@ function heatmap(spec) {
     ctx.lineWidth = 2;
     ctx.strokeRect(labelW + 1, headH + spec.selectedRow * cellH, spec.cols * cellW - 2, Math.max(2, cellH));
   }
-  Object.assign(canvas.dataset, { name: spec.name, rows: spec.rows, cols: spec.cols, cells: spec.rows * spec.cols, finite, sum: sum.toPrecision(8), min: sc.min, max: sc.max });
+  Object.assign(canvas.dataset, { name: spec.name, rows: spec.rows, cols: spec.cols, cells: spec.rows * spec.cols, finite, sum: sum.toPrecision(8), min: sc.min, max: sc.max, scale: sc.mode, cellH, labelW });
   const at = (event) => {
     const box = canvas.getBoundingClientRect();
     const x = (event.clientX - box.left) * (canvas.width / box.width) - labelW;

@@ -6,6 +6,8 @@
   const unitOfSeq = new Int32Array(S.text.length).fill(-1);
   U.members.forEach((members, u) => members.forEach((p) => { if (p < unitOfSeq.length) unitOfSeq[p] = u; }));
   const unitOfPos = new Map(U.pos.map((p, u) => [p, u]));
+  const MAX_CANVAS = 30000;  // pixels: the token x layer map grows to this height, then its rows shrink
+  const LONG_PROMPT = 400, PROMPT_START = 240, LONG_STRIP = 300;  // characters, characters, tokens
 
   const residual = (s, u, l, m) => V.residual[((s * T + u) * L + l) * M + m];
   const headValue = (s, u, l, h, m) => V.heads[(((s * T + u) * L + l) * H + h) * M + m];
@@ -16,11 +18,12 @@
     return V[metric][s * T + u];
   }
 
-  const state = { metric: METRICS[0], step: 0, layer: L - 1, token: T ? U.pos[0] : -1, head: D.metrics[0] };
+  const state = { metric: METRICS[0], step: 0, layer: L - 1, token: T ? U.pos[0] : -1, head: D.metrics[0], scale: SCALES[0][0] };
   function fromHash() {
     const h = readHash();
     if (METRICS.includes(h.metric)) state.metric = h.metric;
     if (D.metrics.includes(h.head)) state.head = h.head;
+    if (SCALES.some(([key]) => key === h.scale)) state.scale = h.scale;
     const step = parseInt(h.step, 10), layer = parseInt(h.layer, 10), token = parseInt(h.token, 10);
     if (step >= 0 && step < STEPS) state.step = step;
     if (layer >= 0 && layer < L) state.layer = layer;
@@ -44,9 +47,11 @@
     el("label", { for: "layer", text: " layer for the strip and images " }),
     select("layer", Array.from({ length: L }, (_, l) => [String(l), String(l)]), String(L - 1), (l) => set({ layer: parseInt(l, 10) })),
     el("label", { for: "head", text: " head metric " }),
-    select("head", D.metrics.map((m) => [m, m]), state.head, (head) => set({ head })));
+    select("head", D.metrics.map((m) => [m, m]), state.head, (head) => set({ head })),
+    el("label", { for: "scale", text: " colour scale " }),
+    select("scale", SCALES, state.scale, (scale) => set({ scale })));
   const stripLegend = el("div", { class: "legend-row" });
-  const strip = el("div", { id: "strip", class: "strip" });
+  const strip = el("div", { id: "strip", class: "strip" + (S.text.length > LONG_STRIP ? " long" : "") });
   const stripSpans = S.text.map((text, p) => {
     const u = unitOfSeq[p];
     const vision = S.kind[p] === "vision";
@@ -55,7 +60,7 @@
     strip.append(span);
     return span;
   });
-  const mainBox = el("div", { class: "scroll" });
+  const mainBox = el("div", { class: "scroll tall" });
   const mainLegend = el("div", { class: "legend-row" });
   const detail = el("div", { id: "detail" });
   const imagesBox = el("div", { id: "images", class: "panels" });
@@ -64,16 +69,26 @@
     el("span", { text: "model " }), el("code", { text: D.model }),
     el("span", { text: " · " + S.text.length + " tokens, " + T + " masked units, " + L + " layers × " + H + " heads, " + STEPS + " step(s)" }));
   app.append(
-    el("header", {}, el("h1", { text: "vlmask report" }), el("p", { class: "prompt" }, el("span", { class: "muted", text: "prompt " }), el("q", { id: "prompt", text: D.prompt })), meta,
+    el("header", {}, el("h1", { text: "vlmask report" }), promptView(D.prompt), meta,
       el("p", {}, el("span", { class: "muted", text: "clean continuation " }), el("q", { id: "clean", text: D.clean_continuation }))),
     controls,
     section("Prompt tokens, coloured by the impact of blocking them", stripLegend, strip,
       el("p", { class: "muted", text: "Outlined tokens were masked; click one to inspect it. Vision tokens are the small squares. Hover for values." })),
     section("Masked tokens × layers", mainLegend, mainBox),
     section("Selected token", detail),
-    D.panels.length ? section("Images: masked cells", imagesBox) : null,
+    ...(D.panels.length ? [section("Images: masked cells", imagesBox)] : []),
     section("Continuations", contBox),
     section("Provenance", attrTable(D.attrs)));
+
+  // A long prompt is collapsed to its start; the whole text is one click away (and always in #prompt).
+  function promptView(prompt) {
+    const whole = el("q", { id: "prompt", text: prompt });
+    if (prompt.length <= LONG_PROMPT) return el("p", { class: "prompt" }, el("span", { class: "muted", text: "prompt " }), whole);
+    return el("details", { class: "prompt", id: "prompt-box" },
+      el("summary", {}, el("span", { class: "muted", text: "prompt (" + prompt.length + " characters, click for all) " }),
+        el("q", { id: "prompt-start", text: prompt.slice(0, PROMPT_START) + "…" })),
+      whole);
+  }
 
   function tipFor(u, s) {
     const lines = ["position " + U.pos[u] + " · " + U.kind[u] + " · " + JSON.stringify(U.text[u])];
@@ -86,10 +101,10 @@
   // ---- rendering, on every change -----------------------------------------------------------
   const render = timed(() => {
     const s = state.step, sel = unitOfPos.has(state.token) ? unitOfPos.get(state.token) : -1;
-    for (const [id, v] of [["metric", state.metric], ["step", String(s)], ["layer", String(state.layer)], ["head", state.head]]) document.getElementById(id).value = v;
+    for (const [id, v] of [["metric", state.metric], ["step", String(s)], ["layer", String(state.layer)], ["head", state.head], ["scale", state.scale]]) document.getElementById(id).value = v;
     document.getElementById("layer").disabled = !isResidual(state.metric);
     const unitValues = U.pos.map((_, u) => value(state.metric, s, u, state.layer));
-    const sc = scaleOf(unitValues);
+    const sc = scaleOf(unitValues, state.scale);
     const where = isResidual(state.metric) ? " at layer " + state.layer : "";
     stripLegend.replaceChildren(legend(sc, state.metric + where + ", step " + s));
     stripSpans.forEach((span, p) => {
@@ -112,7 +127,8 @@
       rowLabel: (r) => U.pos[r] + " " + U.text[r], colLabel: (c) => (residualView ? c : "out"),
       tip: (r, c, v) => (residualView ? "layer " + c + " · " : "") + state.metric + " " + fmt(v) + "\n" + tipFor(r, s),
       selectedRow: sel, onClick: (r, c) => set(residualView ? { token: U.pos[r], layer: c } : { token: U.pos[r] }),
-      cellW: residualView ? undefined : 48,
+      cellW: residualView ? Math.max(12, Math.min(64, Math.floor(900 / L))) : 64, labelW: 180, scale: state.scale,
+      cellH: Math.max(1, Math.min(18, Math.max(12, Math.floor(640 / T)), Math.floor(MAX_CANVAS / T))),
     });
     main.canvas.id = "heatmap";
     main.canvas.dataset.metric = state.metric;
@@ -130,7 +146,7 @@
     const heads = heatmap({
       name: "layer-head", rows: L, cols: H, cellW: Math.max(12, Math.min(36, Math.floor(480 / H))), cellH: Math.max(8, Math.min(22, Math.floor(420 / L))),
       value: (l, h) => headValue(s, u, l, h, m), rowLabel: (l) => "layer " + l, colLabel: (h) => h,
-      tip: (l, h, v) => "layer " + l + " · head " + h + " · " + state.head + " " + fmt(v), selectedRow: -1,
+      tip: (l, h, v) => "layer " + l + " · head " + h + " · " + state.head + " " + fmt(v), selectedRow: -1, scale: state.scale,
     });
     heads.canvas.id = "heads";
     heads.canvas.dataset.token = String(U.pos[u]);
