@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 nbconvert = pytest.importorskip("nbconvert")
 
+ROOT = Path(__file__).resolve().parents[1]
 PROMPT = 'what is "this" <img src=x onerror="document.body.dataset.pwned=1"> ?'
 
 
@@ -28,9 +30,15 @@ def notebook(tiny, images, tmp_path_factory):
         nbformat.v4.new_code_cell(f"import vlmask\nds = vlmask.open_results({str(root / 'result.nc')!r})"),
         nbformat.v4.new_code_cell("ds.vlmask.show(height=700)"),
     ]
-    nbclient.NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(root)}}
-    ).execute()
+    # the kernel imports the vlmask under test (this checkout), installed or not
+    env = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env]))
+    try:
+        nbclient.NotebookClient(
+            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(root)}}
+        ).execute()
+    finally:
+        os.environ["PYTHONPATH"] = env
     body, _ = nbconvert.HTMLExporter().from_notebook_node(nb)
     (root / "notebook.html").write_text(body, encoding="utf-8")
     return {"nb": nb, "html": root / "notebook.html", "root": root, "ds": vlmask.open_results(root / "result.nc")}
