@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("interventions", "vlmask")
 ACYCLIC = ("interventions", "vlmask")
@@ -101,3 +103,11 @@ def test_interventions_import_without_vlmask():
     code = "import sys, interventions; print(sorted(m for m in sys.modules if m.split('.')[0] == 'vlmask'))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("module", ["vlmask.viz.report", "vlmask.viz.compare", "vlmask.results.io", "xarray"])
+def test_any_module_imported_first_in_a_fresh_process_works(module):
+    """Importing xarray registers the accessor, which must not re-enter a module that is importing xarray."""
+    code = f"import {module}; import vlmask, xarray; assert hasattr(xarray.Dataset, 'vlmask')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]

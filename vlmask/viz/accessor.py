@@ -12,18 +12,17 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import xarray as xr
 
-from vlmask.results.io import long_table
-from vlmask.results.schema import interventions_of
-from vlmask.viz.compare import compare, write_compare
-from vlmask.viz.heatmap import heatmap
-from vlmask.viz.notebook import Inline, show
-from vlmask.viz.plot import plot_heatmap
-from vlmask.viz.report import write_report
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from vlmask.viz.notebook import Inline
+
+# Each method imports its free function when called: registering the accessor (on importing xarray)
+# must not import the modules behind it, which import xarray themselves.
 
 
 @xr.register_dataset_accessor("vlmask")
@@ -41,6 +40,8 @@ class VlmaskAccessor:
             >>> heat.sizes["panel"], heat.attrs["layer"]
             (1, '2')
         """
+        from vlmask.viz.heatmap import heatmap
+
         return heatmap(self._ds, metric, layer, step)
 
     def plot(
@@ -60,6 +61,8 @@ class VlmaskAccessor:
             >>> ds.vlmask.plot(tmp / "run.png", metric="kl").name
             'run.png'
         """
+        from vlmask.viz.plot import plot_heatmap
+
         return plot_heatmap(self._ds, path, metric, layer, step, overwrite=overwrite, cmap=cmap, alpha=alpha)
 
     def report(self, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -69,6 +72,8 @@ class VlmaskAccessor:
             >>> ds.vlmask.report(tmp / "run.html").stat().st_size > 10_000
             True
         """
+        from vlmask.viz.report import write_report
+
         return write_report(self._ds, path, overwrite=overwrite)
 
     def show(self, height: int = 900) -> Inline:
@@ -78,6 +83,8 @@ class VlmaskAccessor:
             >>> ds.vlmask.show()._repr_html_().startswith("<iframe sandbox")
             True
         """
+        from vlmask.viz.notebook import show
+
         return show(self._ds, height)
 
     def table(self) -> pd.DataFrame:
@@ -87,6 +94,8 @@ class VlmaskAccessor:
             >>> ds.vlmask.table()["variable"].unique().tolist()
             ['residual', 'heads', 'logits']
         """
+        from vlmask.results.io import long_table
+
         return long_table(self._ds)
 
     def interventions(self) -> tuple[Any, xr.DataArray]:
@@ -97,6 +106,8 @@ class VlmaskAccessor:
             >>> knockouts.dims, type(knockouts.values[0]).__name__
             (('token',), 'BlockKeys')
         """
+        from vlmask.results.schema import interventions_of
+
         return interventions_of(self._ds)
 
     def compare(self, other: xr.Dataset) -> xr.Dataset:
@@ -107,6 +118,8 @@ class VlmaskAccessor:
             >>> set(both["token_kind"].values.tolist())
             {'text'}
         """
+        from vlmask.viz.compare import compare
+
         return compare(self._ds, other)
 
     def write_compare(
@@ -123,4 +136,6 @@ class VlmaskAccessor:
             >>> ds.vlmask.write_compare(text_only, tmp / "compare.html", names=("image", "text")).name
             'compare.html'
         """
+        from vlmask.viz.compare import write_compare
+
         return write_compare(self._ds, other, path, names=names, overwrite=overwrite)
