@@ -51,7 +51,10 @@ CLEAN_TOP_LOGPROB = "clean_top_logprob"
 METRIC_VARIABLES = (RESIDUAL, HEADS, *LOGIT_METRICS)
 L2, COSINE, REL_L2 = VECTOR_METRICS
 DESCRIPTIONS = {
-    RESIDUAL: "decoder layer output at the measured position, knockout vs clean",
+    RESIDUAL: (
+        "decoder layer output at the measured position, knockout vs clean: before the final norm (at the last"
+        " layer transformers' hidden_states[-1] is after it) and before Qwen3-VL's DeepStack additions"
+    ),
     HEADS: "each head's slice of the o_proj input at the measured position, vs clean",
     KL: "KL(clean || masked) of the next-token distribution (nats)",
     LOGPROB_DROP: "clean log-prob of the clean top token minus its masked log-prob",
