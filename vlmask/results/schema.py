@@ -105,6 +105,7 @@ class _Attributes:
     windows: str = "windows"  # JSON: {k, centres, layers} or null
     vision_attention: str = "vision_attention"
     vision_attention_native: str = "vision_attention_native"
+    vision_removal: str = "vision_removal"  # keys, or full (DeepStack additions at blocked vision positions too)
     over: str = "over"
     intervention: str = "intervention"  # JSON: {over, dims, layers}
     base: str = "base"  # JSON: the base intervention's dict, or null
@@ -121,7 +122,7 @@ ATTR = _Attributes()
 
 Example:
     >>> ATTR.vision_ranges, len(ATTRIBUTES)
-    ('vision_ranges', 33)
+    ('vision_ranges', 34)
 """
 ATTRIBUTES = tuple(f.name for f in fields(_Attributes))
 
