@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmask", description="Attention knockout for vision-language models.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="block each chosen token in turn and measure what changes")
-    run.add_argument("--model", help="hub id or checkpoint directory (default: the built-in toy model)")
+    run.add_argument("--model", help="hub id, checkpoint directory or .gguf file (default: the built-in toy model)")
     _add_sweep_options(run)
     run.add_argument("--dtype", choices=DTYPE_NAMES, help="default float32 on CPU, bfloat16 on CUDA")
     run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")

@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # torch is imported by the first intervention used, not by th
     from interventions import Intervention
 
 VISION_ATTENTION = ("native", "bidirectional")
+VISION_REMOVAL = ("keys", "full")  # full: also no DeepStack features added at blocked vision positions
 MASK_WORDS = ("text", "prompt", "vision", "all")
 SIZES = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20}
 SIZES |= {"g": 2**30, "gb": 2**30, "gib": 2**30}
@@ -234,7 +235,11 @@ def _layers(name: str, value: Any) -> str | tuple[int, ...] | Windows | None:
 
 
 def _choice(name: str, value: Any) -> str:
-    choices = {"chat_template": CHAT_TEMPLATE_MODES, "vision_attention": VISION_ATTENTION}[name]
+    choices = {
+        "chat_template": CHAT_TEMPLATE_MODES,
+        "vision_attention": VISION_ATTENTION,
+        "vision_removal": VISION_REMOVAL,
+    }[name]
     if value not in choices:
         raise VlmaskError(f"{name.replace('_', ' ')} {value!r} is not known: expected one of {', '.join(choices)}")
     return value
@@ -311,6 +316,14 @@ class SweepSpec:
             "native (causal over image tokens, as Qwen-VL decoders are) or bidirectional (NOT native; prototype's)",
             _choice,
             choices=VISION_ATTENTION,
+        ),
+    )
+    vision_removal: str = field(
+        default="keys",
+        metadata=about(
+            "keys (blocked vision keys are not read) or full (Qwen3-VL: nor are DeepStack features added there)",
+            _choice,
+            choices=VISION_REMOVAL,
         ),
     )
     batch_size: int | None = field(

@@ -58,7 +58,8 @@ def sweep_record(
 ) -> SweepRecord:
     """The :class:`~vlmask.results.dataset.SweepRecord` of a sweep: its inputs labeled, its tokens decoded.
 
-    ``settings`` are the record's plain settings (``mask``, ``mask_unit``, ``vision_attention``, ``base``).
+    ``settings`` are the record's plain settings (``mask``, ``mask_unit``, ``vision_attention``,
+    ``vision_removal``, ``base``).
     """
     tokenizer = tokenizer_of(vl.processor)
 

@@ -64,16 +64,35 @@ class PromptPasses:
     unmodified: torch.Tensor
     backend: Backend
     head_means: torch.Tensor | None = None
+    removable: frozenset[int] | None = None
 
     @staticmethod
     def of(
-        vl: VLModel, built: Prompt, max_len: int, vision_attention: str = "native", backend: str | Backend = "nnsight"
+        vl: VLModel,
+        built: Prompt,
+        max_len: int,
+        vision_attention: str = "native",
+        backend: str | Backend = "nnsight",
+        vision_removal: str = "keys",
     ) -> PromptPasses:
-        """The passes over ``built``, for sequences up to ``max_len`` tokens, run by ``backend`` (a name or one)."""
+        """The passes over ``built``, for sequences up to ``max_len`` tokens, run by ``backend`` (a name or one).
+
+        ``vision_removal="full"``: a knockout that blocks a vision key also adds no DeepStack
+        features at that position (``removable``: the vision positions; None under ``"keys"``).
+        """
         inputs = built.inputs
         unmodified = allowed_edges(max_len, built.tokens.vision_ranges, vision_attention)
         extra, encoder = vl.family.prompt_inputs(inputs), vl.family.encode_vision(vl.hf, inputs)
-        return PromptPasses(vl, extra, encoder, unmodified, Backend.named(backend))
+        vision = frozenset(p for p, kind in enumerate(built.tokens.kind) if kind == "vision")
+        removable = vision if vision_removal == "full" else None
+        return PromptPasses(vl, extra, encoder, unmodified, Backend.named(backend), removable=removable)
+
+    def removed(self, interventions: Sequence[Intervention], seq_len: int) -> list[tuple[int, ...]]:
+        """Per intervention, the vision positions that get no DeepStack features (none under ``"keys"``)."""
+        if self.removable is None:
+            return [() for _ in interventions]
+        cut = PassPlan.cut_keys(interventions, seq_len, self.vl.num_layers)
+        return [tuple(p for p in keys if p in self.removable) for keys in cut]
 
     def plan(self, interventions: Sequence[Intervention], seq_len: int, read: Sequence[int], **kw: Any) -> PassPlan:
         """What a pass over positions ``start..seq_len-1`` does, row ``i`` under ``interventions[i]``.
@@ -81,8 +100,16 @@ class PromptPasses:
         ``kw``: ``start``, ``starts`` (a packed decoder pass: row ``i`` computes positions
         ``starts[i]..``) and ``internals`` (see :meth:`PassPlan.build`).
         """
+        removed = self.removed(interventions, seq_len)
         return PassPlan.build(
-            self.unmodified, interventions, self.vl.num_layers, seq_len, read, head_means=self.head_means, **kw
+            self.unmodified,
+            interventions,
+            self.vl.num_layers,
+            seq_len,
+            read,
+            head_means=self.head_means,
+            removed=removed,
+            **kw,
         )
 
     def model_pass(
@@ -99,6 +126,8 @@ class PromptPasses:
         seq_len = ids.shape[1]
         inputs = ModelInputs(ids, self.vl.family.extend_inputs(self.extra, seq_len), self.encoder)
         todo = self.plan(interventions, seq_len, read, internals=internals)
+        if any(todo.removed):
+            raise ValueError("a whole-model pass cannot withhold DeepStack features: run the knockout on the decoder")
         return self.backend.run_model(self.vl, inputs, todo, capture=capture, mean_heads=mean_heads)
 
     def decoder_pass(
@@ -213,6 +242,8 @@ class PromptPasses:
         clean = passes.clean_pass(prompt_ids, num_tokens, base)
         full_len, read = prompt_len + num_tokens - 1, list(range(prompt_len - 1, prompt_len + num_tokens - 1))
         firsts = PassPlan.first_changed(knockouts, full_len, vl.num_layers)
+        # a position without its DeepStack features changes itself: recompute from there
+        firsts = [min([f, *gone]) for f, gone in zip(firsts, passes.removed(knockouts, full_len), strict=True)]
         rows = [compose(base, iv) for iv in knockouts]
         starts = [min(f, read[0]) for f in firsts]  # a pass computes at least the positions it reads
         cap = packed_cap(full_len)

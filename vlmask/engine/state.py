@@ -181,7 +181,8 @@ class PassPlan:
     A pass over the whole model gives each row its own batch row. A decoder pass is
     *packed* (``starts`` given): row ``i`` computes only positions ``starts[i]..`` and the
     rows' positions are laid end to end in one sequence, so no position is computed that a
-    row does not need.
+    row does not need. ``removed[i]`` (a decoder pass under ``vision_removal="full"``): the
+    vision positions where row ``i`` gets no DeepStack features.
 
     Every question the engine asks an intervention is a method here (:meth:`build`,
     :meth:`first_changed`, :meth:`needs_head_means`, :meth:`editing`, :meth:`edit_heads`,
@@ -195,6 +196,7 @@ class PassPlan:
     head_means: torch.Tensor | None = None
     starts: tuple[int, ...] = ()
     internals: bool = True
+    removed: tuple[tuple[int, ...], ...] = ()
 
     @staticmethod
     def build(
@@ -208,6 +210,7 @@ class PassPlan:
         starts: Sequence[int] = (),
         head_means: torch.Tensor | None = None,
         internals: bool = True,
+        removed: Sequence[Sequence[int]] = (),
     ) -> PassPlan:
         """The plan of a pass over positions ``start..seq_len-1`` (``starts``: packed, from ``min(starts)``).
 
@@ -229,13 +232,30 @@ class PassPlan:
                 ]
                 shared[keys] = torch.stack([edges if cut is None else edges & ~cut[start:] for cut in cuts])
             allowed.append(shared[keys])
-        return PassPlan(allowed, rows, tuple(read), start, head_means, tuple(starts), internals)
+        removed = tuple(tuple(r) for r in removed)
+        return PassPlan(allowed, rows, tuple(read), start, head_means, tuple(starts), internals, removed)
 
     @staticmethod
     def first_changed(interventions: Sequence[Intervention], seq_len: int, num_layers: int) -> list[int]:
         """The first position whose computation each intervention changes (``seq_len`` if none)."""
         shape = ModelShape(num_layers)
         return [iv.first_changed(seq_len, shape) for iv in interventions]
+
+    @staticmethod
+    def cut_keys(interventions: Sequence[Intervention], seq_len: int, num_layers: int) -> list[tuple[int, ...]]:
+        """The key positions each intervention stops some later query reading, at some layer."""
+        out = []
+        for iv in interventions:
+            cut, seen = torch.zeros(seq_len, dtype=torch.bool), set()
+            for layer in range(num_layers):
+                key = iv.attention_key(layer)
+                if key is not None and key not in seen:
+                    seen.add(key)
+                    edges = iv.blocked_edges(At(layer, seq_len))
+                    if edges is not None:
+                        cut |= edges.any(0)
+            out.append(tuple(cut.nonzero().flatten().tolist()))
+        return out
 
     @staticmethod
     def needs_head_means(interventions: Sequence[Intervention]) -> bool:

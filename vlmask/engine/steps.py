@@ -200,7 +200,7 @@ def decoder_call(vl: VLModel, dec: DecoderInputs, plan: PassPlan) -> DecoderCall
         positions = _packed(torch.arange(seq, device=embeds.device)[None], starts, 1).expand(embeds.shape[0], -1)
     else:
         positions = _packed(dec.position_ids[..., :seq], starts, -1)
-    extra = vl.family.packed(dec.extra, starts, seq)
+    extra = vl.family.packed(dec.extra, starts, seq, plan.removed if packed else ())
     if packed:  # each row's reads, at its own offset in the pack
         offsets = [(piece.start + r - first) for _, piece, first in plan.pieces for r in plan.read]
     else:

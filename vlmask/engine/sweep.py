@@ -20,10 +20,12 @@ from vlmask.engine.budget import announce, check_length
 from vlmask.engine.knockouts import Knockouts, knockouts_of
 from vlmask.engine.labels import sweep_record
 from vlmask.engine.passes import NOTHING, PromptPasses
+from vlmask.engine.state import PassPlan
 from vlmask.errors import VlmaskError, concerning
 from vlmask.inputs.prompt import Prompt, build_prompt
 from vlmask.inputs.selection import parse_indices, parse_mask
 from vlmask.inputs.units import group_units
+from vlmask.model.families import FAMILIES
 from vlmask.model.load import VLModel
 from vlmask.results.dataset import to_dataset
 from vlmask.spec import SweepSpec
@@ -61,6 +63,29 @@ def _interventions(vl: VLModel, built: Prompt, spec: SweepSpec) -> tuple[Interve
         for iv in knockouts.values:
             iv.check(len(built.tokens), shape)
     return base, knockouts
+
+
+def _check_removal(vl: VLModel, built: Prompt, spec: SweepSpec, base: Intervention) -> None:
+    """``vision_removal="full"`` needs a family with DeepStack, and a base that blocks no vision key."""
+    if spec.vision_removal != "full":
+        return
+    with concerning("vision_removal"):
+        if not vl.family.deepstack:
+            having = ", ".join(f.name for f in FAMILIES if f.deepstack)
+            raise VlmaskError(
+                f"vision removal 'full' also withholds DeepStack features, which only {having} adds, and model "
+                f"{vl.name!r} is {vl.family.name}: use vision removal 'keys'"
+            )
+        vision = [
+            p
+            for p in PassPlan.cut_keys([base], len(built.tokens), vl.num_layers)[0]
+            if built.tokens.kind[p] == "vision"
+        ]
+        if vision:
+            raise VlmaskError(
+                f"vision removal 'full' applies to the knockouts, and the base blocks vision keys {vision}: "
+                "block them in the knockouts, or use vision removal 'keys'"
+            )
 
 
 def _mask_text(spec: SweepSpec, knockouts: Knockouts) -> str:
@@ -117,8 +142,10 @@ def sweep(
     prompt_ids = built.inputs["input_ids"]
     check_length(vl, prompt_ids.shape[1], spec.num_tokens)
     base, knockouts = _interventions(vl, built, spec)
+    _check_removal(vl, built, spec, base)
     announce(vl, built.inputs, knockouts.values, spec.num_tokens)
-    passes = PromptPasses.of(vl, built, prompt_ids.shape[1] + spec.num_tokens - 1, spec.vision_attention, backend)
+    max_len = prompt_ids.shape[1] + spec.num_tokens - 1
+    passes = PromptPasses.of(vl, built, max_len, spec.vision_attention, backend, spec.vision_removal)
     measured = passes.measure(
         prompt_ids,
         spec.num_tokens,
@@ -138,5 +165,6 @@ def sweep(
         mask=_mask_text(spec, knockouts),
         mask_unit=spec.mask_unit if knockouts.dim == "token" else "",
         vision_attention=spec.vision_attention,
+        vision_removal=spec.vision_removal,
     )
     return to_dataset(record)

@@ -39,12 +39,14 @@ class TokenTable:
 
     @property
     def vision_ranges(self) -> list[tuple[int, int]]:
-        """Half-open ``[start, end)`` runs of vision positions, in order."""
+        """Half-open ``[start, end)`` runs of vision positions, in order: one per image and one per video frame
+        group (Qwen2-VL places a video's groups back to back, with no token between them)."""
         ranges: list[tuple[int, int]] = []
+        media = list(zip(self.image_index, self.video_index, self.t, strict=True))  # which image, or video group
         for pos, kind in enumerate(self.kind):
             if kind != "vision":
                 continue
-            if ranges and ranges[-1][1] == pos and self.image_index[pos] == self.image_index[pos - 1]:
+            if ranges and ranges[-1][1] == pos and media[pos] == media[pos - 1]:
                 ranges[-1] = (ranges[-1][0], pos + 1)
             else:
                 ranges.append((pos, pos + 1))

@@ -1,17 +1,23 @@
-"""Load a checkpoint of a supported family (hub id or directory)."""
+"""Load a checkpoint of a supported family (hub id, directory, or GGUF file)."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import os
+import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import huggingface_hub
 import torch
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
 from vlmask.builtin import DEFAULT_MODEL_PATH
 from vlmask.errors import VlmaskError
@@ -123,6 +129,81 @@ def _placement(device: str, device_map: Any, max_memory: Any, offload_folder: An
     return {"device_map": device_map_of(device_map), "max_memory": max_memory_of(max_memory), "offload_folder": folder}
 
 
+def _check_gguf(source: str) -> None:
+    """Refuse a missing GGUF file, or a GGUF file without the packages transformers reads it with."""
+    if not Path(source).is_file():
+        raise VlmaskError(f"GGUF file '{source}' does not exist: pass the path of a .gguf checkpoint file")
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise VlmaskError(
+            f"GGUF file '{source}' needs the {' and '.join(missing)} package(s), which are not installed: "
+            'install vlmask\'s gguf extra (pip install -e ".[gguf]") or pip install gguf accelerate'
+        )
+
+
+def _gguf_config(folder: str, name: str) -> Any:
+    """The config of a GGUF file; for an architecture transformers cannot read, a stand-in naming it (which
+    :func:`family_of` refuses with the usual message)."""
+    try:
+        return AutoConfig.from_pretrained(folder, gguf_file=name)
+    except ValueError as err:
+        unread = re.match(r"GGUF model with architecture (\S+) is not supported", str(err))
+        if unread is None:
+            raise
+        return SimpleNamespace(model_type=unread.group(1))
+
+
+@contextmanager
+def _gguf_read_once() -> Iterator[None]:
+    """While loading one GGUF file, parse it once and build each tensor-name table once.
+
+    transformers parses the file anew for the config, the tokenizer and the weights, and builds
+    gguf's tensor-name table once per module (397 times for a Llama); both are pure-Python loops
+    (about 20 s per parse on two cores for SmolLM2-135M). transformers imports both names from
+    ``gguf`` at call time, so memoising them on the module for the duration is enough; the parsed
+    reader is read-only.
+    """
+    import gguf  # only here: the extra is optional
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[str, Any] = {}
+
+    def read(path: Any, *args: Any, **kwargs: Any) -> Any:
+        key = os.path.abspath(path)
+        if key not in readers:
+            readers[key] = reader(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = read, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
+def _from_pretrained(
+    source: str, dtype: torch.dtype, attn_implementation: str, placement: dict[str, Any]
+) -> tuple[Family, Any, Any]:
+    """The family, processor and model of ``source``: a directory or hub id, or a GGUF file (dequantized to
+    ``dtype``, its tokenizer read from the same file); ``placement``: a device map's arguments, or none."""
+    if not source.endswith(".gguf"):
+        family = family_of(AutoConfig.from_pretrained(source))
+        processor = AutoProcessor.from_pretrained(source)
+        hf = family.auto_class().from_pretrained(
+            source, dtype=dtype, attn_implementation=attn_implementation, **placement
+        )
+        return family, processor, hf
+    folder, name = os.path.split(os.path.abspath(source))
+    with _gguf_read_once():
+        config = _gguf_config(folder, name)
+        family = family_of(config)
+        processor = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        hf = family.auto_class().from_pretrained(
+            folder, gguf_file=name, config=config, dtype=dtype, attn_implementation=attn_implementation, **placement
+        )
+    return family, processor, hf
+
+
 def load_model(
     model: str | Path | None = None,
     *,
@@ -136,9 +217,11 @@ def load_model(
     """Load a checkpoint with ``from_pretrained``.
 
     ``model`` is a hub id (``Qwen/Qwen3-VL-2B-Instruct``, ``Qwen/Qwen2.5-VL-3B-Instruct``,
-    ``Qwen/Qwen3-0.6B``, ...: see :data:`vlmask.model.families.FAMILIES`) or a local directory;
-    None loads the checkpoint shipped with vlmask. ``attn_implementation`` must be ``sdpa``
-    or ``eager``: FlashAttention treats the mask as padding only and cannot block a key.
+    ``Qwen/Qwen3-0.6B``, ...: see :data:`vlmask.model.families.FAMILIES`), a local directory, or a
+    ``.gguf`` file (tokenizer and weights from the one file, dequantized; its architecture picks the
+    family; needs the ``gguf`` extra); None loads the checkpoint shipped with vlmask.
+    ``attn_implementation`` must be ``sdpa`` or ``eager``: FlashAttention treats the mask as padding
+    only and cannot block a key.
 
     A model larger than one device: ``device_map`` (``auto``, ``balanced``, ``sequential``, or a
     module-to-device mapping or JSON file; ``disk`` offloads weights to ``offload_folder``, a
@@ -157,17 +240,16 @@ def load_model(
     torch_dtype = _dtype(dtype, "cuda" if device_map is not None and torch.cuda.is_available() else device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise VlmaskError(f"device {device!r} was asked for, but no CUDA device is available: use device 'cpu'")
-    if not builtin:
+    if source.endswith(".gguf"):
+        _check_gguf(source)
+    elif not builtin:
         _check_reachable(source)
     try:
-        family = family_of(AutoConfig.from_pretrained(source))
-        processor = AutoProcessor.from_pretrained(source)
-        hf = family.auto_class().from_pretrained(
-            source, dtype=torch_dtype, attn_implementation=attn_implementation, **placement
-        )
+        family, processor, hf = _from_pretrained(source, torch_dtype, attn_implementation, placement)
     except (OSError, ValueError, KeyError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         kind = "local directory" if Path(source).exists() else "local directory or reachable hub id"
+        kind = "GGUF file" if source.endswith(".gguf") else kind
         raise VlmaskError(f"model {source!r} could not be loaded as a {kind}: {reason}") from None
     hf = (hf if placement else hf.to(device)).eval()
     check_attention_implementation(family.decoder(hf).config._attn_implementation)

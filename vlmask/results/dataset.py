@@ -97,6 +97,7 @@ class SweepRecord:
     mask: str = ""
     mask_unit: str = ""
     vision_attention: str = "native"
+    vision_removal: str = "keys"
     layers: list[int] | None = None
     windows: dict[str, Any] | None = None  # {k, centres, layers} of a windowed sweep
     base: dict[str, Any] | None = None  # the base intervention applied to every pass, clean included
@@ -205,6 +206,7 @@ def _attrs(rec: SweepRecord) -> dict[str, Any]:
         ATTR.windows: json.dumps(rec.windows),
         ATTR.vision_attention: rec.vision_attention,
         ATTR.vision_attention_native: int(rec.vision_attention == "native"),
+        ATTR.vision_removal: rec.vision_removal,
         ATTR.over: over,
         ATTR.intervention: json.dumps({"over": over, "dims": list(rec.knockout_dims), "layers": rec.layers}),
         ATTR.base: json.dumps(rec.base),

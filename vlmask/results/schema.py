@@ -53,7 +53,10 @@ CLEAN_TOP_LOGPROB = "clean_top_logprob"
 METRIC_VARIABLES = (RESIDUAL, HEADS, *LOGIT_METRICS)
 L2, COSINE, REL_L2 = VECTOR_METRICS
 DESCRIPTIONS = {
-    RESIDUAL: "decoder layer output at the measured position, knockout vs clean",
+    RESIDUAL: (
+        "decoder layer output at the measured position, knockout vs clean: before the final norm (at the last"
+        " layer transformers' hidden_states[-1] is after it) and before Qwen3-VL's DeepStack additions"
+    ),
     HEADS: "each head's slice of the o_proj input at the measured position, vs clean",
     KL: "KL(clean || masked) of the next-token distribution (nats)",
     LOGPROB_DROP: "clean log-prob of the clean top token minus its masked log-prob",
@@ -112,6 +115,7 @@ class _Attributes:
     windows: str = "windows"  # JSON: {k, centres, layers} or null
     vision_attention: str = "vision_attention"
     vision_attention_native: str = "vision_attention_native"
+    vision_removal: str = "vision_removal"  # keys, or full (DeepStack additions at blocked vision positions too)
     over: str = "over"
     intervention: str = "intervention"  # JSON: {over, dims, layers}
     base: str = "base"  # JSON: the base intervention's dict, or null
@@ -128,7 +132,7 @@ ATTR = _Attributes()
 
 Example:
     >>> ATTR.vision_ranges, len(ATTRIBUTES)
-    ('vision_ranges', 41)
+    ('vision_ranges', 42)
 """
 ATTRIBUTES = tuple(f.name for f in fields(_Attributes))
 

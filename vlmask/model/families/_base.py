@@ -24,6 +24,7 @@ class Family:
     vision: ClassVar[bool] = False
     decoder_path: ClassVar[tuple[str, ...]] = ("model",)
     extra_keys: ClassVar[tuple[str, ...]] = ()  # processor outputs the top-level forward takes besides input_ids
+    deepstack: ClassVar[bool] = False  # adds visual features to vision positions between decoder layers
 
     def auto_class(self) -> Any:
         """The transformers auto class that loads this family's checkpoints."""
@@ -70,8 +71,11 @@ class Family:
         """``extra`` for the sequence followed by one more text token."""
         return extra
 
-    def packed(self, extra: dict[str, Any], starts: Sequence[int], seq_len: int) -> dict[str, Any]:
-        """Decoder keyword arguments for a packed pass over positions ``starts[i]..seq_len-1`` of each row."""
+    def packed(
+        self, extra: dict[str, Any], starts: Sequence[int], seq_len: int, removed: Sequence[Sequence[int]] = ()
+    ) -> dict[str, Any]:
+        """Decoder keyword arguments for a packed pass over positions ``starts[i]..seq_len-1`` of each row;
+        ``removed[i]``: the vision positions of row ``i`` that get no DeepStack features (where the family has any)."""
         return {}
 
 
