@@ -80,7 +80,7 @@ def _slurm_shard(env: Mapping[str, str]) -> tuple[int, int]:
     if any(name not in env for name in names):
         raise VlmaskError(
             "shard 'auto' reads SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT, which are not set: run it as a task of "
-            "a Slurm job array (sbatch --array=0-N) or give i/n"
+            "a Slurm job array (sbatch with an array of tasks) or give i/n"
         )
     try:
         task, count = int(env[names[0]]), int(env[names[1]])
