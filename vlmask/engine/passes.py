@@ -79,7 +79,7 @@ class PromptPasses:
         """What a pass over positions ``start..seq_len-1`` does, row ``i`` under ``interventions[i]``.
 
         ``kw``: ``start``, ``starts`` (a packed decoder pass: row ``i`` computes positions
-        ``starts[i]..``) and ``internals`` (see :meth:`PassPlan.build`).
+        ``starts[i]..``), ``internals`` and ``attention`` (see :meth:`PassPlan.build`).
         """
         return PassPlan.build(
             self.unmodified, interventions, self.vl.num_layers, seq_len, read, head_means=self.head_means, **kw
@@ -94,11 +94,13 @@ class PromptPasses:
         internals: bool = True,
         capture: bool = False,
         mean_heads: bool = False,
+        attention: bool = False,
     ) -> ModelPass:
-        """The whole model on ``ids (batch, seq)``, row ``i`` under ``interventions[i]``, reading ``read``."""
+        """The whole model on ``ids (batch, seq)``, row ``i`` under ``interventions[i]``, reading ``read``
+        (and each layer's attention there, with ``attention``)."""
         seq_len = ids.shape[1]
         inputs = ModelInputs(ids, self.vl.family.extend_inputs(self.extra, seq_len), self.encoder)
-        todo = self.plan(interventions, seq_len, read, internals=internals)
+        todo = self.plan(interventions, seq_len, read, internals=internals, attention=attention)
         return self.backend.run_model(self.vl, inputs, todo, capture=capture, mean_heads=mean_heads)
 
     def decoder_pass(
@@ -109,6 +111,7 @@ class PromptPasses:
         *,
         starts: Sequence[int] = (),
         extend: bool = False,
+        attention: bool = False,
     ) -> DecoderPass:
         """The decoder on captured ``dec``, row ``i`` under ``interventions[i]``, reading ``read``.
 
@@ -116,10 +119,11 @@ class PromptPasses:
         positions ``starts[i]..``, on ``dec``'s keys and values before them (which must
         compute under ``interventions[i]`` exactly as in the pass that made ``dec``); every
         start must be at most the first read position. Without, ``dec`` holds one sequence
-        per row and each row computes the positions past its cache.
+        per row and each row computes the positions past its cache. ``attention``: read each
+        layer's attention at ``read`` too (one row).
         """
         start = dec.keys[0].shape[2]
-        todo = self.plan(interventions, dec.seq_len, read, start=start, starts=starts)
+        todo = self.plan(interventions, dec.seq_len, read, start=start, starts=starts, attention=attention)
         return self.backend.run_decoder(self.vl, dec, todo, extend=extend)
 
     def with_head_means(self, prompt_ids: torch.Tensor) -> PromptPasses:
@@ -129,20 +133,24 @@ class PromptPasses:
         done = self.model_pass(prompt_ids, [NOTHING], last, internals=False, mean_heads=True)
         return dataclasses.replace(self, head_means=done.head_means)
 
-    def clean_pass(self, prompt_ids: torch.Tensor, n: int, base: Intervention = NOTHING) -> CleanRun:
+    def clean_pass(
+        self, prompt_ids: torch.Tensor, n: int, base: Intervention = NOTHING, *, attention: bool = False
+    ) -> CleanRun:
         """Greedy continuation of exactly ``n`` tokens under ``base``, read at each step's last position.
 
         The prompt runs through the whole model once (capturing the decoder's inputs and
-        cache); each further step feeds one generated token to the decoder.
+        cache); each further step feeds one generated token to the decoder. ``attention``:
+        also read each layer's attention probabilities at each step's last position.
         """
         self.vl.family.reset(self.vl.hf)
-        first = self.model_pass(prompt_ids, [base], [prompt_ids.shape[1] - 1], capture=True)
+        last = [prompt_ids.shape[1] - 1]
+        first = self.model_pass(prompt_ids, [base], last, capture=True, attention=attention)
         out, dec = first.readout, first.inputs
         readouts, tokens = [out], [int(out.logits[0, -1].argmax())]
         for _ in range(n - 1):
             dec = dec.append_text(self.vl, tokens[-1])
             pos = dec.seq_len - 1
-            step = self.decoder_pass(dec, [base], [pos], starts=[pos], extend=True)
+            step = self.decoder_pass(dec, [base], [pos], starts=[pos], extend=True, attention=attention)
             out, dec = step.readout, step.inputs
             readouts.append(out)
             tokens.append(int(out.logits[0, -1].argmax()))
