@@ -82,7 +82,10 @@ def _add_sweep_options(run: argparse.ArgumentParser) -> None:
             "type": _TYPES.get(str(f.type).split(" |")[0], str),
             "choices": meta.get("choices"),
         }
-        if "one" in meta:
+        if str(f.type) == "bool":  # --name / --no-name
+            kwargs = {"dest": f.name, "help": kwargs["help"], "action": argparse.BooleanOptionalAction}
+            kwargs["default"] = default
+        elif "one" in meta:
             kwargs.update(
                 action="append", default=[], help=f"{meta['help']}; repeat for several", metavar=meta["one"].upper()
             )

@@ -46,11 +46,10 @@ def attention_probabilities(
     """
     key = key.float().repeat_interleave(query.shape[1] // key.shape[1], dim=1)
     scores = torch.matmul(query.float(), key.transpose(2, 3)) * scaling
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        else:
-            scores = scores + mask.float()
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask is not None:
+        scores = scores + mask.float()
     return torch.softmax(scores, dim=-1)
 
 
@@ -68,7 +67,7 @@ class AttentionReader:
 
     def _read(self, module: Any, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: Any) -> None:
         rows = self.index.to(query.device)
-        mask = None if mask is None else mask[:, :, rows] if mask.shape[2] > 1 else mask
+        mask = None if mask is None else mask[:, :, rows]
         scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
         probs = attention_probabilities(query[:, :, rows], key, mask, scale)
         self.probs[self.layers[id(module)]] = probs.cpu()
@@ -125,7 +124,7 @@ def value_norms(vl: VLModel, values: list[torch.Tensor]) -> torch.Tensor:
     """
     out = []
     for layer, v in zip(vl.decoder.layers, values, strict=True):
-        weight = layer.self_attn.o_proj.weight.float()  # (hidden, head * d)
+        weight = layer.self_attn.o_proj.weight.detach().float()  # (hidden, head * d)
         w = weight.unflatten(1, (vl.num_heads, -1)).transpose(0, 1)  # (head, hidden, d)
         gram = w.transpose(1, 2) @ w  # (head, d, d)
         v = v[0].float().repeat_interleave(vl.num_heads // v.shape[1], dim=0)  # (head, seq, d)

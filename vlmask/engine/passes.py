@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from interventions import Compose, Intervention, compose
+from vlmask.engine.attention_read import value_norms
 from vlmask.engine.backend import Backend, DecoderPass, ModelPass
 from vlmask.engine.masks import allowed_edges
 from vlmask.engine.packing import packed_cap, pass_bytes, plan_batches
@@ -208,17 +209,19 @@ class PromptPasses:
         batch_size: int | None = None,
         budget: int = 2**31,
         progress: bool = False,
+        attention: bool = True,
     ) -> Measured:
         """The clean pass under ``base``, then every knockout (as ``base & knockout``) in packed passes:
         the clean continuation, and per knockout the metrics against the clean run and its greedy continuation.
 
         Knockouts share packed passes of at most ``batch_size`` knockouts (None: no limit)
         whose estimated memory fits ``budget`` bytes; read positions before a knockout's
-        first changed position are the clean values, exactly.
+        first changed position are the clean values, exactly. ``attention``: also read the
+        clean pass's attention at each step (:func:`clean_attention`).
         """
         vl, prompt_len = self.vl, prompt_ids.shape[1]
         passes = self.with_head_means(prompt_ids) if PassPlan.needs_head_means([base, *knockouts]) else self
-        clean = passes.clean_pass(prompt_ids, num_tokens, base)
+        clean = passes.clean_pass(prompt_ids, num_tokens, base, attention=attention)
         full_len, read = prompt_len + num_tokens - 1, list(range(prompt_len - 1, prompt_len + num_tokens - 1))
         firsts = PassPlan.first_changed(knockouts, full_len, vl.num_layers)
         rows = [compose(base, iv) for iv in knockouts]
@@ -243,6 +246,7 @@ class PromptPasses:
             generated.append(passes.masked_generation(clean.inputs, clean.tokens, top, chunk, starts[batch]))
             bar.update(len(chunk))
         bar.close()
+        probs, weighted = clean_attention(vl, clean, prompt_len) if attention else (None, None)
         return Measured(
             clean_ids=clean.tokens.tolist(),
             clean_top_logprob=torch.log_softmax(clean.readout.logits[0], -1).max(-1).values,
@@ -250,4 +254,17 @@ class PromptPasses:
             heads=torch.cat(heads),
             logits=torch.cat(logits),
             masked_ids=torch.cat(generated),
+            attention=probs,
+            attention_norm=weighted,
         )
+
+
+def clean_attention(vl: VLModel, clean: CleanRun, prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean run's attention at each step, and its value-weighted form, to the prompt's positions:
+    each ``(step, seq, layer, head)``.
+
+    Value-weighted: the probability times ``||v_k W_O,h||`` of the key (the clean values).
+    """
+    probs = clean.readout.attention[0]  # (layer, step, head, key)
+    weighted = probs * value_norms(vl, clean.inputs.values)[:, None]
+    return tuple(x[..., :prompt_len].permute(1, 3, 0, 2).contiguous() for x in (probs, weighted))

@@ -197,8 +197,8 @@ class PassPlan:
     queries ``start..``; ``rows[i]`` is row ``i``'s intervention, asked for its activation
     edits; ``read`` the positions read (``internals``: layer and head outputs too, else logits
     only; ``attention``: each layer's attention probabilities too, see
-    :mod:`vlmask.engine.attention_read`); ``head_means (layer, head, head_dim)`` the unmodified model's mean head outputs,
-    where mean ablation needs them.
+    :mod:`vlmask.engine.attention_read`); ``head_means (layer, head, head_dim)`` the unmodified
+    model's mean head outputs, where mean ablation needs them.
 
     A pass over the whole model gives each row its own batch row. A decoder pass is
     *packed* (``starts`` given): row ``i`` computes only positions ``starts[i]..`` and the
