@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.stats
 import torch
 import xarray as xr
+from PIL import Image
 
 import vlmask
 from interventions import BlockKeys
+from tests.browser import needs_chromium, open_page, screenshot
 from tests.family_table import attention_readout_error, eager_attentions
 from tests.reference import extended
+from vlmask.cli import main
 from vlmask.engine.attention_read import value_norms
 from vlmask.engine.passes import PromptPasses
 from vlmask.engine.state import PassPlan
 from vlmask.inputs.prompt import build_prompt
 from vlmask.results.agreement import ranks, sink_flags, spearman, top_k_overlap
+from vlmask.viz.heatmap import agreement_text, heatmap
 
 PROMPT = "what color is the circle ?"
 SHAPES = "examples/shapes.png"
+ARTIFACTS = Path(__file__).parent / "artifacts"
 
 # ---- agreement metrics against scipy / numpy, ties included ------------------------------------
 
@@ -213,3 +222,77 @@ def test_spec_flag_is_checked():
     assert vlmask.SweepSpec("hi").attention is True
     with pytest.raises(vlmask.VlmaskError, match="attention must be true or false, got 'no'"):
         vlmask.SweepSpec("hi", attention="no")
+
+
+# ---- the views --------------------------------------------------------------------------------
+
+CLICK = """(function () {
+  const overlay = () => document.querySelector("canvas.overlay");
+  const look = () => [overlay().toDataURL(), overlay().dataset.map,
+    [...document.querySelectorAll("#strip span.masked")].map((s) => s.style.background).join("|")];
+  const before = look();
+  document.querySelector('#map-toggle button[data-map="attention"]').click();
+  const after = look();
+  Object.assign(document.body.dataset, { mapBefore: before[1], mapAfter: after[1],
+    overlayChanged: String(before[0] !== after[0]), stripChanged: String(before[2] !== after[2]) });
+})();"""
+
+
+def _with_click(report, out):
+    """``report`` with a script that clicks the attention toggle once the page has rendered (its hash allowed)."""
+    text = report.read_text(encoding="utf-8")
+    digest = "'sha256-" + base64.b64encode(hashlib.sha256(CLICK.encode()).digest()).decode() + "'"
+    text = text.replace("script-src ", f"script-src {digest} ", 1).replace(
+        "</body>", f"<script>{CLICK}</script></body>"
+    )
+    out.write_text(text, encoding="utf-8")
+    return out
+
+
+@needs_chromium
+def test_report_toggle_switches_the_image_and_strip_to_attention(swept, tmp_path):
+    report = vlmask.write_report(swept, tmp_path / "run.html")
+    page = open_page(_with_click(report, tmp_path / "clicked.html"), "layer=3")
+    assert page.body["data-status"] == "ok" and page.console == [], page.console
+    assert (page.body["data-map-before"], page.body["data-map-after"]) == ("knockout", "attention")
+    assert page.body["data-overlay-changed"] == "true" and page.body["data-strip-changed"] == "true"
+    chart = page.one("canvas", id="agreement-chart")
+    want = float(swept["agreement_spearman"].sel(step=0, effect="kl").sum())
+    assert chart["data-effect"] == "kl" and float(chart["data-sum"]) == pytest.approx(want, abs=1e-3)
+    assert page.one("button", data_map="attention")["class"] == "on"
+    screenshot(report, ARTIFACTS / "report-attention.png", fragment="map=attention&layer=3")
+
+
+def test_heatmap_views_of_attention(swept):
+    mean = heatmap(swept, "attention", layer=3)
+    cell = swept["attention"].sel(step=0, layer=3).mean("head")
+    first = int(swept["token"][1])  # r0 c1
+    assert mean.isel(panel=0, row=0, col=1).item() == pytest.approx(float(cell.sel(token=first)))
+    top = heatmap(swept, "attention:norm:max", layer=0)
+    want = swept["attention_norm"].sel(step=0, layer=0, token=first).max("head")
+    assert top.isel(panel=0, row=0, col=1).item() == pytest.approx(float(want))
+    assert mean.attrs["layer"] == "3" and heatmap(swept, "attention").attrs["layer"] == "3"  # default: the last layer
+    with pytest.raises(vlmask.VlmaskError, match="is not known"):
+        heatmap(swept, "attention:sum")
+
+
+def test_heatmap_of_attention_without_it_says_so(vl):
+    off = vlmask.sweep(vl, PROMPT, [SHAPES], mask="vision", progress=False, attention=False)
+    with pytest.raises(vlmask.VlmaskError, match="swept with attention off"):
+        heatmap(off, "attention")
+
+
+def test_cli_heatmap_draws_attention_beside_knockout(swept, tmp_path):
+    path = vlmask.save_results(swept, tmp_path / "run.nc")
+    assert main(["heatmap", str(path), "--metric", "attention:norm", "--layer", "2"]) == 0
+    with Image.open(tmp_path / "run.png") as png:
+        assert png.size[0] > png.size[1]  # two maps side by side
+    text = agreement_text(swept, 2, 0, "attention_norm")
+    rho = float(swept["agreement_spearman"].sel(step=0, layer=2, attention_source="attention_norm", effect="kl"))
+    assert f"Spearman {rho:+.2f}" in text
+
+
+def test_cli_no_attention(tmp_path):
+    args = ["run", "--prompt", PROMPT, "--image", SHAPES, "--mask", "vision", "--output-dir", str(tmp_path)]
+    assert main([*args, "--no-attention", "--no-progress"]) == 0
+    assert "attention" not in vlmask.open_results(tmp_path / "run.nc")
