@@ -24,6 +24,7 @@ from vlmask.engine.passes import PromptPasses
 from vlmask.engine.state import PassPlan
 from vlmask.inputs.prompt import build_prompt
 from vlmask.results.agreement import ranks, sink_flags, spearman, top_k_overlap
+from vlmask.viz.compare import compare_data
 from vlmask.viz.heatmap import agreement_text, heatmap
 
 PROMPT = "what color is the circle ?"
@@ -296,3 +297,17 @@ def test_cli_no_attention(tmp_path):
     args = ["run", "--prompt", PROMPT, "--image", SHAPES, "--mask", "vision", "--output-dir", str(tmp_path)]
     assert main([*args, "--no-attention", "--no-progress"]) == 0
     assert "attention" not in vlmask.open_results(tmp_path / "run.nc")
+
+
+def test_compare_carries_the_attention(vl, swept):
+    text = vlmask.sweep(vl, PROMPT, mask="text", num_tokens=2, progress=False)
+    image = vlmask.sweep(vl, PROMPT, [SHAPES], mask="all", num_tokens=2, progress=False)
+    both = vlmask.compare(image, text)
+    assert both["attention_a"].dims == ("step", "token", "layer", "head")
+    xr.testing.assert_equal(both["attention_diff"], both["attention_a"] - both["attention_b"])
+    first_a, first_b = int(both["token_a"][0]), int(both["token_b"][0])
+    want = image["attention_norm"].sel(token=first_a).values - text["attention_norm"].sel(token=first_b).values
+    np.testing.assert_allclose(both["attention_norm_diff"].isel(token=0).values, want, rtol=1e-6)
+    xr.testing.assert_equal(both["agreement_spearman_b"], text["agreement_spearman"])
+    data = compare_data(both)
+    assert {"attention", "attention:norm"} <= set(data["metrics"])
