@@ -122,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     heat = commands.add_parser("heatmap", help="draw a result's vision-token knockouts over its images (PNG)")
     heat.add_argument("result", help="a .nc file written by vlmask run")
     heat.add_argument("--metric", default="logprob_drop", help=f"one of {', '.join(METRICS)} (default logprob_drop)")
-    heat.add_argument("--layer", help="decoder layer for residual:/heads:/attention metrics, or final (default: the last)")
+    heat.add_argument("--layer", help="layer for residual:/heads:/attention metrics, or final (default: the last)")
     heat.add_argument("--step", type=int, default=0, help="generation step (default 0)")
     heat.add_argument("-o", "--output", help="PNG file (default: RESULT with .png)")
     heat.add_argument("--overwrite", action="store_true", help="replace an existing PNG")

@@ -93,7 +93,7 @@ def unit_values(
         >>> values.dims, layer
         (('token',), 2)
     """
-    view, reduce = _attention_view(metric)
+    view, reduce = attention_view(metric)
     if view is not None:
         return _attention_values(ds, view, reduce, layer, step)
     name, _, rest = metric.partition(":")
@@ -124,7 +124,7 @@ def _check_step(ds: xr.Dataset, step: int) -> None:
         )
 
 
-def _attention_view(metric: str) -> tuple[str | None, str]:
+def attention_view(metric: str) -> tuple[str | None, str]:
     """The attention variable ``metric`` views and its head reduction, or ``(None, "")`` for another metric."""
     base, _, reduce = metric.rpartition(":") if metric.endswith(":max") else (metric, "", "mean")
     return ATTENTION_METRICS.get(base), reduce

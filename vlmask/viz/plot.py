@@ -16,7 +16,7 @@ from vlmask.errors import VlmaskError
 from vlmask.inputs.video import frame_paths, video_hash
 from vlmask.results.io import atomic_write, refuse_existing
 from vlmask.results.schema import PANEL_COLS, PANEL_INDEX, PANEL_ROWS, PANEL_SOURCE, PANEL_T, recorded_media
-from vlmask.viz.heatmap import _attention_view, agreement_text, cell_colors, heatmap, paint
+from vlmask.viz.heatmap import agreement_text, attention_view, cell_colors, heatmap, paint
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def plot_heatmap(
         raise VlmaskError(f"heatmap output '{path}' must end in .png")
     heat = heatmap(ds, metric, layer, step)
     pictures = panel_pictures(ds, heat)
-    view, _ = _attention_view(metric)
+    view, _ = attention_view(metric)
     if view is not None:
         title = agreement_text(ds, int(heat.attrs["layer"]), step, view, versus)
         fig = _pair_figure([heat, heatmap(ds, versus, None, step)], pictures, cmap, alpha, title)
