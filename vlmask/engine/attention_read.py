@@ -128,6 +128,6 @@ def value_norms(vl: VLModel, values: list[torch.Tensor]) -> torch.Tensor:
         w = weight.unflatten(1, (vl.num_heads, -1)).transpose(0, 1)  # (head, hidden, d)
         gram = w.transpose(1, 2) @ w  # (head, d, d)
         v = v[0].float().repeat_interleave(vl.num_heads // v.shape[1], dim=0)  # (head, seq, d)
-        squared = torch.einsum("hsd,hde,hse->hs", v, gram, v)
+        squared = ((v @ gram) * v).sum(-1)  # (head, seq)
         out.append(squared.clamp_min(0).sqrt().cpu())
     return torch.stack(out)

@@ -113,24 +113,30 @@ def _over_units(fn, attention: xr.DataArray, effect: xr.DataArray, **kw) -> xr.D
     return xr.apply_ufunc(fn, attention, effect, input_core_dims=[[TOKEN], [TOKEN]], kwargs=kw)
 
 
+def _bare(values: np.ndarray, dims: tuple[str, ...]) -> xr.DataArray:
+    """A DataArray without coordinates: the Dataset it joins has them (and nothing need be aligned)."""
+    return xr.DataArray(values, dims=dims)
+
+
 def _agreement(mass: xr.DataArray, effect: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray]:
     """Spearman and top-k overlap of ``mass`` with ``effect`` over ``token``: dims ``step, [layer,]
     attention_source, effect, [k,] ...``."""
     rho = _over_units(spearman, mass, effect)
-    overlap = xr.concat([_over_units(top_k_overlap, mass, effect, k=k) for k in K_VALUES], dim=TOP_K)
-    overlap = overlap.assign_coords({TOP_K: list(K_VALUES)})
+    overlap = [_over_units(top_k_overlap, mass, effect, k=k) for k in K_VALUES]
+    overlap = _bare(np.stack([o.values for o in overlap], axis=-1), (*overlap[0].dims, TOP_K))
     lead = [d for d in (STEP, LAYER, ATTENTION_SOURCE, EFFECT) if d in rho.dims]
     return rho.transpose(*lead, ...), overlap.transpose(*lead, TOP_K, ...)
 
 
 def unit_attention(ds: xr.Dataset, name: str) -> xr.DataArray:
     """``name`` (an attention variable on ``seq``) summed over each unit's members: dims ``(..., token, ...)``."""
-    members = np.zeros((ds.sizes[TOKEN], ds.sizes[SEQ]))
+    members = np.zeros((ds.sizes[TOKEN], ds.sizes[SEQ]), dtype=np.float32)
     for i, text in enumerate(ds[TOKEN_MEMBERS].values):
         members[i, [int(p) for p in str(text).split(",") if p]] = 1.0
-    weights = xr.DataArray(members, dims=(TOKEN, SEQ), coords={TOKEN: ds[TOKEN].values})
-    summed = xr.dot(ds[name], weights, dim=SEQ)
-    return summed.transpose(*[TOKEN if d == SEQ else d for d in ds[name].dims])
+    values = ds[name].transpose(..., SEQ).values @ members.T  # (..., token)
+    dims = tuple(d for d in ds[name].dims if d != SEQ)
+    axis = ds[name].dims.index(SEQ)
+    return _bare(np.moveaxis(values, -1, axis), (*dims[:axis], TOKEN, *dims[axis:]))
 
 
 def with_attention(ds: xr.Dataset) -> xr.Dataset:
@@ -144,20 +150,21 @@ def with_attention(ds: xr.Dataset) -> xr.Dataset:
         >>> sorted(set(with_attention(ds)[AGREEMENT_SPEARMAN].dims))
         ['attention_source', 'effect', 'layer', 'step']
     """
-    out = ds.copy()
     if ATTENTION_SEQ not in ds or TOKEN not in ds.dims:
-        return _described(out)
-    for unit_name, seq_name in SOURCES.items():
-        out[unit_name] = unit_attention(ds, seq_name).astype(np.float32)
-    mass = xr.concat([out[name].mean(HEAD) for name in SOURCES], dim=ATTENTION_SOURCE)
-    mass = mass.assign_coords({ATTENTION_SOURCE: list(SOURCES)})
-    effect = xr.concat([ds[name] for name in EFFECTS], dim=EFFECT).assign_coords({EFFECT: list(EFFECTS)})
-    out[AGREEMENT_SPEARMAN], out[AGREEMENT_TOP_K] = _agreement(mass, effect)
-    out[AGREEMENT_SPEARMAN_ALL], out[AGREEMENT_TOP_K_ALL] = _agreement(mass.mean(LAYER), effect)
-    raw = mass.sel({ATTENTION_SOURCE: ATTENTION}, drop=True)
+        return _described(ds.copy())
+    units = {name: unit_attention(ds, seq_name) for name, seq_name in SOURCES.items()}
+    heads = units[ATTENTION].dims.index(HEAD)
+    mass_dims = (ATTENTION_SOURCE, *(d for d in units[ATTENTION].dims if d != HEAD))
+    mass = _bare(np.stack([u.values.mean(heads) for u in units.values()]), mass_dims)
+    effect = _bare(np.stack([ds[name].values for name in EFFECTS]), (EFFECT, *ds[EFFECTS[0]].dims))
+    new = dict(units)
+    new[AGREEMENT_SPEARMAN], new[AGREEMENT_TOP_K] = _agreement(mass, effect)
+    new[AGREEMENT_SPEARMAN_ALL], new[AGREEMENT_TOP_K_ALL] = _agreement(mass.mean(LAYER), effect)
+    raw = mass.isel({ATTENTION_SOURCE: 0})
     sinks = xr.apply_ufunc(sink_flags, raw, effect, input_core_dims=[[TOKEN], [TOKEN]], output_core_dims=[[TOKEN]])
-    out[ATTENTION_SINK] = sinks.transpose(STEP, TOKEN, ...)
-    return _described(out)
+    new[ATTENTION_SINK] = sinks.transpose(STEP, TOKEN, ...)
+    coords = {ATTENTION_SOURCE: list(SOURCES), EFFECT: list(EFFECTS), TOP_K: list(K_VALUES)}
+    return _described(ds.assign(new).assign_coords(coords))
 
 
 def _described(ds: xr.Dataset) -> xr.Dataset:
