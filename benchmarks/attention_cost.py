@@ -42,6 +42,8 @@ def main() -> None:
         build_model(model, args.size)
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (448, 448, 3), dtype=np.uint8)).save(image)
         vl = vlmask.load_model(model, device=args.device)
+        for attention in (True, False):  # warm-up: first-call costs of torch and nnsight
+            vlmask.sweep(vl, "w1 w2 w3", [image], mask="all", num_tokens=2, progress=False, attention=attention)
         for name in args.scenario or ["S1", "S2"]:
             sc = SCENARIOS[name]
             images = [image] if sc["image"] else []
@@ -61,7 +63,6 @@ def main() -> None:
                 _sync(vl)
                 return time.perf_counter() - start
 
-            run(True), run(False)  # warm-up
             times = {False: [], True: []}
             for _ in range(args.pairs):
                 for attention in (False, True):
