@@ -12,7 +12,7 @@ import torch
 
 import vlmask
 from interventions import BlockKeys
-from tests.reference import extended, greedy, reference_run
+from tests.reference import decoder_of, extended, greedy, hand_mask, hooked, reference_run
 from vlmask.engine.passes import PromptPasses
 from vlmask.inputs.prompt import build_prompt
 
@@ -110,10 +110,45 @@ def fast_equals_naive(sdpa, eager, images):
         assert ds["masked_token_id"].sel(token=p).values.tolist() == greedy(sdpa, built.inputs, steps, {p})
 
 
+def eager_attentions(eager, inputs: dict, read: list[int], **mask) -> torch.Tensor:
+    """transformers' own ``output_attentions=True`` of the eager model at the query rows ``read``:
+    ``(layer, read, head, key)``; ``mask`` (``blocked``, ``bidirectional``) is a hand-built mask handed to
+    every layer, as in :func:`tests.reference.reference_run`."""
+    seq = inputs["input_ids"].shape[1]
+    hand = hand_mask(seq, set(mask.get("blocked", ())), "eager", eager.dtype, list(mask.get("bidirectional", ())))
+    layers = range(decoder_of(eager.hf).config.num_hidden_layers)
+    with torch.no_grad(), hooked(eager.hf, dict.fromkeys(layers, hand)):
+        out = eager.hf(**inputs, output_attentions=True)
+    return torch.stack([a[0][:, read].transpose(0, 1) for a in out.attentions]).float()
+
+
+def attention_readout_error(vl, eager, images, backend: str, steps: int = 2) -> float:
+    """Largest difference of ``vl``'s clean attention readout (``steps`` steps) from eager ``output_attentions``."""
+    _, built = _prompt(vl, images)
+    ids = built.inputs["input_ids"]
+    passes = PromptPasses.of(vl, built, ids.shape[1] + steps - 1, backend=backend)
+    clean = passes.clean_pass(ids, steps, attention=True)
+    read = list(range(ids.shape[1] - 1, ids.shape[1] + steps - 1))
+    want = eager_attentions(eager, extended(built.inputs, clean.tokens[:-1].tolist()), read)
+    got = clean.readout.attention[0]
+    assert got.shape == want.shape, (got.shape, want.shape)
+    torch.testing.assert_close(got.sum(-1), torch.ones(got.shape[:-1]), atol=1e-5, rtol=0)
+    return float((got - want).abs().max())
+
+
+def attention_readout_equals_eager(sdpa, eager, images):
+    """The clean attention readout (sdpa and eager models, both backends) = transformers' eager output_attentions."""
+    for vl in (sdpa, eager):
+        for backend in ("nnsight", "hooks"):
+            error = attention_readout_error(vl, eager, images, backend)
+            assert error <= 1e-5, f"{vl.attn_implementation}/{backend}: attention differs by {error:.2e}"
+
+
 TABLE = (
     knockout_equals_reference,
     positions_up_to_p_unchanged,
     blocking_nothing_is_the_native_forward,
     sdpa_equals_eager,
     fast_equals_naive,
+    attention_readout_equals_eager,
 )

@@ -47,7 +47,10 @@ def _add_sweep_options(run: argparse.ArgumentParser) -> None:
             "type": _TYPES.get(str(f.type).split(" |")[0], str),
             "choices": meta.get("choices"),
         }
-        if "one" in meta:
+        if str(f.type) == "bool":  # --name / --no-name
+            kwargs = {"dest": f.name, "help": kwargs["help"], "action": argparse.BooleanOptionalAction}
+            kwargs["default"] = default
+        elif "one" in meta:
             kwargs.update(
                 action="append", default=[], help=f"{meta['help']}; repeat for several", metavar=meta["one"].upper()
             )
@@ -119,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     heat.add_argument(
         "--metric", default="logprob_drop", help="what to draw (default logprob_drop; an unknown one lists them all)"
     )
-    heat.add_argument("--layer", help="decoder layer for residual:/heads: metrics, or final (default: the last)")
+    heat.add_argument("--layer", help="layer for residual:/heads:/attention metrics, or final (default: the last)")
     heat.add_argument("--step", type=_count(0), default=0, help="generation step (default 0)")
     heat.add_argument("-o", "--output", help="PNG file (default: RESULT with .png)")
     heat.add_argument("--overwrite", action="store_true", help="replace an existing PNG")

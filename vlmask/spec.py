@@ -245,6 +245,12 @@ def _choice(name: str, value: Any) -> str:
     return value
 
 
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise VlmaskError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
 def _size(name: str, value: Any) -> int:
     if isinstance(value, str):
         return parse_size(value)
@@ -332,6 +338,10 @@ class SweepSpec:
     )
     max_memory: str | int = field(
         default="2GiB", metadata=about("memory budget of one packed pass of knockouts", _size)
+    )
+    attention: bool = field(
+        default=True,
+        metadata=about("also read the clean attention at each step, per layer and head, beside the knockouts", _flag),
     )
 
     def __post_init__(self) -> None:

@@ -103,7 +103,8 @@ class Backend(ABC):
         index = torch.tensor(plan.read, device=vl.device)
         kwargs = model_kwargs(vl, inputs, index, capture)
         steps = LayerSteps(vl, plan, layer_masks(vl, plan.allowed), index, mean_heads, self.keep)
-        output, decoder_kwargs = self.forward_model(vl, kwargs, steps, capture)
+        with steps.reading():
+            output, decoder_kwargs = self.forward_model(vl, kwargs, steps, capture)
         readout = steps.readout(output.logits.float().cpu())
         captured = captured_inputs(vl, decoder_kwargs, output.cache) if capture else None
         return ModelPass(readout, captured, steps.head_means())
@@ -119,7 +120,9 @@ class Backend(ABC):
         """
         call = decoder_call(vl, inputs, plan)
         steps = LayerSteps(vl, plan, call.masks, call.index, keep=self.keep)
-        readout = steps.readout(self.forward_decoder(vl, call, steps))
+        with steps.reading():
+            logits = self.forward_decoder(vl, call, steps)
+        readout = steps.readout(logits)
         if plan.starts:
             readout = readout.unpacked(len(plan.rows))
         return DecoderPass(readout, inputs.extended(call.cache, plan.start) if extend else None)

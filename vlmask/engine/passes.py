@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from interventions import Compose, Intervention, compose
+from vlmask.engine.attention_read import value_norms
 from vlmask.engine.backend import Backend, DecoderPass, ModelPass
 from vlmask.engine.masks import allowed_edges
 from vlmask.engine.packing import packed_cap, pass_bytes, plan_batches
@@ -98,7 +99,7 @@ class PromptPasses:
         """What a pass over positions ``start..seq_len-1`` does, row ``i`` under ``interventions[i]``.
 
         ``kw``: ``start``, ``starts`` (a packed decoder pass: row ``i`` computes positions
-        ``starts[i]..``) and ``internals`` (see :meth:`PassPlan.build`).
+        ``starts[i]..``), ``internals`` and ``attention`` (see :meth:`PassPlan.build`).
         """
         removed = self.removed(interventions, seq_len)
         return PassPlan.build(
@@ -121,11 +122,13 @@ class PromptPasses:
         internals: bool = True,
         capture: bool = False,
         mean_heads: bool = False,
+        attention: bool = False,
     ) -> ModelPass:
-        """The whole model on ``ids (batch, seq)``, row ``i`` under ``interventions[i]``, reading ``read``."""
+        """The whole model on ``ids (batch, seq)``, row ``i`` under ``interventions[i]``, reading ``read``
+        (and each layer's attention there, with ``attention``)."""
         seq_len = ids.shape[1]
         inputs = ModelInputs(ids, self.vl.family.extend_inputs(self.extra, seq_len), self.encoder)
-        todo = self.plan(interventions, seq_len, read, internals=internals)
+        todo = self.plan(interventions, seq_len, read, internals=internals, attention=attention)
         if any(todo.removed):
             raise ValueError("a whole-model pass cannot withhold DeepStack features: run the knockout on the decoder")
         return self.backend.run_model(self.vl, inputs, todo, capture=capture, mean_heads=mean_heads)
@@ -138,6 +141,7 @@ class PromptPasses:
         *,
         starts: Sequence[int] = (),
         extend: bool = False,
+        attention: bool = False,
     ) -> DecoderPass:
         """The decoder on captured ``dec``, row ``i`` under ``interventions[i]``, reading ``read``.
 
@@ -145,10 +149,11 @@ class PromptPasses:
         positions ``starts[i]..``, on ``dec``'s keys and values before them (which must
         compute under ``interventions[i]`` exactly as in the pass that made ``dec``); every
         start must be at most the first read position. Without, ``dec`` holds one sequence
-        per row and each row computes the positions past its cache.
+        per row and each row computes the positions past its cache. ``attention``: read each
+        layer's attention at ``read`` too (one row).
         """
         start = dec.keys[0].shape[2]
-        todo = self.plan(interventions, dec.seq_len, read, start=start, starts=starts)
+        todo = self.plan(interventions, dec.seq_len, read, start=start, starts=starts, attention=attention)
         return self.backend.run_decoder(self.vl, dec, todo, extend=extend)
 
     def with_head_means(self, prompt_ids: torch.Tensor) -> PromptPasses:
@@ -158,20 +163,24 @@ class PromptPasses:
         done = self.model_pass(prompt_ids, [NOTHING], last, internals=False, mean_heads=True)
         return dataclasses.replace(self, head_means=done.head_means)
 
-    def clean_pass(self, prompt_ids: torch.Tensor, n: int, base: Intervention = NOTHING) -> CleanRun:
+    def clean_pass(
+        self, prompt_ids: torch.Tensor, n: int, base: Intervention = NOTHING, *, attention: bool = False
+    ) -> CleanRun:
         """Greedy continuation of exactly ``n`` tokens under ``base``, read at each step's last position.
 
         The prompt runs through the whole model once (capturing the decoder's inputs and
-        cache); each further step feeds one generated token to the decoder.
+        cache); each further step feeds one generated token to the decoder. ``attention``:
+        also read each layer's attention probabilities at each step's last position.
         """
         self.vl.family.reset(self.vl.hf)
-        first = self.model_pass(prompt_ids, [base], [prompt_ids.shape[1] - 1], capture=True)
+        last = [prompt_ids.shape[1] - 1]
+        first = self.model_pass(prompt_ids, [base], last, capture=True, attention=attention)
         out, dec = first.readout, first.inputs
         readouts, tokens = [out], [int(out.logits[0, -1].argmax())]
         for _ in range(n - 1):
             dec = dec.append_text(self.vl, tokens[-1])
             pos = dec.seq_len - 1
-            step = self.decoder_pass(dec, [base], [pos], starts=[pos], extend=True)
+            step = self.decoder_pass(dec, [base], [pos], starts=[pos], extend=True, attention=attention)
             out, dec = step.readout, step.inputs
             readouts.append(out)
             tokens.append(int(out.logits[0, -1].argmax()))
@@ -229,17 +238,19 @@ class PromptPasses:
         batch_size: int | None = None,
         budget: int = 2**31,
         progress: bool = False,
+        attention: bool = True,
     ) -> Measured:
         """The clean pass under ``base``, then every knockout (as ``base & knockout``) in packed passes:
         the clean continuation, and per knockout the metrics against the clean run and its greedy continuation.
 
         Knockouts share packed passes of at most ``batch_size`` knockouts (None: no limit)
         whose estimated memory fits ``budget`` bytes; read positions before a knockout's
-        first changed position are the clean values, exactly.
+        first changed position are the clean values, exactly. ``attention``: also read the
+        clean pass's attention at each step (:func:`clean_attention`).
         """
         vl, prompt_len = self.vl, prompt_ids.shape[1]
         passes = self.with_head_means(prompt_ids) if PassPlan.needs_head_means([base, *knockouts]) else self
-        clean = passes.clean_pass(prompt_ids, num_tokens, base)
+        clean = passes.clean_pass(prompt_ids, num_tokens, base, attention=attention)
         full_len, read = prompt_len + num_tokens - 1, list(range(prompt_len - 1, prompt_len + num_tokens - 1))
         firsts = PassPlan.first_changed(knockouts, full_len, vl.num_layers)
         # a position without its DeepStack features changes itself: recompute from there
@@ -266,6 +277,7 @@ class PromptPasses:
             generated.append(passes.masked_generation(clean.inputs, clean.tokens, top, chunk, starts[batch]))
             bar.update(len(chunk))
         bar.close()
+        probs, weighted = clean_attention(vl, clean, prompt_len) if attention else (None, None)
         return Measured(
             clean_ids=clean.tokens.tolist(),
             clean_top_logprob=torch.log_softmax(clean.readout.logits[0], -1).max(-1).values,
@@ -273,4 +285,17 @@ class PromptPasses:
             heads=torch.cat(heads),
             logits=torch.cat(logits),
             masked_ids=torch.cat(generated),
+            attention=probs,
+            attention_norm=weighted,
         )
+
+
+def clean_attention(vl: VLModel, clean: CleanRun, prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean run's attention at each step, and its value-weighted form, to the prompt's positions:
+    each ``(step, seq, layer, head)``.
+
+    Value-weighted: the probability times ``||v_k W_O,h||`` of the key (the clean values).
+    """
+    probs = clean.readout.attention[0]  # (layer, step, head, key)
+    weighted = probs * value_norms(vl, clean.inputs.values)[:, None]
+    return tuple(x[..., :prompt_len].permute(1, 3, 0, 2).contiguous() for x in (probs, weighted))

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,7 +29,8 @@ class Readout:
 
     Shapes: ``residual (batch, layer, pos, hidden)``, ``heads (batch, layer, pos, head, head_dim)``,
     ``logits (batch, pos, vocab)``; ``residual`` and ``heads`` are empty ``(batch, 0)`` when the
-    pass read only logits.
+    pass read only logits. ``attention (batch, layer, pos, head, key)``: the attention
+    probabilities from each read position to every key, where the pass read them (else empty).
 
     Example:
         >>> step = Readout(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 2, 2), torch.zeros(1, 1, 5))
@@ -40,39 +41,58 @@ class Readout:
     residual: torch.Tensor
     heads: torch.Tensor
     logits: torch.Tensor
+    attention: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
     @staticmethod
     def of_layers(
-        residual: list[torch.Tensor] | None, heads: list[torch.Tensor], logits: torch.Tensor, num_heads: int
+        residual: list[torch.Tensor] | None,
+        heads: list[torch.Tensor],
+        logits: torch.Tensor,
+        num_heads: int,
+        attention: torch.Tensor | None = None,
     ) -> Readout:
-        """A readout from per-layer reads: ``residual[layer] (batch, pos, hidden)`` (None: logits only) and
-        ``heads[layer] (batch, pos, head * head_dim)``."""
+        """A readout from per-layer reads: ``residual[layer] (batch, pos, hidden)`` (None: logits only),
+        ``heads[layer] (batch, pos, head * head_dim)`` and ``attention`` (None: not read)."""
+        attention = torch.empty(0) if attention is None else attention
         if residual is None:
             empty = torch.empty(logits.shape[0], 0)
-            return Readout(empty, empty, logits)
+            return Readout(empty, empty, logits, attention)
         return Readout(
             residual=torch.stack(residual, dim=1),
             heads=rearrange(torch.stack(heads, dim=1), "b l p (h d) -> b l p h d", h=num_heads),
             logits=logits,
+            attention=attention,
         )
 
     @staticmethod
     def concat(readouts: Sequence[Readout]) -> Readout:
-        """Readouts of the same rows at successive read positions (steps), as one, in order."""
+        """Readouts of the same rows at successive read positions (steps), as one, in order.
+
+        Attention rows of earlier steps have fewer keys: they are padded with zeros (a key
+        after the query gets no attention) to the last step's keys.
+        """
+        attention = torch.empty(0)
+        if all(r.attention.numel() for r in readouts):
+            keys = max(r.attention.shape[-1] for r in readouts)
+            padded = [torch.nn.functional.pad(r.attention, (0, keys - r.attention.shape[-1])) for r in readouts]
+            attention = torch.cat(padded, dim=2)
         return Readout(
             torch.cat([r.residual for r in readouts], dim=2),
             torch.cat([r.heads for r in readouts], dim=2),
             torch.cat([r.logits for r in readouts], dim=1),
+            attention,
         )
 
     def select(self, keep: torch.Tensor, other: Readout) -> Readout:
-        """``other``'s values where ``keep (batch, pos)`` is True, these elsewhere (``torch.where`` per read)."""
+        """``other``'s values where ``keep (batch, pos)`` is True, these elsewhere (``torch.where`` per read);
+        the attention read, if any, is this readout's."""
         if not keep.any():
             return self
         return Readout(
             torch.where(keep[:, None, :, None], other.residual, self.residual),
             torch.where(keep[:, None, :, None, None], other.heads, self.heads),
             torch.where(keep[:, :, None], other.logits, self.logits),
+            self.attention,
         )
 
     def unpacked(self, rows: int) -> Readout:
@@ -82,7 +102,8 @@ class Readout:
             heads = rearrange(self.heads, "1 l (k p) h d -> k l p h d", k=rows)
         else:
             residual = heads = torch.empty(rows, 0)
-        return Readout(residual, heads, rearrange(self.logits, "1 (k p) v -> k p v", k=rows))
+        logits = rearrange(self.logits, "1 (k p) v -> k p v", k=rows)
+        return Readout(residual, heads, logits, self.attention)  # attention is read in one-row packs only
 
 
 @dataclass(frozen=True)
@@ -175,8 +196,9 @@ class PassPlan:
     ``allowed[layer] (batch, query, key)`` are the attention edges left at each layer, for
     queries ``start..``; ``rows[i]`` is row ``i``'s intervention, asked for its activation
     edits; ``read`` the positions read (``internals``: layer and head outputs too, else logits
-    only); ``head_means (layer, head, head_dim)`` the unmodified model's mean head outputs,
-    where mean ablation needs them.
+    only; ``attention``: each layer's attention probabilities too, see
+    :mod:`vlmask.engine.attention_read`); ``head_means (layer, head, head_dim)`` the unmodified
+    model's mean head outputs, where mean ablation needs them.
 
     A pass over the whole model gives each row its own batch row. A decoder pass is
     *packed* (``starts`` given): row ``i`` computes only positions ``starts[i]..`` and the
@@ -197,6 +219,7 @@ class PassPlan:
     starts: tuple[int, ...] = ()
     internals: bool = True
     removed: tuple[tuple[int, ...], ...] = ()
+    attention: bool = False
 
     @staticmethod
     def build(
@@ -211,6 +234,7 @@ class PassPlan:
         head_means: torch.Tensor | None = None,
         internals: bool = True,
         removed: Sequence[Sequence[int]] = (),
+        attention: bool = False,
     ) -> PassPlan:
         """The plan of a pass over positions ``start..seq_len-1`` (``starts``: packed, from ``min(starts)``).
 
@@ -219,6 +243,8 @@ class PassPlan:
         ``attention_key`` share one tensor, so memory does not grow with depth.
         """
         rows = tuple(interventions)
+        if attention and len(starts) > 1:
+            raise ValueError("attention is read in passes whose keys are one sequence: at most one packed row")
         start = min(starts) if starts else start
         edges = unmodified[start:seq_len, :seq_len]
         shared: dict[tuple[Any, ...], torch.Tensor] = {}
@@ -233,7 +259,7 @@ class PassPlan:
                 shared[keys] = torch.stack([edges if cut is None else edges & ~cut[start:] for cut in cuts])
             allowed.append(shared[keys])
         removed = tuple(tuple(r) for r in removed)
-        return PassPlan(allowed, rows, tuple(read), start, head_means, tuple(starts), internals, removed)
+        return PassPlan(allowed, rows, tuple(read), start, head_means, tuple(starts), internals, removed, attention)
 
     @staticmethod
     def first_changed(interventions: Sequence[Intervention], seq_len: int, num_layers: int) -> list[int]:

@@ -15,6 +15,7 @@ whose attention mask keeps them apart.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from vlmask.engine.attention_read import AttentionReader
 from vlmask.engine.state import DecoderInputs, ModelInputs, PassPlan, Readout
 from vlmask.model.attention import attention_mask
 from vlmask.model.load import VLModel
@@ -75,7 +77,9 @@ class LayerSteps:
     passes the ``o_proj`` input through :meth:`heads` (which edits and reads it), and where
     :meth:`wants_output` the layer output through :meth:`output`; both return the edited
     tensor, or None where nothing was edited. ``keep`` marks each kept tensor (nnsight's
-    ``save``; identity for plain hooks).
+    ``save``; identity for plain hooks). Where the plan reads attention, the backend runs the
+    forward inside :meth:`reading` (the attention function itself is read, whatever attaches
+    the rest).
     """
 
     def __init__(
@@ -94,6 +98,11 @@ class LayerSteps:
         self.residual: list[torch.Tensor] | None = [] if plan.internals else None
         self.head_reads: list[torch.Tensor] = []
         self.means: list[torch.Tensor] | None = [] if mean_heads else None
+        self.reader = AttentionReader(vl, index) if plan.attention else None
+
+    def reading(self) -> contextlib.AbstractContextManager[None]:
+        """The context the forward runs in: reading each layer's attention where the plan asks for it."""
+        return contextlib.nullcontext() if self.reader is None else self.reader.reading()
 
     def wants_heads(self, layer: int) -> bool:
         return self.edits["heads"][layer] or self.residual is not None or self.means is not None
@@ -127,7 +136,8 @@ class LayerSteps:
 
     def readout(self, logits: torch.Tensor) -> Readout:
         """What the pass read, its ``logits (batch, read, vocab)`` (float32, CPU) given."""
-        return Readout.of_layers(self.residual, self.head_reads, logits, self.num_heads)
+        attention = None if self.reader is None else self.reader.stacked()
+        return Readout.of_layers(self.residual, self.head_reads, logits, self.num_heads, attention)
 
     def head_means(self) -> torch.Tensor | None:
         """Each layer's head outputs averaged over every computed position, row 0: ``(layer, head, head_dim)``."""

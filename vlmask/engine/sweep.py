@@ -154,6 +154,7 @@ def sweep(
         batch_size=spec.batch_size,
         budget=spec.max_memory,
         progress=progress,
+        attention=spec.attention,
     )
     record = sweep_record(
         vl,

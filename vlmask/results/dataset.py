@@ -19,9 +19,12 @@ import xarray as xr
 
 from vlmask.inputs.grid import Grid
 from vlmask.inputs.prompt import TokenTable
+from vlmask.results.agreement import with_attention
 from vlmask.results.cf import CF_METADATA, CONVENTIONS
 from vlmask.results.metrics import LOGIT_METRICS, VECTOR_METRICS
 from vlmask.results.schema import (
+    ATTENTION_NORM_SEQ,
+    ATTENTION_SEQ,
     ATTR,
     CLEAN_TOP_LOGPROB,
     DESCRIPTIONS,
@@ -70,6 +73,8 @@ class Measured:
     heads: torch.Tensor  # (knockout, layer, step, head, metric)
     logits: torch.Tensor  # (knockout, step, logit metric)
     masked_ids: torch.Tensor  # (knockout, step)
+    attention: torch.Tensor | None = None  # clean, (step, seq, layer, head); None: not read
+    attention_norm: torch.Tensor | None = None  # value-weighted, like attention
 
 
 @dataclass(frozen=True)
@@ -137,7 +142,16 @@ def _data(rec: SweepRecord) -> dict[str, Any]:
         MASKED_TOKEN_ID: ((*dims, STEP), m.masked_ids.numpy().astype(np.int64).reshape(*shape, -1)),
         MASKED_CONTINUATION: (dims, np.array(rec.continuations, dtype=object).reshape(shape)),
         CLEAN_TOP_LOGPROB: ((STEP,), m.clean_top_logprob.numpy()),
+        **_attention_data(m),
     }
+
+
+def _attention_data(m: Measured) -> dict[str, Any]:
+    """The clean attention on ``seq``, where the sweep read it."""
+    if m.attention is None or m.attention_norm is None:
+        return {}
+    dims = (STEP, SEQ, LAYER, HEAD)
+    return {ATTENTION_SEQ: (dims, m.attention.numpy()), ATTENTION_NORM_SEQ: (dims, m.attention_norm.numpy())}
 
 
 def _coords(rec: SweepRecord) -> dict[str, Any]:
@@ -222,6 +236,9 @@ def _attrs(rec: SweepRecord) -> dict[str, Any]:
 def to_dataset(rec: SweepRecord) -> xr.Dataset:
     """Label a :class:`SweepRecord`: dims ``step, token`` (or ``intervention``) ``[, window], layer, head, metric``.
 
+    Where the sweep read attention, its per-unit sums and agreement with the knockouts are
+    added (:func:`vlmask.results.agreement.with_attention`).
+
     Example:
         >>> ds[RESIDUAL].dims, ds[RESIDUAL].attrs["description"] == DESCRIPTIONS[RESIDUAL]
         (('step', 'token', 'layer', 'metric'), True)
@@ -231,6 +248,7 @@ def to_dataset(rec: SweepRecord) -> xr.Dataset:
     ds = xr.Dataset(_data(rec), coords=_coords(rec), attrs=_attrs(rec))
     for name, text in DESCRIPTIONS.items():
         ds[name].attrs["description"] = text
+    ds = with_attention(ds)
     for name, (long_name, units) in CF_METADATA.items():
         if name in ds.variables:
             ds[name].attrs.update({"long_name": long_name, **({"units": units} if units else {})})

@@ -65,6 +65,28 @@ DESCRIPTIONS = {
 }
 """The ``description`` attribute of each metric variable."""
 
+# ---- the clean attention readout, and how it agrees with the knockouts (absent with attention=False) ----------
+ATTENTION_SOURCE = "attention_source"  # dim: which attention is compared: ATTENTION or ATTENTION_NORM
+EFFECT = "effect"  # dim: which knockout effect it is compared with: KL or LOGPROB_DROP
+TOP_K = "k"  # dim: the k of a top-k overlap
+ATTENTION, ATTENTION_NORM = "attention", "attention_norm"
+ATTENTION_SEQ, ATTENTION_NORM_SEQ = "attention_seq", "attention_norm_seq"
+AGREEMENT_SPEARMAN, AGREEMENT_TOP_K = "agreement_spearman", "agreement_top_k"
+AGREEMENT_SPEARMAN_ALL, AGREEMENT_TOP_K_ALL = "agreement_spearman_all_layers", "agreement_top_k_all_layers"
+ATTENTION_SINK = "attention_sink"
+ATTENTION_DESCRIPTIONS = {
+    ATTENTION_SEQ: "clean attention probability from the measured position to each position, per layer and head",
+    ATTENTION_NORM_SEQ: "value-weighted clean attention ||a v W_O,h|| (Kobayashi et al. 2020) to each position",
+    ATTENTION: "clean attention probability from the measured position to the unit (sum over its members)",
+    ATTENTION_NORM: "value-weighted clean attention ||a v W_O,h|| to the unit (sum over its members)",
+    AGREEMENT_SPEARMAN: "Spearman rank correlation over units: head-mean attention at the layer vs knockout effect",
+    AGREEMENT_TOP_K: "fraction of the k units of most head-mean attention that are among the k of largest effect",
+    AGREEMENT_SPEARMAN_ALL: "Spearman rank correlation over units: attention averaged over layers and heads vs effect",
+    AGREEMENT_TOP_K_ALL: "top-k overlap over units: attention averaged over layers and heads vs knockout effect",
+    ATTENTION_SINK: "unit in the top decile of head-mean attention at the layer but the bottom half of the effect",
+}
+"""The ``description`` attribute of each attention variable (present where the sweep read attention)."""
+
 # ---- coordinates -------------------------------------------------------------------------------
 STEP_TOKEN, STEP_TOKEN_ID, STEP_POSITION = "step_token", "step_token_id", "step_position"
 TOKEN_TEXT, TOKEN_KIND, TOKEN_MEMBERS, TOKEN_SIZE = "token_text", "token_kind", "token_members", "token_size"

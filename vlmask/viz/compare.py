@@ -19,7 +19,12 @@ import xarray as xr
 from vlmask.errors import VlmaskError
 from vlmask.results.metrics import LOGIT_METRICS
 from vlmask.results.schema import (
+    AGREEMENT_SPEARMAN,
+    AGREEMENT_SPEARMAN_ALL,
+    ATTENTION,
+    ATTENTION_NORM,
     ATTR,
+    HEAD,
     LAYER,
     METRIC,
     RESIDUAL,
@@ -88,7 +93,9 @@ def compare(a: xr.Dataset, b: xr.Dataset) -> xr.Dataset:
     Dims ``step`` (the steps both have), ``token`` (one entry per aligned unit) and ``metric``.
     Variables ``{m}_a``, ``{m}_b`` and ``{m}_diff = {m}_a - {m}_b`` for ``m`` in ``kl``,
     ``logprob_drop``, ``prob_change_pct``; ``top_changed_a``/``_b``; and ``residual_a``,
-    ``residual_b``, ``residual_diff`` at each result's final layer. Coordinates ``token_a`` and
+    ``residual_b``, ``residual_diff`` at each result's final layer; where both read attention,
+    ``attention_{a,b,diff}`` and ``attention_norm_{a,b,diff}`` (per unit, layer and head) and
+    each side's own ``agreement_spearman[_all_layers]_{a,b}``. Coordinates ``token_a`` and
     ``token_b`` (the positions), ``token_text``, ``token_text_b`` and ``token_kind``; ``step_token_a``,
     ``step_token_b``. Attributes name both prompts and list the unmatched units as JSON.
 
@@ -122,6 +129,7 @@ def compare(a: xr.Dataset, b: xr.Dataset) -> xr.Dataset:
     final_a = sa[RESIDUAL].isel(layer=-1, drop=True).sel(metric=metrics)
     final_b = sb[RESIDUAL].isel(layer=-1, drop=True).sel(metric=metrics)
     data["residual_a"], data["residual_b"], data["residual_diff"] = final_a, final_b, final_a - final_b
+    data |= _attention(sa, sb, a.isel(step=slice(0, steps)), b.isel(step=slice(0, steps)))
     out = xr.Dataset({k: v.reset_coords(drop=True) for k, v in data.items()})
     out = out.assign_coords(
         {
@@ -136,6 +144,22 @@ def compare(a: xr.Dataset, b: xr.Dataset) -> xr.Dataset:
         }
     )
     out.attrs = _attrs(a, b, ia, ib, same=list(out["step_token_a"].values) == list(out["step_token_b"].values))
+    return out
+
+
+def _attention(sa: xr.Dataset, sb: xr.Dataset, a: xr.Dataset, b: xr.Dataset) -> dict[str, xr.DataArray]:
+    """The aligned attention of both sides and their difference, and each side's agreement: where both read
+    attention on models of the same shape (layers and heads)."""
+    if not all(ATTENTION in ds and AGREEMENT_SPEARMAN in ds for ds in (a, b)):
+        return {}
+    if (a.sizes[LAYER], a.sizes[HEAD]) != (b.sizes[LAYER], b.sizes[HEAD]):
+        return {}
+    out = {}
+    for name in (ATTENTION, ATTENTION_NORM):
+        out[f"{name}_a"], out[f"{name}_b"], out[f"{name}_diff"] = sa[name], sb[name], sa[name] - sb[name]
+    for name in (AGREEMENT_SPEARMAN, AGREEMENT_SPEARMAN_ALL):
+        for side, ds in (("a", a), ("b", b)):
+            out[f"{name}_{side}"] = ds[name].assign_coords(step=np.arange(ds.sizes[STEP]))
     return out
 
 
@@ -166,7 +190,8 @@ def _preview(ds: xr.Dataset, n: int = 4) -> str:
 
 
 def compare_data(both: xr.Dataset, names: tuple[str, str] = ("A", "B")) -> dict[str, Any]:
-    """What the compare page shows, JSON-ready: aligned tokens; per metric ``a``, ``b``, ``diff`` over (step, token)."""
+    """What the compare page shows, JSON-ready: aligned tokens; per metric ``a``, ``b``, ``diff`` over (step, token)
+    (the clean attention too, as ``attention`` and ``attention:norm`` at the final layer, where both read it)."""
     metrics = {name: name for name in COMPARED}
     metrics.update({f"residual:{m}": m for m in both["metric"].values.tolist()})
     values = {}
@@ -176,6 +201,10 @@ def compare_data(both: xr.Dataset, names: tuple[str, str] = ("A", "B")) -> dict[
             da = both[f"{metric}_{s}"] if label in COMPARED else both[f"residual_{s}"].sel(metric=metric)
             parts[s] = Numbers(da.transpose(STEP, TOKEN).values)
         values[label] = parts
+    for label, name in ((ATTENTION, ATTENTION), (f"{ATTENTION}:norm", ATTENTION_NORM)):
+        if f"{name}_a" in both:  # the clean attention on the unit, at the final layer, mean over heads
+            at = {s: both[f"{name}_{s}"].isel(layer=-1).mean(HEAD) for s in ("a", "b", "diff")}
+            values[label] = {s: Numbers(da.transpose(STEP, TOKEN).values) for s, da in at.items()}
     return {
         "kind": "compare",
         "names": list(names),
@@ -190,7 +219,7 @@ def compare_data(both: xr.Dataset, names: tuple[str, str] = ("A", "B")) -> dict[
             "kind": [str(k) for k in both["token_kind"].values],
         },
         "unmatched": {s: json_attr(both, f"unmatched_{s}") for s in ("a", "b")},
-        "metrics": list(metrics),
+        "metrics": list(values),
         "values": values,
     }
 

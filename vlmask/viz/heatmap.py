@@ -13,8 +13,14 @@ import xarray as xr
 from vlmask.errors import VlmaskError
 from vlmask.results.metrics import LOGIT_METRICS, VECTOR_METRICS
 from vlmask.results.schema import (
+    AGREEMENT_SPEARMAN,
+    AGREEMENT_TOP_K,
+    ATTENTION,
+    ATTENTION_NORM,
+    ATTENTION_SOURCE,
     ATTR,
     COL,
+    EFFECT,
     HEAD,
     HEADS,
     LAYER,
@@ -38,7 +44,11 @@ METRICS = (
     *LOGIT_METRICS,
     *(f"residual:{m}" for m in VECTOR_METRICS),
     *(f"heads:{m}" for m in VECTOR_METRICS),
+    ATTENTION,
+    f"{ATTENTION}:norm",
 )
+ATTENTION_METRICS = {ATTENTION: ATTENTION, f"{ATTENTION}:norm": ATTENTION_NORM}
+"""The clean attention views, and the variable each reads (``:max`` after either: the largest head)."""
 
 
 def _layer(ds: xr.Dataset, metric: str, layer: int | str | None) -> int | None:
@@ -76,12 +86,17 @@ def unit_values(
     ``top_changed``: the final output, no layer), ``residual:M`` or ``heads:M`` with ``M`` one
     of ``l2``, ``cosine``, ``rel_l2`` (at ``layer``; ``final`` or None is the last decoder
     layer). ``heads:M`` is the mean over heads; ``heads:M:max`` takes the largest head.
+    ``attention`` (the clean attention mass on the unit) and ``attention:norm`` (its
+    value-weighted form) are read at ``layer`` too, mean over heads (``:max``: the largest head).
 
     Example:
         >>> values, layer = unit_values(ds, "residual:cosine", layer=2)
         >>> values.dims, layer
         (('token',), 2)
     """
+    view, reduce = attention_view(metric)
+    if view is not None:
+        return _attention_values(ds, view, reduce, layer, step)
     name, _, rest = metric.partition(":")
     sub, _, reduce = rest.partition(":")
     known = name in LOGIT_METRICS and not rest
@@ -92,11 +107,7 @@ def unit_values(
             f"metric {metric!r} is not known: expected one of {', '.join(METRICS)} (heads:M:max for the largest head)",
             option="metric",
         )
-    steps = ds[STEP].values.tolist()
-    if step not in steps:
-        raise VlmaskError(
-            f"step {step} is out of range: the result has {len(steps)} steps (0-{len(steps) - 1})", option="step"
-        )
+    _check_step(ds, step)
     check_result(ds, name)
     where = _layer(ds, name, layer)
     if name in LOGIT_METRICS:
@@ -105,6 +116,49 @@ def unit_values(
     if name == HEADS:
         values = values.max(HEAD) if reduce == "max" else values.mean(HEAD)
     return values.astype(float), where
+
+
+def _check_step(ds: xr.Dataset, step: int) -> None:
+    steps = ds[STEP].values.tolist()
+    if step not in steps:
+        raise VlmaskError(
+            f"step {step} is out of range: the result has {len(steps)} steps (0-{len(steps) - 1})", option="step"
+        )
+
+
+def attention_view(metric: str) -> tuple[str | None, str]:
+    """The attention variable ``metric`` views and its head reduction, or ``(None, "")`` for another metric."""
+    base, _, reduce = metric.rpartition(":") if metric.endswith(":max") else (metric, "", "mean")
+    return ATTENTION_METRICS.get(base), reduce
+
+
+def _attention_values(
+    ds: xr.Dataset, name: str, reduce: str, layer: int | str | None, step: int
+) -> tuple[xr.DataArray, int]:
+    if name not in ds:
+        raise VlmaskError(
+            f"this result has no {name!r}: it was swept with attention off, or over interventions;"
+            " rerun a token sweep with attention on",
+            option="metric",
+        )
+    _check_step(ds, step)
+    where = _layer(ds, name, layer)
+    values = ds[name].sel(step=step, layer=where)
+    return (values.max(HEAD) if reduce == "max" else values.mean(HEAD)).astype(float), where
+
+
+def agreement_text(ds: xr.Dataset, layer: int, step: int, source: str = ATTENTION, effect: str = "kl") -> str:
+    """The agreement of ``source`` attention at ``layer`` with the knockout ``effect``, in words.
+
+    Example:
+        >>> agreement_text(ds, 3, 0).startswith("attention vs kl at layer 3: Spearman ")
+        True
+    """
+    at = {STEP: step, LAYER: layer, ATTENTION_SOURCE: source, EFFECT: effect}
+    rho = float(ds[AGREEMENT_SPEARMAN].sel(at))
+    top = ds[AGREEMENT_TOP_K].sel(at)
+    overlaps = ", ".join(f"top-{int(k)} {float(top.sel(k=k)):.0%}" for k in top["k"].values)
+    return f"{source} vs {effect} at layer {layer}: Spearman {rho:+.2f}, overlap {overlaps}"
 
 
 def _members(text: str) -> list[int]:

@@ -26,7 +26,7 @@ from vlmask.results.schema import (
     recorded_media,
     vision_grids,
 )
-from vlmask.viz.heatmap import cell_colors, heatmap, paint, panel_box
+from vlmask.viz.heatmap import agreement_text, attention_view, cell_colors, heatmap, paint, panel_box
 from vlmask.viz.sources import locate
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ def plot_heatmap(
     overwrite: bool = False,
     cmap: str = "inferno",
     alpha: float = 0.6,
+    versus: str = "kl",
 ) -> Path:
     """Write a PNG: each image (or video frame group) with ``metric`` per masked cell as a heat overlay.
 
@@ -88,6 +89,10 @@ def plot_heatmap(
     with the prompt, metric, layer and step. See :func:`vlmask.heatmap` for ``metric``,
     ``layer`` and ``step``. Images are found through the paths recorded in the result and
     must still have the recorded SHA-256. The file is written atomically.
+
+    An attention ``metric`` (``attention``, ``attention:norm``, ``:max``) is drawn side by side
+    with the knockout effect ``versus`` (a logit metric), each with its own colour bar, and
+    the title gives their agreement at that layer and step (Spearman, top-k overlap).
 
     Example:
         >>> plot_heatmap(ds, tmp / "run.png", metric="kl") == tmp / "run.png"  # or ds.vlmask.plot(...)
@@ -98,8 +103,13 @@ def plot_heatmap(
         raise VlmaskError(f"heatmap output '{path}' must end in .png")
     heat = heatmap(ds, metric, layer, step)
     pictures = panel_pictures(ds, heat)
+    view, _ = attention_view(metric)
+    if view is not None:
+        title = agreement_text(ds, int(heat.attrs["layer"]), step, view, versus)
+        fig = _pair_figure([heat, heatmap(ds, versus, None, step)], pictures, cmap, alpha, title)
+    else:
+        fig = _figure(heat, pictures, cmap, alpha)
     refuse_existing(path, overwrite)
-    fig = _figure(heat, pictures, cmap, alpha)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     log.info("wrote heatmap %s", path)
     return path
@@ -125,17 +135,54 @@ def _figure(heat: xr.DataArray, pictures: list[tuple[Image.Image, str]], cmap: s
         if i >= len(pictures):
             continue
         picture, label = pictures[i]
-        picture = picture.copy()
-        picture.thumbnail((MAX_SIDE, MAX_SIDE))
-        cells = heat.isel(panel=i).values[: int(heat[PANEL_ROWS][i]), : int(heat[PANEL_COLS][i])]
-        colors = cell_colors(cells, colormap(norm(np.nan_to_num(cells))), alpha)
-        ax.imshow(paint(np.asarray(picture), colors), interpolation="nearest")
+        _paint_cells(ax, heat, i, picture, colormap, norm, alpha)
         ax.set_title(label, fontsize=9)
     fig.colorbar(ScalarMappable(norm=norm, cmap=colormap), ax=axes.ravel().tolist(), label=metric, shrink=0.8)
     where = heat.attrs["layer"] if heat.attrs["layer"] == "final output" else f"layer {heat.attrs['layer']}"
     fig.suptitle(
         f"{heat.attrs['prompt']!r}\n{metric}, {where}, step {step} (clean next token {heat.attrs['step_token']!r}),"
         f" unit {heat.attrs['mask_unit']}",
+        fontsize=10,
+    )
+    return fig
+
+
+def _paint_cells(
+    ax: Any, heat: xr.DataArray, i: int, picture: Image.Image, colormap: Any, norm: Any, alpha: float
+) -> None:
+    """Draw panel ``i`` of ``heat`` over ``picture`` on ``ax``."""
+    picture = picture.copy()
+    picture.thumbnail((MAX_SIDE, MAX_SIDE))
+    cells = heat.isel(panel=i).values[: int(heat[PANEL_ROWS][i]), : int(heat[PANEL_COLS][i])]
+    colors = cell_colors(cells, colormap(norm(np.nan_to_num(cells))), alpha)
+    ax.imshow(paint(np.asarray(picture), colors), interpolation="nearest")
+
+
+def _pair_figure(
+    heats: list[xr.DataArray], pictures: list[tuple[Image.Image, str]], cmap: str, alpha: float, agreement: str
+) -> Any:
+    """Side by side: a row per picture, a column per heat (attention | knockout effect), a colour bar each."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    colormap = colormaps[cmap]
+    fig = Figure(figsize=(4 * len(heats) + 2.4, 4 * len(pictures) + 1.2), dpi=100)
+    axes = fig.subplots(len(pictures), len(heats), squeeze=False)
+    for col, heat in enumerate(heats):
+        finite = heat.values[np.isfinite(heat.values)]
+        norm = Normalize(float(finite.min()), float(finite.max()))
+        where = heat.attrs["layer"] if heat.attrs["layer"] == "final output" else f"layer {heat.attrs['layer']}"
+        for row, (picture, label) in enumerate(pictures):
+            ax = axes[row, col]
+            ax.set_axis_off()
+            _paint_cells(ax, heat, row, picture, colormap, norm, alpha)
+            ax.set_title(f"{heat.attrs['metric']} ({where})\n{label}", fontsize=9)
+        fig.colorbar(ScalarMappable(norm=norm, cmap=colormap), ax=axes[:, col].tolist(), shrink=0.8)
+    first = heats[0].attrs
+    fig.suptitle(
+        f"{first['prompt']!r}, step {first['step']} (clean next token {first['step_token']!r})\n{agreement}",
         fontsize=10,
     )
     return fig

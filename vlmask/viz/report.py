@@ -23,7 +23,14 @@ from vlmask.inputs.media import open_image
 from vlmask.inputs.video import frame_paths
 from vlmask.results.metrics import LOGIT_METRICS
 from vlmask.results.schema import (
+    AGREEMENT_SPEARMAN,
+    AGREEMENT_SPEARMAN_ALL,
+    AGREEMENT_TOP_K,
+    ATTENTION,
+    ATTENTION_NORM,
+    ATTENTION_SOURCE,
     ATTR,
+    EFFECT,
     HEAD,
     HEADS,
     KL,
@@ -213,6 +220,36 @@ def report_data(ds: xr.Dataset) -> dict[str, Any]:
         },
         "values": values,
         "panels": picture_panels(ds),
+        "attention": attention_data(ds),
+    }
+
+
+def attention_data(ds: xr.Dataset) -> dict[str, Any] | None:
+    """The clean attention beside the knockouts, for the page (None if the sweep did not read it).
+
+    ``mass[source]`` is the head-mean attention on each unit, flat over ``(step, token,
+    layer)``; ``spearman`` flat over ``(step, layer, source, effect)``, ``spearman_all`` over
+    ``(step, source, effect)``, ``top_k`` over ``(step, layer, source, effect, k)``.
+
+    Example:
+        >>> data = attention_data(ds)
+        >>> data["sources"], data["effects"], data["k"]
+        (['attention', 'attention_norm'], ['kl', 'logprob_drop'], [1, 5, 10])
+    """
+    if ATTENTION not in ds or AGREEMENT_SPEARMAN not in ds:
+        return None
+    order = (STEP, LAYER, ATTENTION_SOURCE, EFFECT)
+    return {
+        "sources": _text(ds[ATTENTION_SOURCE].values),
+        "effects": _text(ds[EFFECT].values),
+        "k": _ints(ds["k"].values),
+        "mass": {
+            name: Numbers(ds[name].mean(HEAD).transpose(STEP, TOKEN, LAYER).values)
+            for name in (ATTENTION, ATTENTION_NORM)
+        },
+        "spearman": Numbers(ds[AGREEMENT_SPEARMAN].transpose(*order).values),
+        "spearman_all": Numbers(ds[AGREEMENT_SPEARMAN_ALL].transpose(STEP, ATTENTION_SOURCE, EFFECT).values),
+        "top_k": Numbers(ds[AGREEMENT_TOP_K].transpose(*order, "k").values),
     }
 
 

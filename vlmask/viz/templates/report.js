@@ -8,6 +8,11 @@
   const unitOfPos = new Map(U.pos.map((p, u) => [p, u]));
   const MAX_CANVAS = 30000;  // pixels: the token x layer map grows to this height, then its rows shrink
   const LONG_PROMPT = 400, PROMPT_START = 240, LONG_STRIP = 300;  // characters, characters, tokens
+  // the clean attention beside the knockouts (null when the sweep did not read it)
+  const A = D.attention;
+  const MAPS = A ? ["knockout", ...A.sources] : ["knockout"];
+  const MAP_LABELS = { knockout: "knockout effect", attention: "attention", attention_norm: "value-weighted attention" };
+  const mass = (map, s, u, l) => A.mass[map][(s * T + u) * L + l];
 
   const residual = (s, u, l, m) => V.residual[((s * T + u) * L + l) * M + m];
   const headValue = (s, u, l, h, m) => V.heads[(((s * T + u) * L + l) * H + h) * M + m];
@@ -18,10 +23,11 @@
     return V[metric][s * T + u];
   }
 
-  const state = { metric: METRICS[0], step: 0, layer: L - 1, token: T ? U.pos[0] : -1, head: D.metrics[0], scale: SCALES[0][0] };
+  const state = { metric: METRICS[0], step: 0, layer: L - 1, token: T ? U.pos[0] : -1, head: D.metrics[0], scale: SCALES[0][0], map: "knockout" };
   function fromHash() {
     const h = readHash();
     if (METRICS.includes(h.metric)) state.metric = h.metric;
+    if (MAPS.includes(h.map)) state.map = h.map;
     if (D.metrics.includes(h.head)) state.head = h.head;
     if (SCALES.some(([key]) => key === h.scale)) state.scale = h.scale;
     const step = parseInt(h.step, 10), layer = parseInt(h.layer, 10), token = parseInt(h.token, 10);
@@ -49,7 +55,9 @@
     el("label", { for: "head", text: " head metric " }),
     select("head", D.metrics.map((m) => [m, m]), state.head, (head) => set({ head })),
     el("label", { for: "scale", text: " colour scale " }),
-    select("scale", SCALES, state.scale, (scale) => set({ scale })));
+    select("scale", SCALES, state.scale, (scale) => set({ scale })),
+    A ? el("span", { id: "map-toggle", class: "toggle" }, el("span", { class: "muted", text: " strip and images show " }),
+      ...MAPS.map((m) => { const b = el("button", { type: "button", "data-map": m, text: MAP_LABELS[m] }); b.addEventListener("click", () => set({ map: m })); return b; })) : null);
   const stripLegend = el("div", { class: "legend-row" });
   const strip = el("div", { id: "strip", class: "strip" + (S.text.length > LONG_STRIP ? " long" : "") });
   const stripSpans = S.text.map((text, p) => {
@@ -65,6 +73,7 @@
   const detail = el("div", { id: "detail" });
   const imagesBox = el("div", { id: "images", class: "panels" });
   const contBox = el("div", { id: "continuations" });
+  const agreeBox = el("div", { id: "agreement" });
   const meta = el("p", { class: "meta" },
     el("span", { text: "model " }), el("code", { text: D.model }),
     el("span", { text: " · " + S.text.length + " tokens, " + T + " masked units, " + L + " layers × " + H + " heads, " + STEPS + " step(s)" }));
@@ -77,6 +86,7 @@
     section("Masked tokens × layers", mainLegend, mainBox),
     section("Selected token", detail),
     ...(D.panels.length ? [section("Images: masked cells", imagesBox)] : []),
+    ...(A ? [section("Attention vs knockout: agreement over the masked units, per layer", agreeBox)] : []),
     section("Continuations", contBox),
     section("Provenance", attrTable(D.attrs)));
 
@@ -102,11 +112,14 @@
   const render = timed(() => {
     const s = state.step, sel = unitOfPos.has(state.token) ? unitOfPos.get(state.token) : -1;
     for (const [id, v] of [["metric", state.metric], ["step", String(s)], ["layer", String(state.layer)], ["head", state.head], ["scale", state.scale]]) document.getElementById(id).value = v;
-    document.getElementById("layer").disabled = !isResidual(state.metric);
-    const unitValues = U.pos.map((_, u) => value(state.metric, s, u, state.layer));
+    const attention = state.map !== "knockout";
+    document.getElementById("layer").disabled = !isResidual(state.metric) && !attention;
+    for (const b of document.querySelectorAll("#map-toggle button")) b.classList.toggle("on", b.dataset.map === state.map);
+    const unitValues = U.pos.map((_, u) => (attention ? mass(state.map, s, u, state.layer) : value(state.metric, s, u, state.layer)));
     const sc = scaleOf(unitValues, state.scale);
-    const where = isResidual(state.metric) ? " at layer " + state.layer : "";
-    stripLegend.replaceChildren(legend(sc, state.metric + where + ", step " + s));
+    const where = isResidual(state.metric) || attention ? " at layer " + state.layer : "";
+    const shownName = attention ? MAP_LABELS[state.map] + " (clean, mean over heads)" : state.metric;
+    stripLegend.replaceChildren(legend(sc, shownName + where + ", step " + s));
     stripSpans.forEach((span, p) => {
       const u = unitOfSeq[p];
       const lines = ["position " + p + " · " + S.kind[p] + " · " + JSON.stringify(S.text[p])];
@@ -138,7 +151,47 @@
     renderDetail(sel, s);
     renderImages(unitValues, sc, sel);
     renderContinuations(unitValues, sel);
+    if (A) renderAgreement(s);
   });
+
+  // Spearman of each attention with the knockout effect, per layer: a small chart and its table
+  function renderAgreement(s) {
+    const E = A.effects.includes(state.metric) ? state.metric : A.effects[0];
+    const e = A.effects.indexOf(E), NS = A.sources.length, NE = A.effects.length, NK = A.k.length;
+    const rho = (l, src) => A.spearman[((s * L + l) * NS + src) * NE + e];
+    const top = (l, src, k) => A.top_k[(((s * L + l) * NS + src) * NE + e) * NK + k];
+    const width = Math.max(240, 40 * L), height = 160, pad = 24;
+    const chart = el("canvas", { id: "agreement-chart", width, height });
+    const ctx = chart.getContext("2d");
+    const x = (l) => pad + (L > 1 ? (l * (width - 2 * pad)) / (L - 1) : (width - 2 * pad) / 2), y = (v) => pad + ((1 - v) * (height - 2 * pad)) / 2;
+    ctx.strokeStyle = "#ccc";
+    ctx.fillStyle = "#555";
+    ctx.font = "10px sans-serif";
+    for (const v of [-1, 0, 1]) { ctx.beginPath(); ctx.moveTo(pad, y(v)); ctx.lineTo(width - pad, y(v)); ctx.stroke(); ctx.fillText(String(v), 2, y(v) + 3); }
+    const colors = ["#d62728", "#1f77b4"];
+    let sum = 0;
+    A.sources.forEach((_, src) => {
+      ctx.strokeStyle = ctx.fillStyle = colors[src % 2];
+      ctx.lineWidth = 2;
+      ctx.beginPath();
+      for (let l = 0; l < L; l++) {
+        const v = rho(l, src);
+        if (!isNum(v)) continue;
+        sum += v;
+        ctx.lineTo(x(l), y(v));
+        ctx.fillRect(x(l) - 2, y(v) - 2, 4, 4);
+      }
+      ctx.stroke();
+    });
+    chart.dataset.effect = E;
+    chart.dataset.sum = sum.toPrecision(6);
+    const table = el("table", { class: "values" }, el("tr", {}, ...["layer", ...A.sources.map((n) => "Spearman " + MAP_LABELS[n]), ...A.k.map((k) => "top-" + k + " overlap (attention)")].map((h) => el("th", { text: h }))));
+    for (let l = 0; l < L; l++) table.append(el("tr", {}, el("td", { text: String(l) }), ...A.sources.map((_, src) => el("td", { class: "num", text: fmt(rho(l, src)) })), ...A.k.map((_, k) => el("td", { class: "num", text: fmt(top(l, 0, k)) }))));
+    table.append(el("tr", {}, el("td", { text: "all layers" }), ...A.sources.map((_, src) => el("td", { class: "num", text: fmt(A.spearman_all[(s * NS + src) * NE + e]) }))));
+    const key = el("p", { class: "muted" }, ...A.sources.map((n, src) => el("span", { text: "■ " + MAP_LABELS[n] + "  " })));
+    key.querySelectorAll("span").forEach((span, src) => { span.style.color = colors[src % 2]; });
+    agreeBox.replaceChildren(el("p", { class: "muted", text: "Spearman rank correlation, over the masked units, of the clean attention mass at each layer (mean over heads) with the knockout effect " + E + " at step " + s + " (x: layers 0–" + (L - 1) + ", y: −1 to 1)." }), key, chart, table);
+  }
 
   function renderDetail(u, s) {
     if (u < 0) { detail.replaceChildren(el("p", { class: "muted", text: "Click a masked token to see its heads." })); return; }
@@ -204,6 +257,7 @@
       ctx.lineWidth = 3;
       for (const [r, c] of chosen) ctx.strokeRect(c * cw + 1.5, r * ch + 1.5, cw - 3, ch - 3);
       overlay.dataset.cells = String(drawn);
+      overlay.dataset.map = state.map;
       const hit = (event) => {
         const b = overlay.getBoundingClientRect();
         const r = Math.floor((event.clientY - b.top) / (b.height / panel.rows)), c = Math.floor((event.clientX - b.left) / (b.width / panel.cols));

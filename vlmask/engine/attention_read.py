@@ -1,0 +1,133 @@
+"""The clean attention readout: each decoder layer's attention probabilities at the read positions.
+
+sdpa returns no weights, and forcing eager on a user would change the model they asked
+for. So a pass that reads attention wraps the attention function itself (transformers'
+``ALL_ATTENTION_FUNCTIONS`` entry of the implementation, ``sdpa`` or ``eager``) for as long
+as it runs: every decoder layer's self-attention hands the wrapper its own ``query`` and
+``key`` (after the model's rotary embedding and any query/key norm), the mask it was given
+(the pass's, so the base intervention and ``vision_attention`` included) and its
+``scaling``; the wrapper computes the probabilities of the read query rows exactly as
+transformers' ``eager_attention_forward`` does (GQA keys shared by their query heads, the
+mask added, a float32 softmax), then calls the model's own function, whose output is used
+unchanged. The backends attach nothing for it: it works the same under nnsight and plain
+hooks.
+
+The value-weighted attention of Kobayashi et al. (2020), ``||a_qk v_k W_O,h||``, is the
+probability times ``||v_k W_O,h||`` (:func:`value_norms`), which does not depend on the query:
+it is computed once per sweep from the clean run's cached values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from vlmask.model.load import VLModel
+
+
+def attention_probabilities(
+    query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """``(batch, head, query, key)`` float32 softmax of ``query (batch, head, q, d) . key (batch, kv_head, k, d)``.
+
+    Each key head serves ``head / kv_head`` consecutive query heads (GQA). ``mask`` is the
+    pass's 4D mask ``(batch, 1, q, k)``: boolean (True = may attend) or additive float.
+
+    Example:
+        >>> q, k = torch.ones(1, 2, 1, 4), torch.ones(1, 1, 3, 4)
+        >>> mask = torch.tensor([True, True, False]).view(1, 1, 1, 3)
+        >>> attention_probabilities(q, k, mask, 0.5)[0, :, 0].tolist()
+        [[0.5, 0.5, 0.0], [0.5, 0.5, 0.0]]
+    """
+    key = key.float().repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    scores = torch.matmul(query.float(), key.transpose(2, 3)) * scaling
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask is not None:
+        scores = scores + mask.float()
+    return torch.softmax(scores, dim=-1)
+
+
+class AttentionReader:
+    """Reads each decoder layer's attention probabilities at the query rows ``index`` during a pass.
+
+    :meth:`reading` wraps the attention function while the pass runs; :attr:`probs`
+    ``[layer]`` then holds ``(batch, head, read, key)`` float32 on CPU.
+    """
+
+    def __init__(self, vl: VLModel, index: torch.Tensor) -> None:
+        self.vl, self.index = vl, index
+        self.layers = {id(layer.self_attn): i for i, layer in enumerate(vl.decoder.layers)}
+        self.probs: list[torch.Tensor | None] = [None] * len(self.layers)
+
+    def _read(self, module: Any, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: Any) -> None:
+        rows = self.index.to(query.device)
+        mask = None if mask is None else mask[:, :, rows]
+        scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+        probs = attention_probabilities(query[:, :, rows], key, mask, scale)
+        self.probs[self.layers[id(module)]] = probs.cpu()
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """While in the block, every decoder layer's attention call is read (the vision encoder's is not)."""
+        implementation = self.vl.attn_implementation
+        had = implementation in ALL_ATTENTION_FUNCTIONS._local_mapping
+        before = ALL_ATTENTION_FUNCTIONS._local_mapping.get(implementation)
+
+        def wrapper(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, **kw: Any):
+            own = _model_function(module, implementation, before)
+            if id(module) in self.layers:
+                self._read(module, query, key, mask, kw.get("scaling"))
+            return own(module, query, key, value, mask, **kw)
+
+        ALL_ATTENTION_FUNCTIONS[implementation] = wrapper
+        try:
+            yield
+        finally:
+            if had:
+                ALL_ATTENTION_FUNCTIONS[implementation] = before
+            else:
+                del ALL_ATTENTION_FUNCTIONS._local_mapping[implementation]
+
+    def stacked(self) -> torch.Tensor:
+        """``(batch, layer, read, head, key)``: every layer's read probabilities."""
+        missing = [i for i, p in enumerate(self.probs) if p is None]
+        if missing:
+            raise RuntimeError(f"decoder layers {missing} did not call the attention function: nothing was read")
+        return torch.stack(self.probs, dim=1).transpose(2, 3)
+
+
+def _model_function(module: Any, implementation: str, before: Any) -> Any:
+    """The attention function ``module`` would have called: the registered one, or its file's eager one."""
+    if before is not None:
+        return before
+    if implementation == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS._global_mapping[implementation]
+
+
+def value_norms(vl: VLModel, values: list[torch.Tensor]) -> torch.Tensor:
+    """``(layer, head, seq)``: ``||v_k W_O,h||`` of each key, from each layer's cached ``values (1, kv_head, seq, d)``.
+
+    ``W_O,h`` are the columns of ``o_proj`` that read head ``h``; the norm is taken as
+    ``sqrt(v^T W_O,h^T W_O,h v)``, so no ``(head, seq, hidden)`` tensor is made.
+
+    Example:
+        >>> norms = value_norms(vl, [torch.ones(1, vl.text_config.num_key_value_heads, 3, 16)] * vl.num_layers)
+        >>> norms.shape == (vl.num_layers, vl.num_heads, 3)
+        True
+    """
+    out = []
+    for layer, v in zip(vl.decoder.layers, values, strict=True):
+        weight = layer.self_attn.o_proj.weight.detach().float()  # (hidden, head * d)
+        w = weight.unflatten(1, (vl.num_heads, -1)).transpose(0, 1)  # (head, hidden, d)
+        gram = w.transpose(1, 2) @ w  # (head, d, d)
+        v = v[0].float().repeat_interleave(vl.num_heads // v.shape[1], dim=0)  # (head, seq, d)
+        squared = ((v @ gram) * v).sum(-1)  # (head, seq)
+        out.append(squared.clamp_min(0).sqrt().cpu())
+    return torch.stack(out)
