@@ -7,7 +7,11 @@ variable gets its metadata from one entry in :data:`CF_METADATA`.
 from __future__ import annotations
 
 from vlmask.results.schema import (
+    ATTENTION_DESCRIPTIONS,
+    ATTENTION_SINK,
+    ATTENTION_SOURCE,
     CLEAN_TOP_LOGPROB,
+    EFFECT,
     HEAD,
     HEADS,
     INTERVENTION,
@@ -47,6 +51,7 @@ from vlmask.results.schema import (
     TOKEN_TEXT,
     TOKEN_VIDEO,
     TOP_CHANGED,
+    TOP_K,
     WINDOW,
     WINDOW_END,
     WINDOW_START,
@@ -97,6 +102,10 @@ CF_METADATA: dict[str, tuple[str, str | None]] = {
     SEQ_T: ("frame group of the position (-1: none)", "1"),
     SEQ_ROW: ("merged-token grid row of the position (-1: none)", "1"),
     SEQ_COL: ("merged-token grid column of the position (-1: none)", "1"),
+    **{name: (text, None if name == ATTENTION_SINK else "1") for name, text in ATTENTION_DESCRIPTIONS.items()},
+    ATTENTION_SOURCE: ("which attention is compared: attention or value-weighted attention_norm", None),
+    EFFECT: ("which knockout effect attention is compared with: kl or logprob_drop", None),
+    TOP_K: ("k of the top-k overlap", "1"),
 }
 """CF ``long_name`` and ``units`` of each variable and coordinate (None: no units, for text, ids and flags).
 
