@@ -91,6 +91,9 @@ def test_cluster_mistakes_are_one_line(tmp_path, capsys):
 def test_shard_auto_reads_the_slurm_array(monkeypatch):
     env = {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "3"}
     assert parse_shard("auto", env) == (2, 3)
+    assert parse_shard(
+        "auto", {**env, "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_STEP": "4", "SLURM_ARRAY_TASK_ID": "8"}
+    ) == (2, 3)
     with pytest.raises(vlmask.VlmaskError, match="SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT, which are not set"):
         parse_shard("auto", {})
     with pytest.raises(vlmask.VlmaskError, match="outside its array of 3 tasks"):

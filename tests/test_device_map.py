@@ -39,7 +39,7 @@ def test_disk_offloaded_layers_give_the_single_device_results(single, tmp_path):
     kwargs = dict(mask="vision", num_tokens=2, progress=False)
     a, b = vlmask.sweep(single, QUESTION, [IMAGE], **kwargs), vlmask.sweep(spread, QUESTION, [IMAGE], **kwargs)
     assert float(a["kl"].max()) > 1  # the knockouts do something
-    for name in ("kl", "logprob_drop", "residual", "heads"):
+    for name in ("kl", "logprob_drop", "residual", "heads", "attention", "attention_norm", "attention_seq"):
         xr.testing.assert_allclose(a[name], b[name], atol=1e-6, rtol=0)
     xr.testing.assert_equal(a["masked_token_id"], b["masked_token_id"])
     assert json.loads(b.attrs["device"])["model.language_model.norm"] == "disk"  # the placement is recorded

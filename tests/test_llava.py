@@ -179,6 +179,8 @@ def test_cli_run_heatmap_report_compare_and_batch(dirs, gradients, images, tmp_p
     assert next_.attrs["model_family"] == "LLaVA-NeXT" and next_.sizes["token"] == 16 + 4 * 16
     assert list(next_["seq_kind"].values).count("special") == 8  # a newline after each of the tiles' 8 rows
     assert set(next_["token_kind"].values) == {"vision"}
+    assert re.search(r"image 0 tile [1-4] r\d c\d", printed)  # the ranking names a tile's units by their tile
+    assert vlmask.summarize([next_], resamples=10).sizes["unit"] == 80  # tiles stay apart across prompts too
     assert main(["compare", str(out / "llava.nc"), str(out / "llava_next.nc"), "-o", str(tmp_path / "c.html")]) == 0
     config = tmp_path / "batch.yaml"
     config.write_text(

@@ -213,3 +213,25 @@ def test_public_surface_is_small_and_the_accessor_is_registered():
     code = "import vlmask, xarray as xr; print(hasattr(xr.Dataset(), 'vlmask'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_temporaries_of_killed_writers_are_cleaned_and_live_ones_kept(tmp_path):
+    """A writer killed mid-write (kill -9, a lost Dask worker) leaves a partial hidden temporary: the next write
+    of that result removes it if its process (on this host) is gone; a live writer's is left alone."""
+    import os
+    import subprocess
+
+    from vlmask.results import io
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    names = {
+        "dead": f".run.nc.{io._HOST}-{gone.pid}.abcdefgh.tmp",
+        "alive": f".run.nc.{io._HOST}-{os.getpid()}.abcdefg1.tmp",
+        "elsewhere": f".run.nc.otherhost-{gone.pid}.abcdefg2.tmp",
+    }
+    for name in names.values():
+        (tmp_path / name).write_text("partial netCDF")
+    io.atomic_write(tmp_path / "run.nc", lambda t: t.write_text("x"))
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {"run.nc", names["alive"], names["elsewhere"]}

@@ -115,7 +115,7 @@ def test_mistakes_name_the_value_and_what_is_accepted(kwargs, words):
 
 def test_result_without_the_metrics_is_refused():
     with pytest.raises(vlmask.VlmaskError, match="no 'logprob_drop' variable"):
-        summarize([A.drop_vars("logprob_drop")])
+        summarize([A.assign_attrs(schema_version=3).drop_vars("logprob_drop")])
 
 
 def test_cli_summarizes_a_results_directory_and_draws_the_png(tmp_path, images, capsys):
@@ -164,6 +164,10 @@ def test_cli_summarizes_a_results_directory_and_draws_the_png(tmp_path, images, 
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["summary", str(tmp_path / "results"), "-o", str(out)]) == 2  # exists: refused, kept
     assert "already exists" in capsys.readouterr().err
+    (tmp_path / "results" / "old-summary.nc").write_bytes(out.read_bytes())  # a summary among the results
+    assert main(["summary", str(tmp_path / "results"), "-o", str(tmp_path / "u.nc")]) == 2
+    assert "old-summary.nc': this is not a sweep result" in capsys.readouterr().err
+    (tmp_path / "results" / "old-summary.nc").unlink()
     assert (
         main(
             [

@@ -156,8 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     summary.add_argument(
         "--by", default="unit", help="comma-separated: unit, unit-kind, window, layer, intervention (default unit)"
     )
-    summary.add_argument("--step", type=int, default=0, help="generation step (default 0)")
-    summary.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    summary.add_argument("--step", type=_count(0), default=0, help="generation step (default 0)")
+    summary.add_argument("--resamples", type=_count(1), default=1000, help="bootstrap resamples (default 1000)")
     summary.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     summary.add_argument("-o", "--output", default="summary.nc", help="netCDF file (default summary.nc)")
     summary.add_argument("--png", help="also draw the first --by grouping's effect, a line per other cell (PNG)")
@@ -262,6 +262,8 @@ def _label(row: xr.Dataset) -> str:
         return repr(row[TOKEN_TEXT].item())
     video = int(row[TOKEN_VIDEO])
     media = f"video {video} t{int(row[TOKEN_T])}" if video >= 0 else f"image {int(row[TOKEN_IMAGE])}"
+    if video < 0 and int(row[TOKEN_T]) > 0:  # a LLaVA-NeXT tile (panel 0 is the base image)
+        media += f" tile {int(row[TOKEN_T])}"
     size = int(row[TOKEN_SIZE])
     return f"{media} r{int(row[TOKEN_ROW])} c{int(row[TOKEN_COL])}" + (f" ({size} tokens)" if size > 1 else "")
 

@@ -113,7 +113,8 @@ def run_batch_on_cluster(
         ['done', 'done']
     """
     cfg = config if isinstance(config, Config) else read_config(config)
-    out_dir = Path(output_dir) if output_dir is not None else cfg.output_dir or Path("output")
+    # absolute: remote workers resolve relative paths against their own working directory
+    out_dir = (Path(output_dir) if output_dir is not None else cfg.output_dir or Path("output")).resolve()
     outcomes: dict[int, Outcome] = {}
     client, cluster = _client(scheduler, workers)
 
@@ -125,7 +126,8 @@ def run_batch_on_cluster(
     try:
         groups = _groups(cfg, shard, out_dir, overwrite, record)  # skipped and refused items, as run_batch
         todo = [item for items in groups.values() for item in items]  # grouped by model: a worker keeps one
-        _submit_all(client, todo, out_dir, cfg.path.resolve(), record, progress)
+        threads = max(1, (os.cpu_count() or 1) // workers) if workers else None  # a remote worker keeps its own
+        _submit_all(client, todo, out_dir, cfg.path.resolve(), threads, record, progress)
     finally:
         client.close()
         if cluster is not None:
@@ -134,13 +136,17 @@ def run_batch_on_cluster(
 
 
 def _submit_all(
-    client: Any, items: list[Item], out_dir: Path, config: Path, record: Callable[[Item, Outcome], None], progress: bool
+    client: Any,
+    items: list[Item],
+    out_dir: Path,
+    config: Path,
+    threads: int | None,
+    record: Callable[[Item, Outcome], None],
+    progress: bool,
 ) -> None:
-    """Submit ``items`` and record each as it ends."""
+    """Submit ``items`` (each worker's torch on ``threads`` threads, if given) and record each as it ends."""
     from distributed import as_completed
 
-    workers = max(1, len(client.scheduler_info().get("workers", {})))
-    threads = max(1, (os.cpu_count() or 1) // workers)
     futures = {}
     for item in items:
         key = f"vlmask-{item.name}-{item.config_hash[:16]}"

@@ -84,11 +84,11 @@ def _slurm_shard(env: Mapping[str, str]) -> tuple[int, int]:
         )
     try:
         task, count = int(env[names[0]]), int(env[names[1]])
-        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        first, stride = int(env.get("SLURM_ARRAY_TASK_MIN", "0")), int(env.get("SLURM_ARRAY_TASK_STEP", "1"))
     except ValueError:
         raise VlmaskError(f"Slurm array variables are not whole numbers: {[env.get(n) for n in names]}") from None
-    i = task - first
-    if not 0 <= i < count:
+    i, off = divmod(task - first, max(stride, 1))  # --array=0-15:4 runs tasks 0, 4, 8, 12
+    if off or not 0 <= i < count:
         raise VlmaskError(f"Slurm task {task} is outside its array of {count} tasks starting at {first}")
     return i, count
 

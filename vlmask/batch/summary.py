@@ -8,10 +8,10 @@ percentile bootstrap interval over prompts (seeded; prompts are resampled togeth
 cells stay paired) and the number of prompts behind each cell.
 
 Units are aligned across prompts by what they are, not by position: a vision unit by its
-image (or video frame group), grid cell and extent (``image 0 r1 c2``, ``image 0 r1 c0 1x4``),
-a text or special token by its text (``text 'circle'``; repeats within a prompt are averaged),
-an intervention by its JSON. Results are read one at a time and only the metric variables are
-loaded, so thousands of files fit in memory.
+image (or video frame group, or LLaVA-NeXT tile), grid cell and extent (``image 0 r1 c2``,
+``image 0 r1 c0 1x4``, ``image 0 tile 2 r0 c1``), a text or special token by its text (``text
+'circle'``; repeats within a prompt are averaged), an intervention by its JSON. Results are read
+one at a time and only the metric variables are loaded, so thousands of files fit in memory.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from vlmask.results.schema import (
     WINDOW,
     WINDOW_END,
     WINDOW_START,
+    check_result,
 )
 
 GROUPINGS = ("unit", "unit_kind", "window", "layer", "intervention")
@@ -74,7 +75,10 @@ def unit_keys(ds: xr.Dataset) -> list[str]:
             continue
         row, col = int(ds[TOKEN_ROW].values[k]), int(ds[TOKEN_COL].values[k])
         video = int(ds[TOKEN_VIDEO].values[k])
-        source = f"video {video} t{int(ds[TOKEN_T].values[k])}" if video >= 0 else f"image {int(ds[TOKEN_IMAGE][k])}"
+        t = int(ds[TOKEN_T].values[k])
+        source = (
+            f"video {video} t{t}" if video >= 0 else f"image {int(ds[TOKEN_IMAGE][k])}" + (f" tile {t}" if t else "")
+        )
         rows, cols = int(ds[TOKEN_ROWS].values[k]), int(ds[TOKEN_COLS].values[k])
         out.append(f"{source} r{row} c{col}" + (f" {rows}x{cols}" if (rows, cols) != (1, 1) else ""))
     return out
@@ -100,9 +104,11 @@ def prompt_table(ds: xr.Dataset, step: int = 0, metrics: Sequence[str] = SUMMARY
         >>> prompt_table(ds)[["unit", "unit_kind", "window", "layer"]].iloc[3].tolist()
         ['image 0 r0 c0 1x4', 'vision', 'all', 'all']
     """
-    missing = [m for m in metrics if m not in ds.data_vars]
-    if missing:
-        raise VlmaskError(f"this result has no {missing[0]!r} variable: expected the metrics {', '.join(metrics)}")
+    check_result(ds, *metrics)
+    if STEP not in ds.dims or not {TOKEN, INTERVENTION} & set(ds.dims):
+        raise VlmaskError(
+            f"this is not a sweep result: it has dims {list(ds.dims)}, not step and token (or intervention)"
+        )
     if step not in ds[STEP].values:
         raise VlmaskError(f"step {step} is not in this result: it has steps {ds[STEP].values.tolist()}")
     units = unit_keys(ds)
@@ -168,7 +174,7 @@ def _results(sources: Any) -> Iterator[xr.Dataset]:
         else:
             for path in result_files(source):
                 with open_results(path) as ds:
-                    yield ds
+                    yield ds.assign_attrs(_source=str(path))
 
 
 def summarize(
@@ -206,7 +212,10 @@ def summarize(
         raise VlmaskError(f"resamples must be >= 1 and confidence in (0, 1), got {resamples} and {confidence}")
     per_prompt = []
     for k, ds in enumerate(_results(sources)):
-        table = prompt_table(ds, step, metrics)
+        try:
+            table = prompt_table(ds, step, metrics)
+        except VlmaskError as err:
+            raise VlmaskError(f"'{ds.attrs['_source']}': {err}" if "_source" in ds.attrs else str(err)) from None
         per_prompt.append(table.groupby(names, sort=False)[list(metrics)].mean().assign(prompt=k))
     if not per_prompt:
         raise VlmaskError("no results to summarize: give at least one result file or Dataset")

@@ -111,6 +111,16 @@ def _model_function(module: Any, implementation: str, before: Any) -> Any:
     return ALL_ATTENTION_FUNCTIONS._global_mapping[implementation]
 
 
+def _weight(module: torch.nn.Module) -> torch.Tensor:
+    """``module``'s weight (float32), loaded for the moment where a device map offloaded it (accelerate's hook)."""
+    if getattr(module, "_hf_hook", None) is None:
+        return module.weight.detach().float()
+    from accelerate.utils import align_module_device  # a device map implies accelerate
+
+    with align_module_device(module):
+        return module.weight.detach().float().clone()
+
+
 def value_norms(vl: VLModel, values: list[torch.Tensor]) -> torch.Tensor:
     """``(layer, head, seq)``: ``||v_k W_O,h||`` of each key, from each layer's cached ``values (1, kv_head, seq, d)``.
 
@@ -124,10 +134,10 @@ def value_norms(vl: VLModel, values: list[torch.Tensor]) -> torch.Tensor:
     """
     out = []
     for layer, v in zip(vl.decoder.layers, values, strict=True):
-        weight = layer.self_attn.o_proj.weight.detach().float()  # (hidden, head * d)
+        weight = _weight(layer.self_attn.o_proj)  # (hidden, head * d)
         w = weight.unflatten(1, (vl.num_heads, -1)).transpose(0, 1)  # (head, hidden, d)
         gram = w.transpose(1, 2) @ w  # (head, d, d)
         v = v[0].float().repeat_interleave(vl.num_heads // v.shape[1], dim=0)  # (head, seq, d)
-        squared = ((v @ gram) * v).sum(-1)  # (head, seq)
+        squared = ((v @ gram.to(v.device)) * v).sum(-1)  # (head, seq)
         out.append(squared.clamp_min(0).sqrt().cpu())
     return torch.stack(out)

@@ -15,6 +15,7 @@ import errno
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,13 +42,41 @@ class _Pending:
 _PENDING: contextvars.ContextVar[_Pending | None] = contextvars.ContextVar("vlmask_output_set", default=None)
 
 
+_HOST = re.sub(r"[^A-Za-z0-9]+", "-", socket.gethostname()) or "host"
+
+
+def _writer() -> str:
+    """Who writes a temporary file: this host and process (``node1-4242``), so a killed writer's can be told."""
+    return f"{_HOST}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 def _stale_temporaries(path: Path) -> list[Path]:
-    """Empty hidden temporaries of ``path``'s stem (``.run.nc.k2j4x8_a.tmp``) left by a killed writer."""
-    pattern = re.compile(rf"\.{re.escape(path.stem)}\.[A-Za-z0-9]+\.[A-Za-z0-9_]{{8}}\.tmp")
+    """Hidden temporaries of ``path``'s stem (``.run.nc.node1-4242.k2j4x8_a.tmp``) left by a killed writer: those
+    whose writer was a process of this host that is gone, and empty ones of any writer (or of older versions)."""
+    pattern = re.compile(
+        rf"\.{re.escape(path.stem)}\.[A-Za-z0-9]+\.(?:(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.)?[A-Za-z0-9_]{{8}}\.tmp"
+    )
     if not path.parent.is_dir():
         return []
-    found = [p for p in path.parent.iterdir() if pattern.fullmatch(p.name)]
-    return [p for p in found if p.is_file() and p.stat().st_size == 0]
+    stale = []
+    for p in path.parent.iterdir():
+        match = pattern.fullmatch(p.name)
+        if match is None or not p.is_file():
+            continue
+        dead = match["host"] == _HOST and not _alive(int(match["pid"]))
+        if dead or p.stat().st_size == 0:
+            stale.append(p)
+    return stale
 
 
 def _make_folder(folder: Path) -> None:
@@ -78,7 +107,8 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
 
     An interrupted or failed write leaves neither a partial ``path`` nor the temporary file,
     and a write that fails for the disk's sake raises :class:`VlmaskError` naming ``path`` and
-    the cause. Empty temporaries of the same stem that a killed writer left are removed. The
+    the cause. Temporaries of the same stem that a killed writer left are removed (see
+    :func:`_stale_temporaries`). The
     file gets the permissions a plain ``open`` would give it (``0o666`` less the umask), not the
     temporary file's private ``0o600``. Inside :func:`output_set` the rename waits for the set.
 
@@ -90,7 +120,7 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
         _make_folder(path.parent)
         for stale in _stale_temporaries(path):
             stale.unlink(missing_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.{_writer()}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
         raise VlmaskError(f"cannot write '{path}': {_cause(err, path.parent)}") from None
     os.close(fd)
