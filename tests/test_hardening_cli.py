@@ -84,7 +84,7 @@ def _small_disk(size: str, *extra: str):
 
 
 def _full_disk_over_an_old_file(tmp: Path, stack) -> tuple[list[str], Path]:
-    disk = stack.enter_context(tmpfs(tmp / "disk", "64k"))
+    disk = stack.enter_context(tmpfs(tmp / "disk", "96k"))
     (disk / "run.csv").write_text("old")
     return run_args(disk, "--image", str(SHAPES), "--format", "csv", "--overwrite"), disk
 
@@ -112,7 +112,7 @@ CASES = {
         _small_disk("32k"), 2, ("cannot write", "run.nc", "KiB free", "no file of this run was written"), set()
     ),
     "disk-full-at-the-csv": Case(
-        _small_disk("64k", "--format", "csv"),
+        _small_disk("96k", "--format", "csv"),  # the .nc (~76 KB) fits, the .csv (~48 KB) not
         2,
         ("cannot write", "run.csv", "No space left on device", "no file of this run was written"),
         set(),

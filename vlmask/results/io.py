@@ -141,6 +141,17 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     return path
 
 
+def _keep(path: Path) -> Path:
+    """A hidden second name of ``path``'s current file (a hard link, else a copy), to restore it from."""
+    old = path.with_name(f".{path.name}.{_writer()}.old")
+    old.unlink(missing_ok=True)
+    try:
+        os.link(path, old)
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(path, old)
+    return old
+
+
 @contextlib.contextmanager
 def output_set() -> Iterator[list[Path]]:
     """The files written inside land together when the block ends, or none of them does.
@@ -148,7 +159,8 @@ def output_set() -> Iterator[list[Path]]:
     Each :func:`atomic_write` inside (results, tables, pages, pictures) writes its temporary
     file; at the end all are renamed into place. If anything fails or is interrupted first,
     every temporary, every file of the set already renamed and every folder made for it are
-    removed. The list it yields holds the files that landed (filled at the end).
+    removed, and files it replaced (``--overwrite``) are put back as they were. The list it
+    yields holds the files that landed (filled at the end).
 
     Example:
         >>> with output_set() as landed:
@@ -158,12 +170,14 @@ def output_set() -> Iterator[list[Path]]:
         >>> [p.name for p in landed], (tmp / "x.txt").read_text()
         (['x.txt'], 'x')
     """
-    pending, landed = _Pending(), []
+    pending, landed, kept = _Pending(), [], []
     token = _PENDING.set(pending)
     try:
         yield landed
         for tmp, path in pending.renames:
             try:
+                if path.exists():  # --overwrite: keep the old file until the whole set has landed
+                    kept.append((_keep(path), path))
                 os.replace(tmp, path)
             except OSError as err:
                 raise VlmaskError(f"cannot write '{path}': {_cause(err, path.parent)}") from None
@@ -171,12 +185,16 @@ def output_set() -> Iterator[list[Path]]:
     except BaseException:
         for path in landed:
             path.unlink(missing_ok=True)
+        for old, path in kept:
+            os.replace(old, path)  # the files from before are back, untouched
         landed.clear()
         raise
     finally:
         _PENDING.reset(token)
         for tmp, _ in pending.renames:
             tmp.unlink(missing_ok=True)
+        for old, _ in kept:
+            old.unlink(missing_ok=True)
         if not landed:
             for folder in pending.folders:
                 with contextlib.suppress(OSError):
