@@ -3,7 +3,8 @@
     python -m benchmarks.cluster                 # 40 items, a 2-worker LocalCluster vs the serial runner
     python -m benchmarks.cluster --items 8 --workers 2
 
-Both write into fresh folders; the cluster's files must equal the serial ones (``assert_identical``).
+Both write into fresh folders; the cluster's files must equal the serial ones (to 1e-6: the serial
+runner's torch uses every core, each worker one, so float sums may round differently; attributes exactly).
 The cluster's time includes starting the cluster and each worker loading the model once; the
 overhead per item is (cluster - serial / workers) / items, an upper bound on what Dask adds.
 """
@@ -54,7 +55,8 @@ def main() -> None:
         assert all(o.status == "done" for o in serial + cluster)
         for k in range(args.items):
             a, b = (vlmask.open_results(folder / run / f"q{k}.nc") for run in ("serial", "cluster"))
-            xr.testing.assert_identical(a, b)
+            xr.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # float sums: 2 threads vs 1 per worker
+            assert a.attrs == b.attrs
     row = {
         "items": args.items,
         "workers": args.workers,
