@@ -160,21 +160,56 @@ def bootstrap_ci(
         return np.nanmean(values, axis=0), low, high
 
 
-def _results(sources: Any) -> Iterator[xr.Dataset]:
-    """Each result of ``sources``, one at a time (files are opened lazily and closed after use)."""
+def _results(sources: Any) -> Iterator[tuple[str | None, xr.Dataset]]:
+    """Each result of ``sources`` with the file it came from (None for a Dataset), one at a time (files are
+    opened lazily and closed after use)."""
     if isinstance(sources, (xr.Dataset, str, Path)):
         sources = [sources]
     for source in sources:
         if isinstance(source, xr.Dataset) and PROMPT in source.dims:  # open_batch's view: one prompt at a time
             for k in range(source.sizes[PROMPT]):
                 one = source.isel({PROMPT: k})
-                yield one.isel({TOKEN: one[KL].notnull().any(STEP).values}) if TOKEN in one.dims else one
+                yield None, one.isel({TOKEN: one[KL].notnull().any(STEP).values}) if TOKEN in one.dims else one
         elif isinstance(source, xr.Dataset):
-            yield source
+            yield None, source
         else:
             for path in result_files(source):
                 with open_results(path) as ds:
-                    yield ds.assign_attrs(_source=str(path))
+                    yield str(path), ds
+
+
+def _prompt_cells(sources: Any, names: list[str], step: int, metrics: Sequence[str]) -> list[pd.DataFrame]:
+    """Per result, its mean over the units of each cell of ``names``; a bad result is an error naming its file."""
+    per_prompt = []
+    for k, (where, ds) in enumerate(_results(sources)):
+        try:
+            table = prompt_table(ds, step, metrics)
+        except VlmaskError as err:
+            raise VlmaskError(str(err) if where is None else f"'{where}': {err}") from None
+        per_prompt.append(table.groupby(names, sort=False)[list(metrics)].mean().assign(prompt=k))
+    if not per_prompt:
+        raise VlmaskError("no results to summarize: give at least one result file or Dataset")
+    return per_prompt
+
+
+def _statistics(
+    per_prompt: list[pd.DataFrame],
+    names: list[str],
+    metrics: Sequence[str],
+    resamples: int,
+    seed: int,
+    confidence: float,
+) -> pd.DataFrame:
+    """Per cell: each metric's mean over prompts and its bootstrap interval, and how many prompts have the cell."""
+    cells = pd.concat(per_prompt).reset_index().set_index(["prompt", *names])
+    out = {}
+    for m in metrics:
+        wide = cells[m].unstack(names)  # (prompt, cell)
+        mean, low, high = bootstrap_ci(wide.to_numpy(), resamples, seed, confidence)
+        index = wide.columns
+        out[m], out[f"{m}_ci_low"], out[f"{m}_ci_high"] = (pd.Series(v, index=index) for v in (mean, low, high))
+        out["prompts"] = pd.Series(wide.notna().sum(axis=0).to_numpy(), index=index)
+    return pd.DataFrame(out)
 
 
 def summarize(
@@ -210,24 +245,8 @@ def summarize(
     names = _by(by)
     if resamples < 1 or not 0 < confidence < 1:
         raise VlmaskError(f"resamples must be >= 1 and confidence in (0, 1), got {resamples} and {confidence}")
-    per_prompt = []
-    for k, ds in enumerate(_results(sources)):
-        try:
-            table = prompt_table(ds, step, metrics)
-        except VlmaskError as err:
-            raise VlmaskError(f"'{ds.attrs['_source']}': {err}" if "_source" in ds.attrs else str(err)) from None
-        per_prompt.append(table.groupby(names, sort=False)[list(metrics)].mean().assign(prompt=k))
-    if not per_prompt:
-        raise VlmaskError("no results to summarize: give at least one result file or Dataset")
-    cells = pd.concat(per_prompt).reset_index().set_index(["prompt", *names])
-    out = {}
-    for m in metrics:
-        wide = cells[m].unstack(names)  # (prompt, cell)
-        mean, low, high = bootstrap_ci(wide.to_numpy(), resamples, seed, confidence)
-        index = wide.columns
-        out[m], out[f"{m}_ci_low"], out[f"{m}_ci_high"] = (pd.Series(v, index=index) for v in (mean, low, high))
-        out["prompts"] = pd.Series(wide.notna().sum(axis=0).to_numpy(), index=index)
-    summary = xr.Dataset.from_dataframe(pd.DataFrame(out))
+    per_prompt = _prompt_cells(sources, names, step, metrics)
+    summary = xr.Dataset.from_dataframe(_statistics(per_prompt, names, metrics, resamples, seed, confidence))
     summary.attrs = {
         "by": ",".join(names),
         "step": step,
