@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vlmask.errors import VlmaskError
 from vlmask.model.names import DEVICE_MAPS, DTYPE_NAMES, MASK_FORMATS, check_device
@@ -91,6 +91,40 @@ def _rows(text: str) -> int | None:
     return None if text == "all" else _count(0)(text)
 
 
+def _add_batch(commands: Any) -> None:
+    """The ``vlmask batch`` subcommand and its options."""
+    many = commands.add_parser("batch", help="run the sweeps listed in a YAML file, one result each (resumable)")
+    many.add_argument("config", help="YAML file of items: name, prompt, image(s), mask, num_tokens, model, ...")
+    many.add_argument(
+        "--shard",
+        default="0/1",
+        help="run shard i of n: the items whose index %% n == i (like 0/4); auto: this Slurm array task's",
+    )
+    many.add_argument("--scheduler", help="run the items on the Dask cluster at this address (tcp://host:8786)")
+    many.add_argument("--workers", type=int, help="run the items on a local Dask cluster of this many processes")
+    many.add_argument("--output-dir", help="where NAME.nc are written (default: the file's output_dir, else output)")
+    many.add_argument("--overwrite", action="store_true", help="also replace NAME.nc files this batch did not write")
+    many.add_argument("--no-progress", action="store_true", help="no progress bar")
+    many.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+
+
+def _add_summary(commands: Any) -> None:
+    """The ``vlmask summary`` subcommand and its options."""
+    summary = commands.add_parser("summary", help="mean effects over many results, with bootstrap intervals")
+    summary.add_argument("results", nargs="+", help="result files, result directories or batch YAML files")
+    summary.add_argument(
+        "--by", default="unit", help="comma-separated: unit, unit-kind, window, layer, intervention (default unit)"
+    )
+    summary.add_argument("--step", type=_count(0), default=0, help="generation step (default 0)")
+    summary.add_argument("--resamples", type=_count(1), default=1000, help="bootstrap resamples (default 1000)")
+    summary.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    summary.add_argument("-o", "--output", default="summary.nc", help="netCDF file (default summary.nc)")
+    summary.add_argument("--png", help="also draw the first --by grouping's effect, a line per other cell (PNG)")
+    summary.add_argument("--metric", default="kl", help="the metric the PNG draws (default kl)")
+    summary.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    summary.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmask", description="Attention knockout for vision-language models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -138,32 +172,8 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("-o", "--output", default="compare.html", help="HTML file (default compare.html)")
     compare.add_argument("--overwrite", action="store_true", help="replace an existing HTML file")
     compare.add_argument("-v", "--verbose", action="store_true", help="log what happens")
-    many = commands.add_parser("batch", help="run the sweeps listed in a YAML file, one result each (resumable)")
-    many.add_argument("config", help="YAML file of items: name, prompt, image(s), mask, num_tokens, model, ...")
-    many.add_argument(
-        "--shard",
-        default="0/1",
-        help="run shard i of n: the items whose index %% n == i (like 0/4); auto: this Slurm array task's",
-    )
-    many.add_argument("--scheduler", help="run the items on the Dask cluster at this address (tcp://host:8786)")
-    many.add_argument("--workers", type=int, help="run the items on a local Dask cluster of this many processes")
-    many.add_argument("--output-dir", help="where NAME.nc are written (default: the file's output_dir, else output)")
-    many.add_argument("--overwrite", action="store_true", help="also replace NAME.nc files this batch did not write")
-    many.add_argument("--no-progress", action="store_true", help="no progress bar")
-    many.add_argument("-v", "--verbose", action="store_true", help="log what happens")
-    summary = commands.add_parser("summary", help="mean effects over many results, with bootstrap intervals")
-    summary.add_argument("results", nargs="+", help="result files, result directories or batch YAML files")
-    summary.add_argument(
-        "--by", default="unit", help="comma-separated: unit, unit-kind, window, layer, intervention (default unit)"
-    )
-    summary.add_argument("--step", type=_count(0), default=0, help="generation step (default 0)")
-    summary.add_argument("--resamples", type=_count(1), default=1000, help="bootstrap resamples (default 1000)")
-    summary.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
-    summary.add_argument("-o", "--output", default="summary.nc", help="netCDF file (default summary.nc)")
-    summary.add_argument("--png", help="also draw the first --by grouping's effect, a line per other cell (PNG)")
-    summary.add_argument("--metric", default="kl", help="the metric the PNG draws (default kl)")
-    summary.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    summary.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    _add_batch(commands)
+    _add_summary(commands)
     return parser
 
 
