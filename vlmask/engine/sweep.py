@@ -105,6 +105,16 @@ def _spec(prompt: SweepSpec | str, images: Sequence[str | Path], options: dict[s
     return prompt
 
 
+def _checked_interventions(vl: VLModel, built: Prompt, spec: SweepSpec) -> tuple[Intervention, Knockouts]:
+    """The base and the knockouts of ``spec`` on ``built``, after every check that needs no forward pass (the
+    prompt's length, DeepStack removal); large work is announced before it starts."""
+    check_length(vl, built.inputs["input_ids"].shape[1], spec.num_tokens)
+    base, knockouts = _interventions(vl, built, spec)
+    _check_removal(vl, built, spec, base)
+    announce(vl, built.inputs, knockouts.values, spec.num_tokens)
+    return base, knockouts
+
+
 def sweep(
     vl: VLModel,
     prompt: SweepSpec | str,
@@ -140,10 +150,7 @@ def sweep(
         vl.processor, spec.prompt, list(spec.images), spec.chat_template, list(spec.videos), spec.video_fps
     )
     prompt_ids = built.inputs["input_ids"]
-    check_length(vl, prompt_ids.shape[1], spec.num_tokens)
-    base, knockouts = _interventions(vl, built, spec)
-    _check_removal(vl, built, spec, base)
-    announce(vl, built.inputs, knockouts.values, spec.num_tokens)
+    base, knockouts = _checked_interventions(vl, built, spec)
     max_len = prompt_ids.shape[1] + spec.num_tokens - 1
     passes = PromptPasses.of(vl, built, max_len, spec.vision_attention, backend, spec.vision_removal)
     measured = passes.measure(
