@@ -31,14 +31,17 @@ def notebook(tiny, images, tmp_path_factory):
         nbformat.v4.new_code_cell("ds.vlmask.show(height=700)"),
     ]
     # the kernel imports the vlmask under test (this checkout), installed or not
-    env = os.environ.get("PYTHONPATH", "")
+    env = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env]))
     try:
         nbclient.NotebookClient(
             nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(root)}}
         ).execute()
     finally:
-        os.environ["PYTHONPATH"] = env
+        if env is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = env
     body, _ = nbconvert.HTMLExporter().from_notebook_node(nb)
     (root / "notebook.html").write_text(body, encoding="utf-8")
     return {"nb": nb, "html": root / "notebook.html", "root": root, "ds": vlmask.open_results(root / "result.nc")}
