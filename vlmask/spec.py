@@ -129,6 +129,10 @@ def _text(name: str, value: Any) -> str:
     return value
 
 
+def _text_or_none(name: str, value: Any) -> str | None:
+    return None if value is None else _text(name, value)
+
+
 def _paths(name: str, value: Any) -> tuple[str, ...]:
     values = [value] if isinstance(value, (str, Path)) else value
     if not isinstance(values, (list, tuple)) or not all(isinstance(p, (str, Path)) for p in values):
@@ -292,6 +296,14 @@ class SweepSpec:
     )
     video_fps: float = field(default=2.0, metadata=about("frames per second the video frames were sampled at", _fps))
     num_tokens: int = field(default=1, metadata=about("greedy clean continuation length = steps", _count))
+    answer: str | None = field(
+        default=None,
+        metadata=about(
+            "text the clean continuation starts with: its tokens are measured (and fed) instead of the greedy"
+            " ones for the steps they cover, greedy after them",
+            _text_or_none,
+        ),
+    )
     mask: str | tuple[int, ...] | None = field(
         default=None,
         metadata=about(

@@ -164,26 +164,37 @@ class PromptPasses:
         return dataclasses.replace(self, head_means=done.head_means)
 
     def clean_pass(
-        self, prompt_ids: torch.Tensor, n: int, base: Intervention = NOTHING, *, attention: bool = False
+        self,
+        prompt_ids: torch.Tensor,
+        n: int,
+        base: Intervention = NOTHING,
+        *,
+        attention: bool = False,
+        forced: Sequence[int] = (),
     ) -> CleanRun:
-        """Greedy continuation of exactly ``n`` tokens under ``base``, read at each step's last position.
+        """Continuation of exactly ``n`` tokens under ``base``, read at each step's last position: the tokens
+        ``forced`` for the steps they cover (an answer's), greedy after them.
 
         The prompt runs through the whole model once (capturing the decoder's inputs and
-        cache); each further step feeds one generated token to the decoder. ``attention``:
+        cache); each further step feeds one continuation token to the decoder. ``attention``:
         also read each layer's attention probabilities at each step's last position.
         """
+
+        def pick(logits: torch.Tensor, step: int) -> int:
+            return int(forced[step]) if step < len(forced) else int(logits[0, -1].argmax())
+
         self.vl.family.reset(self.vl.hf)
         last = [prompt_ids.shape[1] - 1]
         first = self.model_pass(prompt_ids, [base], last, capture=True, attention=attention)
         out, dec = first.readout, first.inputs
-        readouts, tokens = [out], [int(out.logits[0, -1].argmax())]
+        readouts, tokens = [out], [pick(out.logits, 0)]
         for _ in range(n - 1):
             dec = dec.append_text(self.vl, tokens[-1])
             pos = dec.seq_len - 1
             step = self.decoder_pass(dec, [base], [pos], starts=[pos], extend=True, attention=attention)
             out, dec = step.readout, step.inputs
             readouts.append(out)
-            tokens.append(int(out.logits[0, -1].argmax()))
+            tokens.append(pick(out.logits, len(tokens)))
         return CleanRun(torch.tensor(tokens, dtype=prompt_ids.dtype), Readout.concat(readouts), dec)
 
     def masked_generation(
@@ -228,6 +239,13 @@ class PromptPasses:
                 out[rows, step], group = done.readout.logits[:, -1].argmax(-1), done.inputs
         return out
 
+    def starts(self, knockouts: Sequence[Intervention], seq_len: int, first_read: int) -> tuple[list[int], list[int]]:
+        """Per knockout, the first position it changes, and the first its pass computes (at most ``first_read``)."""
+        firsts = PassPlan.first_changed(knockouts, seq_len, self.vl.num_layers)
+        # a position without its DeepStack features changes itself: recompute from there
+        firsts = [min([f, *gone]) for f, gone in zip(firsts, self.removed(knockouts, seq_len), strict=True)]
+        return firsts, [min(f, first_read) for f in firsts]  # a pass computes at least the positions it reads
+
     def measure(
         self,
         prompt_ids: torch.Tensor,
@@ -239,10 +257,12 @@ class PromptPasses:
         budget: int = 2**31,
         progress: bool = False,
         attention: bool = True,
+        answer: Sequence[int] = (),
     ) -> Measured:
         """The clean pass under ``base``, then every knockout (as ``base & knockout``) in packed passes:
         the clean continuation, and per knockout the metrics against the clean run and its greedy continuation.
 
+        ``answer``: token ids forced as the clean continuation, and measured, for the steps they cover.
         Knockouts share packed passes of at most ``batch_size`` knockouts (None: no limit)
         whose estimated memory fits ``budget`` bytes; read positions before a knockout's
         first changed position are the clean values, exactly. ``attention``: also read the
@@ -250,14 +270,11 @@ class PromptPasses:
         """
         vl, prompt_len = self.vl, prompt_ids.shape[1]
         passes = self.with_head_means(prompt_ids) if PassPlan.needs_head_means([base, *knockouts]) else self
-        clean = passes.clean_pass(prompt_ids, num_tokens, base, attention=attention)
+        clean = passes.clean_pass(prompt_ids, num_tokens, base, attention=attention, forced=answer)
+        target = clean.tokens if answer else None  # the measured tokens: the answer's, else the clean top ones
         full_len, read = prompt_len + num_tokens - 1, list(range(prompt_len - 1, prompt_len + num_tokens - 1))
-        firsts = PassPlan.first_changed(knockouts, full_len, vl.num_layers)
-        # a position without its DeepStack features changes itself: recompute from there
-        firsts = [min([f, *gone]) for f, gone in zip(firsts, passes.removed(knockouts, full_len), strict=True)]
-        rows = [compose(base, iv) for iv in knockouts]
-        starts = [min(f, read[0]) for f in firsts]  # a pass computes at least the positions it reads
-        cap = packed_cap(full_len)
+        firsts, starts = passes.starts(knockouts, full_len, read[0])
+        rows, cap = [compose(base, iv) for iv in knockouts], packed_cap(full_len)
 
         def fits(positions: int, count: int) -> bool:
             memory = pass_bytes(vl.text_config, full_len, positions, count, len(read), vl.dtype.itemsize)
@@ -272,7 +289,7 @@ class PromptPasses:
             out = out.select(unchanged, clean.readout)
             residual.append(vector_distances(clean.readout.residual, out.residual))
             heads.append(vector_distances(clean.readout.heads, out.heads))
-            logits.append(logit_metrics(clean.readout.logits, out.logits))
+            logits.append(logit_metrics(clean.readout.logits, out.logits, target))
             top = out.logits.argmax(-1)
             generated.append(passes.masked_generation(clean.inputs, clean.tokens, top, chunk, starts[batch]))
             bar.update(len(chunk))
@@ -280,7 +297,7 @@ class PromptPasses:
         probs, weighted = clean_attention(vl, clean, prompt_len) if attention else (None, None)
         return Measured(
             clean_ids=clean.tokens.tolist(),
-            clean_top_logprob=torch.log_softmax(clean.readout.logits[0], -1).max(-1).values,
+            clean_top_logprob=_measured_logprob(clean.readout.logits[0], target),
             residual=torch.cat(residual),
             heads=torch.cat(heads),
             logits=torch.cat(logits),
@@ -288,6 +305,12 @@ class PromptPasses:
             attention=probs,
             attention_norm=weighted,
         )
+
+
+def _measured_logprob(logits: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    """``(step,)``: the clean log-probability of each step's measured token (``target``, else the top one)."""
+    logprobs = torch.log_softmax(logits, -1)
+    return logprobs.max(-1).values if target is None else logprobs.gather(-1, target[:, None]).squeeze(-1)
 
 
 def clean_attention(vl: VLModel, clean: CleanRun, prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:

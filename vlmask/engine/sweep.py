@@ -22,7 +22,7 @@ from vlmask.engine.labels import sweep_record
 from vlmask.engine.passes import NOTHING, PromptPasses
 from vlmask.engine.state import PassPlan
 from vlmask.errors import VlmaskError, concerning
-from vlmask.inputs.prompt import Prompt, build_prompt
+from vlmask.inputs.prompt import Prompt, build_prompt, tokenizer_of
 from vlmask.inputs.selection import parse_indices, parse_mask
 from vlmask.inputs.units import group_units
 from vlmask.model.families import FAMILIES
@@ -96,6 +96,33 @@ def _mask_text(spec: SweepSpec, knockouts: Knockouts) -> str:
     return mask if isinstance(mask, str) else ",".join(map(str, sorted(set(mask))))
 
 
+def answer_ids(vl: VLModel, built: Prompt, answer: str) -> list[int]:
+    """The token ids of ``answer`` as the tokenizer continues the model input with it (the assistant turn,
+    with a chat template), with no special tokens added.
+
+    The answer is the literal text after the model input: with a chat template the turn starts
+    on a fresh line, so ``"red"`` is right; without one, a BPE tokenizer (Qwen's) needs the
+    space a word after the prompt would have, ``" red"``. Where the answer's first characters
+    would merge with the input's last token, the answer is tokenized alone.
+
+    Example:
+        >>> from vlmask.inputs.prompt import build_prompt
+        >>> built = build_prompt(vl.processor, "what color is the circle ?", ["examples/shapes.png"])
+        >>> vl.processor.tokenizer.convert_ids_to_tokens(answer_ids(vl, built, "red circle"))
+        ['red', 'circle']
+    """
+    tokenizer = tokenizer_of(vl.processor)
+
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    before, after = ids(built.text), ids(built.text + answer)
+    found = after[len(before) :] if after[: len(before)] == before else ids(answer)
+    if not found:
+        raise VlmaskError(f"the answer {answer!r} has no tokens for this model's tokenizer: give some text")
+    return found
+
+
 def _spec(prompt: SweepSpec | str, images: Sequence[str | Path], options: dict[str, Any]) -> SweepSpec:
     """The sweep's spec: the one given, or one built from the prompt, its images and its options."""
     if not isinstance(prompt, SweepSpec):
@@ -151,6 +178,8 @@ def sweep(
     )
     prompt_ids = built.inputs["input_ids"]
     base, knockouts = _checked_interventions(vl, built, spec)
+    with concerning("answer"):
+        answer = [] if spec.answer is None else answer_ids(vl, built, spec.answer)
     max_len = prompt_ids.shape[1] + spec.num_tokens - 1
     passes = PromptPasses.of(vl, built, max_len, spec.vision_attention, backend, spec.vision_removal)
     measured = passes.measure(
@@ -162,6 +191,7 @@ def sweep(
         budget=spec.max_memory,
         progress=progress,
         attention=spec.attention,
+        answer=answer,
     )
     record = sweep_record(
         vl,
@@ -174,5 +204,7 @@ def sweep(
         mask_unit=spec.mask_unit if knockouts.dim == "token" else "",
         vision_attention=spec.vision_attention,
         vision_removal=spec.vision_removal,
+        answer=spec.answer or "",
+        answer_ids=answer,
     )
     return to_dataset(record)

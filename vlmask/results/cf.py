@@ -67,7 +67,7 @@ CF_METADATA: dict[str, tuple[str, str | None]] = {
     TOP_CHANGED: ("whether the knockout changed the top next token", None),
     MASKED_TOKEN_ID: ("greedy next token id under the knockout", None),
     MASKED_CONTINUATION: ("greedy continuation under the knockout, decoded", None),
-    CLEAN_TOP_LOGPROB: ("log-probability (nats) of the clean top token in the clean run", "1"),
+    CLEAN_TOP_LOGPROB: ("log-probability (nats) of the measured token (the clean top one, or the answer's)", "1"),
     STEP: ("teacher-forced generation step", "1"),
     STEP_TOKEN: ("clean next token of the step, decoded", None),
     STEP_TOKEN_ID: ("clean next token id of the step", None),

@@ -106,6 +106,8 @@ class SweepRecord:
     layers: list[int] | None = None
     windows: dict[str, Any] | None = None  # {k, centres, layers} of a windowed sweep
     base: dict[str, Any] | None = None  # the base intervention applied to every pass, clean included
+    answer: str = ""  # the answer the clean continuation was forced to ("": greedy)
+    answer_ids: list[int] | None = None  # its token ids (all of them, also past the steps)
 
     @property
     def knockout_shape(self) -> tuple[int, ...]:
@@ -225,6 +227,9 @@ def _attrs(rec: SweepRecord) -> dict[str, Any]:
         ATTR.intervention: json.dumps({"over": over, "dims": list(rec.knockout_dims), "layers": rec.layers}),
         ATTR.base: json.dumps(rec.base),
         ATTR.interventions: json.dumps(rec.interventions),
+        ATTR.measured_token: "answer" if rec.answer else "greedy",
+        ATTR.answer: rec.answer,
+        ATTR.answer_token_ids: json.dumps(rec.answer_ids or []),
         ATTR.measured_position: "last position of each step's sequence (teacher-forced on the clean continuation)",
         ATTR.attn_implementation: model.attn_implementation,
         ATTR.dtype: model.dtype,

@@ -59,8 +59,8 @@ DESCRIPTIONS = {
     ),
     HEADS: "each head's slice of the o_proj input at the measured position, vs clean",
     KL: "KL(clean || masked) of the next-token distribution (nats)",
-    LOGPROB_DROP: "clean log-prob of the clean top token minus its masked log-prob",
-    PROB_CHANGE_PCT: "(masked - clean) / clean probability of the clean top token, %",
+    LOGPROB_DROP: "clean log-prob of the measured token (the clean top one, or the answer's) minus its masked log-prob",
+    PROB_CHANGE_PCT: "(masked - clean) / clean probability of the measured token, %",
     TOP_CHANGED: "whether the knockout changed the top token",
 }
 """The ``description`` attribute of each metric variable."""
@@ -142,6 +142,9 @@ class _Attributes:
     intervention: str = "intervention"  # JSON: {over, dims, layers}
     base: str = "base"  # JSON: the base intervention's dict, or null
     interventions: str = "interventions"  # JSON: each knockout's dict, row-major over the knockout dims
+    measured_token: str = "measured_token"  # greedy (each step's clean top token) or answer (the answer's tokens)
+    answer: str = "answer"  # the answer text the clean continuation starts with ("" when greedy)
+    answer_token_ids: str = "answer_token_ids"  # JSON: its token ids ([] when greedy)
     measured_position: str = "measured_position"
     attn_implementation: str = "attn_implementation"
     dtype: str = "dtype"
@@ -154,7 +157,7 @@ ATTR = _Attributes()
 
 Example:
     >>> ATTR.vision_ranges, len(ATTRIBUTES)
-    ('vision_ranges', 42)
+    ('vision_ranges', 45)
 """
 ATTRIBUTES = tuple(f.name for f in fields(_Attributes))
 
