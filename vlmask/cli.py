@@ -410,7 +410,8 @@ def batch(args: argparse.Namespace) -> int:
 
     def show(outcome: Outcome) -> None:
         if outcome.status == "failed":
-            print(f"failed  {outcome.name} (line {outcome.line}): {outcome.error}", file=sys.stderr)
+            where = f"{outcome.file}:{outcome.line}" if outcome.file else f"line {outcome.line}"
+            print(f"failed  {outcome.name} ({where}): {outcome.error}", file=sys.stderr)
         else:
             took = f" ({outcome.seconds:.1f} s)" if outcome.status == "done" else " (up to date)"
             print(f"{outcome.status:<7} {outcome.name} -> {outcome.path}{took}")

@@ -49,7 +49,7 @@ def _serve(item: Item, path: str, config: str, threads: int | None) -> Outcome:
             _MODELS[item.model] = load_model(options.pop("model", None), **options)
         _run_item(_MODELS[item.model], item, Path(path), Path(config), progress=False)
     except Exception as err:  # one item's failure must not stop the others
-        return Outcome(item.name, "failed", Path(path), _describe(err), line=item.line)
+        return Outcome.failed(item, Path(path), _describe(err))
     return Outcome(item.name, "done", Path(path), seconds=time.perf_counter() - started)
 
 
@@ -157,7 +157,7 @@ def _submit_all(
         try:
             outcome = future.result()
         except Exception as err:  # the task itself was lost (e.g. its workers kept dying): report, go on
-            outcome = Outcome(item.name, "failed", out_dir / f"{item.name}.nc", _describe(err), line=item.line)
+            outcome = Outcome.failed(item, out_dir / f"{item.name}.nc", _describe(err))
         record(item, outcome)
         bar.update(1)
     bar.close()

@@ -12,8 +12,12 @@
         mask: vision
 
 A bare list of items is accepted too. Paths (images, video directories, a model directory)
-are relative to the configuration file. Every problem is reported at once, each with the
-line it is on. A file is read as plain data: tags that would make objects (``!!python/...``)
+are relative to the configuration file. ``items_from: data.jsonl`` (or ``.csv``, or a list of
+such files, relative to this file) adds one item per row of the data file, after ``items``
+(see :mod:`vlmask.batch.rows`); ``template:`` holds settings every row starts from (a row's
+own values win, and the template's win over ``defaults``); paths in a row are relative to its
+data file. Every problem is reported at once, each with the file and line it is on.
+A file is read as plain data: tags that would make objects (``!!python/...``)
 are refused, and so is a file over :data:`MAX_BYTES` or one whose aliases expand to more
 than :data:`MAX_VALUES` values (a "billion laughs"), before any of it is used.
 """
@@ -30,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from vlmask.batch.rows import FORMATS, read_rows
 from vlmask.errors import VlmaskError
 from vlmask.inputs.video import video_hash
 from vlmask.model.names import DTYPE_NAMES, MASK_FORMATS, check_device
@@ -41,7 +46,7 @@ ALIASES = {f.metadata["one"]: f.name for f in dataclasses.fields(SweepSpec) if "
 """A singular key that takes one path: ``image: a.png`` is ``images: [a.png]``."""
 SWEEP_KEYS = tuple(k for f in dataclasses.fields(SweepSpec) for k in (f.metadata.get("one"), f.name) if k)
 ITEM_KEYS = ("name", *SWEEP_KEYS, *MODEL_KEYS)
-TOP_KEYS = ("items", "defaults", "output_dir")
+TOP_KEYS = ("items", "items_from", "template", "defaults", "output_dir")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 MAX_BYTES = 2**20
 """The largest batch file read (1 MiB)."""
@@ -54,7 +59,8 @@ PLAIN_TAGS = frozenset(tag for tag in yaml.SafeLoader.yaml_constructors if tag i
 @dataclass(frozen=True)
 class Item:
     """One validated sweep of a batch: its :class:`~vlmask.spec.SweepSpec`, the :func:`vlmask.load_model`
-    options in ``model``, and ``config_hash``, what identifies its result (settings and input file contents)."""
+    options in ``model``, and ``config_hash``, what identifies its result (settings and input file contents).
+    ``line`` is where it starts in its file: the configuration, or the data ``file`` of its row."""
 
     index: int
     name: str
@@ -63,6 +69,7 @@ class Item:
     model: tuple[tuple[str, Any], ...]
     settings: dict[str, Any]
     config_hash: str
+    file: str = ""
 
 
 @dataclass(frozen=True)
@@ -75,18 +82,24 @@ class Config:
 
 
 class _Problems:
-    """Problems found so far, each with its line (1-based)."""
+    """Problems found so far, each with its file (the configuration, or a data file) and line (1-based)."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.found = path, []
 
     def add(self, node: yaml.Node | None, message: str) -> None:
-        line = node.start_mark.line + 1 if node is not None else 1
-        self.found.append((line, message))
+        if node is None:
+            self.add_at(str(self.path), 1, message)
+        else:
+            self.add_at(node.start_mark.name, node.start_mark.line + 1, message)
+
+    def add_at(self, file: str, line: int, message: str) -> None:
+        self.found.append((file, line, message))
 
     def raise_if_any(self) -> None:
         if self.found:
-            lines = [f"  {self.path}:{line}: {message}" for line, message in sorted(self.found, key=lambda f: f[0])]
+            order = sorted(self.found, key=lambda f: (f[0] != str(self.path), f[0], f[1]))  # the configuration first
+            lines = [f"  {file}:{line}: {message}" for file, line, message in order]
             count = len(self.found)
             raise VlmaskError(f"{self.path} has {count} problem{'s' * (count != 1)}:\n" + "\n".join(lines))
 
@@ -135,6 +148,7 @@ def _hash(spec: SweepSpec, model: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
+FILES = ("image", "images", "video", "videos")
 CHOICES = {f.name: f.metadata.get("choices", ()) for f in dataclasses.fields(SweepSpec)}
 
 
@@ -152,12 +166,15 @@ def _value(key: str, node: yaml.Node) -> Any:
     return yaml.safe_load(yaml.serialize(node))
 
 
-def _spec(raw: dict[str, Any], entries: dict, label: str, node: yaml.Node, problems: _Problems, base_dir: Path):
+def _folder(entry: tuple[yaml.Node, yaml.Node]) -> Path:
+    """The folder of the file a setting is written in: what its paths are relative to."""
+    return Path(entry[1].start_mark.name).parent
+
+
+def _spec(raw: dict[str, Any], entries: dict, label: str, node: yaml.Node, problems: _Problems):
     """The item's :class:`SweepSpec`, or None with each problem recorded at the line of its key."""
-    values = {ALIASES.get(k, k): v for k, v in raw.items() if k in SWEEP_KEYS}
-    for key in ("images", "videos"):
-        if key in values:
-            values[key] = _resolve(values[key], base_dir)
+    values = {ALIASES.get(k, k): _resolve(v, _folder(entries[k])) if k in FILES else v for k, v in raw.items()}
+    values = {k: v for k, v in values.items() if k in SWEEP_KEYS}
     found = SweepSpec.problems(values, read_files=True)
     for option, message in found:
         key = next((k for k in (option, *(a for a, o in ALIASES.items() if o == option)) if k in entries), None)
@@ -165,7 +182,7 @@ def _spec(raw: dict[str, Any], entries: dict, label: str, node: yaml.Node, probl
     return None if found else SweepSpec(**values)
 
 
-def _item(index: int, node: yaml.Node, defaults: dict, problems: _Problems, base_dir: Path) -> Item | None:
+def _item(index: int, node: yaml.Node, defaults: dict, problems: _Problems) -> Item | None:
     """The item at ``node``, or None (with its problems recorded) if it has any."""
     if not isinstance(node, yaml.MappingNode):
         problems.add(node, f"item {index} must be a mapping of settings (name, prompt, image, ...)")
@@ -190,10 +207,10 @@ def _item(index: int, node: yaml.Node, defaults: dict, problems: _Problems, base
     model = {}
     for key in (k for k in MODEL_KEYS if k in raw):
         try:
-            model[key] = _model_option(key, raw[key], base_dir)
+            model[key] = _model_option(key, raw[key], _folder(entries[key]))
         except VlmaskError as err:
             problems.add(entries[key][1], f"{label}: {err}")
-    spec = _spec(raw, entries, label, node, problems, base_dir)
+    spec = _spec(raw, entries, label, node, problems)
     if len(problems.found) > before or spec is None:
         return None
     return Item(
@@ -204,31 +221,73 @@ def _item(index: int, node: yaml.Node, defaults: dict, problems: _Problems, base
         model=tuple((k, model.get(k)) for k in MODEL_KEYS),
         settings={"name": name, **spec.to_dict(), **model},
         config_hash=_hash(spec, model),
+        file="" if node.start_mark.name == str(problems.path) else node.start_mark.name,
     )
 
 
-def _defaults(node: yaml.Node, problems: _Problems) -> dict[str, tuple[yaml.Node, yaml.Node]]:
-    """The ``defaults:`` entries every item starts from (``name`` and unknown keys refused)."""
+def _defaults(node: yaml.Node, problems: _Problems, what: str = "defaults") -> dict[str, tuple[yaml.Node, yaml.Node]]:
+    """The ``defaults:`` (or ``template:``) entries items start from (``name`` and unknown keys refused)."""
     if not isinstance(node, yaml.MappingNode):
-        problems.add(node, "defaults must be a mapping of item settings")
+        problems.add(node, f"{what} must be a mapping of item settings")
         return {}
     entries = _pairs(node)
     known = (*SWEEP_KEYS, *MODEL_KEYS)
     for key, (key_node, _) in entries.items():
         if key not in known:
-            problems.add(key_node, f"defaults: {key!r} cannot be a default: expected some of {', '.join(known)}")
+            role = "a default" if what == "defaults" else "in the template"
+            problems.add(key_node, f"{what}: {key!r} cannot be {role}: expected some of {', '.join(known)}")
     return {k: v for k, v in entries.items() if k in known}
 
 
-def _duplicates(items: yaml.SequenceNode, problems: _Problems) -> None:
+def _duplicates(items: list[yaml.Node], problems: _Problems) -> None:
     """Refuse a name used by two items (their results would overwrite each other)."""
-    seen: dict[str, int] = {}
-    for node in items.value:
+    seen: dict[str, yaml.Mark] = {}
+    for node in items:
         name = _pairs(node).get("name", (None, None))[1] if isinstance(node, yaml.MappingNode) else None
         if isinstance(name, yaml.ScalarNode):
             if name.value in seen:
-                problems.add(name, f"name {name.value!r} is already used by the item on line {seen[name.value]}")
-            seen.setdefault(name.value, node.start_mark.line + 1)
+                first = seen[name.value]
+                where = (
+                    f"line {first.line + 1}" if first.name == name.start_mark.name else f"{first.name}:{first.line + 1}"
+                )
+                problems.add(name, f"name {name.value!r} is already used by the item on {where}")
+            seen.setdefault(name.value, node.start_mark)
+
+
+def _data_files(node: yaml.Node, problems: _Problems) -> list[Path]:
+    """The data files ``items_from`` names (one path or a list), relative to the configuration file."""
+    nodes = node.value if isinstance(node, yaml.SequenceNode) else [node]
+    if not nodes:
+        problems.add(node, f"items_from is an empty list: name a data file ({', '.join(FORMATS)}) or more")
+    files = []
+    for part in nodes:
+        if not isinstance(part, yaml.ScalarNode) or not part.value.strip() or part.tag != "tag:yaml.org,2002:str":
+            problems.add(part, f"items_from must name a data file ({', '.join(FORMATS)}) or a list of them")
+            continue
+        path = problems.path.parent / part.value
+        if path.suffix.lower() not in FORMATS:
+            problems.add(part, f"data file '{path}' is not {' or '.join(FORMATS)}: name a file of one of these kinds")
+        elif not path.is_file():
+            problems.add(part, f"data file '{path}' does not exist")
+        else:
+            files.append(path)
+    return files
+
+
+def _rows(top: dict, defaults: dict, problems: _Problems) -> tuple[list[yaml.Node], dict]:
+    """The item nodes of every row of ``items_from``'s files, and what each row starts from (template over defaults)."""
+    template = _defaults(top["template"][1], problems, "template") if "template" in top else {}
+    if "items_from" not in top:
+        if "template" in top:
+            problems.add(top["template"][0], "template applies to the rows of items_from, and there is no items_from")
+        return [], defaults
+    rows = []
+    for path in _data_files(top["items_from"][1], problems):
+        found, bad = read_rows(path)
+        rows += found
+        for line, message in bad:
+            problems.add_at(str(path), line, message)
+    return rows, {**defaults, **template}
 
 
 def _check_nodes(root: yaml.Node, problems: _Problems) -> None:
@@ -277,7 +336,7 @@ def _compose(path: Path) -> yaml.Node | None:
 
 
 def read_config(path: str | Path) -> Config:
-    """Parse and validate a batch configuration; every problem is reported at once, with its line.
+    """Parse and validate a batch configuration; every problem is reported at once, with its file and line.
 
     Example:
         >>> read_config("missing.yaml")
@@ -293,20 +352,24 @@ def read_config(path: str | Path) -> Config:
     if root is not None:
         _check_nodes(root, problems)
         problems.raise_if_any()
-    items_node, defaults, output_dir = root, {}, None
+    items_node, top, output_dir = root, {}, None
     if isinstance(root, yaml.MappingNode):
         top = _pairs(root)
         for key, (key_node, _) in top.items():
             if key not in TOP_KEYS:
                 problems.add(key_node, f"unknown top-level key {key!r}: expected some of {', '.join(TOP_KEYS)}")
         items_node = top.get("items", (None, None))[1]
-        defaults = _defaults(top["defaults"][1], problems) if "defaults" in top else {}
         if "output_dir" in top:
             output_dir = path.parent / str(top["output_dir"][1].value)
-    if not isinstance(items_node, yaml.SequenceNode) or not items_node.value:
+    defaults = _defaults(top["defaults"][1], problems) if "defaults" in top else {}
+    rows, row_defaults = _rows(top, defaults, problems)
+    written = items_node.value if isinstance(items_node, yaml.SequenceNode) else []
+    not_a_list = items_node is not None and not isinstance(items_node, yaml.SequenceNode)
+    if not_a_list or not (written or rows or "items_from" in top):
         problems.add(items_node or root, "the configuration needs a non-empty list of items (under 'items:')")
         problems.raise_if_any()
-    items = [_item(i, node, defaults, problems, path.parent) for i, node in enumerate(items_node.value)]
-    _duplicates(items_node, problems)
+    items = [_item(i, node, defaults, problems) for i, node in enumerate(written)]
+    items += [_item(len(written) + i, node, row_defaults, problems) for i, node in enumerate(rows)]
+    _duplicates([*written, *rows], problems)
     problems.raise_if_any()
     return Config(path, [item for item in items if item is not None], output_dir)

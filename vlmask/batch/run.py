@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Outcome:
     """What happened to one item: ``status`` is ``done``, ``skipped`` (up to date) or ``failed``; ``line`` is
-    where the item starts in its configuration file."""
+    where the item starts in its configuration file, or in the data ``file`` of its row."""
 
     name: str
     status: str
@@ -45,6 +45,12 @@ class Outcome:
     error: str = ""
     seconds: float = 0.0
     line: int = 0
+    file: str = ""
+
+    @staticmethod
+    def failed(item: Item, path: Path, error: str) -> Outcome:
+        """``item``'s failure to write ``path``, told with where the item is written."""
+        return Outcome(item.name, "failed", path, error, line=item.line, file=item.file)
 
 
 PROMPT = "prompt"  # the dimension of open_batch's view: one entry per result
@@ -152,7 +158,7 @@ def _groups(
         if up_to_date(path, item.config_hash):
             record(item, Outcome(item.name, "skipped", path))
         elif (why := None if overwrite else _not_ours(path, item, cfg.path.resolve())) is not None:
-            record(item, Outcome(item.name, "failed", path, why, line=item.line))
+            record(item, Outcome.failed(item, path, why))
         else:
             groups.setdefault(item.model, []).append(item)
     return groups
@@ -202,7 +208,7 @@ def run_batch(
             vl = load(options.pop("model", None), **options)
         except Exception as err:  # a model that cannot load fails its items, not the batch
             for item in items:
-                record(item, Outcome(item.name, "failed", out_dir / f"{item.name}.nc", _describe(err), line=item.line))
+                record(item, Outcome.failed(item, out_dir / f"{item.name}.nc", _describe(err)))
             continue
         for item in items:
             path, started = out_dir / f"{item.name}.nc", time.perf_counter()
@@ -210,7 +216,7 @@ def run_batch(
                 _run_item(vl, item, path, cfg.path.resolve(), progress)
             except Exception as err:  # one item's failure must not stop the others
                 log.debug("item %s failed", item.name, exc_info=True)
-                record(item, Outcome(item.name, "failed", path, _describe(err), line=item.line))
+                record(item, Outcome.failed(item, path, _describe(err)))
             else:
                 record(item, Outcome(item.name, "done", path, seconds=time.perf_counter() - started))
         del vl
