@@ -292,7 +292,8 @@ def _print_ranking(ds: xr.Dataset, top: int) -> None:
 
     kl = ds[KL].mean(STEP)
     order = kl.sortby(kl, ascending=False)[TOKEN].values[:top]
-    print(f"clean continuation: {ds.attrs[ATTR.clean_continuation]!r}")
+    forced = " (the answer's tokens, then greedy)" if ds.attrs.get(ATTR.measured_token) == "answer" else ""
+    print(f"clean continuation{forced}: {ds.attrs[ATTR.clean_continuation]!r}")
     print(f"top {len(order)} of {ds.sizes[TOKEN]} masked units by KL(clean || masked), mean over steps:")
     labels = {pos: _label(ds.sel(token=pos)) for pos in order}
     width = max([16, *(len(label) for label in labels.values())])

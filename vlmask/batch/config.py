@@ -283,7 +283,7 @@ def _rows(top: dict, defaults: dict, problems: _Problems) -> tuple[list[yaml.Nod
         return [], defaults
     rows = []
     for path in _data_files(top["items_from"][1], problems):
-        found, bad = read_rows(path)
+        found, bad = read_rows(path, ITEM_KEYS)
         rows += found
         for line, message in bad:
             problems.add_at(str(path), line, message)

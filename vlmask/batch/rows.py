@@ -22,6 +22,7 @@ every problem is told as ``data.csv:7: ...``.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import io
 import json
@@ -110,7 +111,8 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _jsonl(path: Path, problems: Problems) -> Iterator[yaml.MappingNode]:
+def _jsonl(path: Path, keys: tuple[str, ...], problems: Problems) -> Iterator[yaml.MappingNode]:
+    """The rows of a jsonl file (``keys`` are checked with the rest of each item)."""
     for line, text in _lines(path, problems):
         if not text.strip():
             continue
@@ -177,25 +179,31 @@ def _cell(path: Path, line: int, column: str, text: str) -> yaml.Node:
     return node
 
 
-def _header(header: list[str], problems: Problems) -> list[str]:
-    """The column names, each problem of them at line 1 (their items are refused with them)."""
+def _header(header: list[str], keys: tuple[str, ...], problems: Problems) -> list[str | None]:
+    """The column names; each problem of them is told at line 1, and such a column is left out of every row."""
+    names: list[str | None] = []
     for i, name in enumerate(header):
         if not name.strip():
             problems.append((1, f"column {i + 1} of the header has no name"))
         elif header.index(name) != i:
             problems.append((1, f"column {name!r} is named twice in the header"))
         elif name in ("images", "videos"):
-            problems.append(
-                (1, f"column {name!r}: in a csv give each path its own column: {name[:-1]}, {name[:-1]}2, ...")
-            )
-    return header
+            one = name[:-1]
+            problems.append((1, f"column {name!r}: in a csv give each path its own column: {one}, {one}2, ..."))
+        elif name not in keys and not NUMBERED.fullmatch(name):
+            problems.append((1, f"the column {name!r} is not an item key: expected some of {', '.join(keys)}"))
+        else:
+            names.append(name)
+            continue
+        names.append(None)
+    return names
 
 
-def _csv_pairs(path: Path, line: int, header: list[str], cells: list[str]) -> list[tuple[str, yaml.Node]]:
+def _csv_pairs(path: Path, line: int, header: list[str | None], cells: list[str]) -> list[tuple[str, yaml.Node]]:
     """The row's ``(key, node)`` pairs: numbered image and video columns gathered into lists, empty cells left out."""
     pairs: dict[str, list[yaml.Node]] = {}
     for column, text in zip(header, cells, strict=True):
-        if text == "":
+        if text == "" or column is None:
             continue
         numbered = NUMBERED.fullmatch(column)
         key = numbered.group(1) if numbered else column
@@ -204,7 +212,7 @@ def _csv_pairs(path: Path, line: int, header: list[str], cells: list[str]) -> li
     return [(k, v[0] if len(v) == 1 else yaml.SequenceNode(SEQ, v, mark, mark)) for k, v in pairs.items()]
 
 
-def _csv(path: Path, problems: Problems) -> Iterator[yaml.MappingNode]:
+def _csv(path: Path, keys: tuple[str, ...], problems: Problems) -> Iterator[yaml.MappingNode]:
     lines = _Taken(_lines(path, problems))
     reader = csv.reader(lines, strict=True)
     header = None
@@ -221,7 +229,7 @@ def _csv(path: Path, problems: Problems) -> Iterator[yaml.MappingNode]:
         if not cells:
             continue
         if header is None:
-            header = _header(cells, problems)
+            header = _header(cells, keys, problems)
         elif len(cells) != len(header):
             problems.append((line, f"the row has {len(cells)} fields, the header {len(header)}"))
         else:
@@ -233,22 +241,26 @@ def _csv(path: Path, problems: Problems) -> Iterator[yaml.MappingNode]:
         problems.append((1, "the file is empty: a csv's first line names its columns (prompt, image, ...)"))
 
 
-def read_rows(path: Path) -> tuple[list[yaml.MappingNode], Problems]:
+def read_rows(path: Path, keys: tuple[str, ...]) -> tuple[list[yaml.MappingNode], Problems]:
     """The item nodes of data file ``path`` (``.jsonl`` or ``.csv``), and the problems of its rows.
+
+    ``keys`` are the item keys, which a csv's header may name.
 
     Example:
         >>> _ = (tmp / "q.jsonl").write_text('{"prompt": "hi"}\\n\\n{"prompt": "test", "num_tokens": 2}\\n')
-        >>> rows, problems = read_rows(tmp / "q.jsonl")
+        >>> rows, problems = read_rows(tmp / "q.jsonl", ("name", "prompt", "num_tokens"))
         >>> [(row.start_mark.line + 1, row.value[0][1].value) for row in rows], problems
         ([(1, 'q-1'), (3, 'q-3')], [])
     """
     problems: Problems = []
     rows = []
-    for row in (_csv if path.suffix.lower() == ".csv" else _jsonl)(path, problems):
-        if len(rows) == MAX_ROWS:
-            problems.append((row.start_mark.line + 1, f"the file holds more than {MAX_ROWS} rows: split it"))
-            break
-        rows.append(row)
+    read = _csv if path.suffix.lower() == ".csv" else _jsonl
+    with contextlib.closing(read(path, keys, problems)) as found:
+        for row in found:
+            if len(rows) == MAX_ROWS:
+                problems.append((row.start_mark.line + 1, f"the file holds more than {MAX_ROWS} rows: split it"))
+                break
+            rows.append(row)
     if not rows and not problems:
         problems.append((1, "the file holds no rows"))
     return rows, problems
