@@ -163,7 +163,7 @@ def _value(key: str, node: yaml.Node) -> Any:
         and (":" in node.value or node.value in CHOICES.get(key, ()))
     ):
         return node.value
-    return yaml.safe_load(yaml.serialize(node))
+    return yaml.constructor.SafeConstructor().construct_document(node)
 
 
 def _folder(entry: tuple[yaml.Node, yaml.Node]) -> Path:
