@@ -185,6 +185,10 @@ def test_a_header_column_no_item_takes_is_told_once(folder):
         ("alias.csv", b'prompt,layers\nhi,"[&a 1, *a]"\n', ":2: column 'layers': aliases (*name) are not taken"),
         ("paths.csv", b"prompt,images\nhi,a.png\n", ":1: column 'images': in a csv give each path its own column"),
         ("twice.csv", b"prompt,prompt\nhi,ho\n", ":1: column 'prompt' is named twice in the header"),
+        ("deep.jsonl", b'{"prompt": "hi", "layers": ' + b"[" * 40 + b"]" * 40 + b"}\n", ":1: the row nests lists"),
+        ("deep.csv", b'prompt,layers\nhi,"' + b"[" * 40 + b"]" * 40 + b'"\n', ":2: column 'layers': the value nests"),
+        ("deeper.jsonl", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", ":1: not valid JSON"),
+        ("deeper.csv", b"prompt,layers\nhi," + b"[" * 100_000 + b"\n", ":2: column 'layers': "),
     ],
 )
 def test_hostile_data_files_are_refused_with_file_and_line(folder, name, content, told):

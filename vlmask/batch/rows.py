@@ -22,11 +22,13 @@ every problem is told as ``data.csv:7: ...``.
 from __future__ import annotations
 
 import codecs
+import collections
 import contextlib
 import csv
 import io
 import json
 import re
+import reprlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,8 @@ MAX_ROWS = 100_000
 """The most rows a data file may hold."""
 MAX_LINE = 2**20
 """The longest line of a data file read, in bytes (1 MiB)."""
+MAX_DEPTH = 16
+"""The deepest lists and mappings nest in a row's value."""
 FORMATS = (".jsonl", ".csv")
 TEXT_COLUMNS = frozenset({"name", "prompt", "answer", "image", "video", "model"})
 """The csv columns read as plain text, not as YAML values (with the numbered image and video columns)."""
@@ -100,11 +104,22 @@ def _row(path: Path, line: int, pairs: list[tuple[str, yaml.Node]]) -> yaml.Mapp
 
 
 def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    twice = sorted({key for key in keys if keys.count(key) > 1})
-    if twice:
-        raise ValueError(f"key {twice[0]!r} appears twice")
-    return dict(pairs)
+    value = dict(pairs)
+    if len(value) < len(pairs):
+        twice = next(key for key, count in collections.Counter(k for k, _ in pairs).items() if count > 1)
+        raise ValueError(f"key {twice!r} appears twice")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in a JSON value (0: a plain value)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        part, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(part, (dict, list)) and depth <= MAX_DEPTH:
+            stack.extend((v, depth + 1) for v in (part.values() if isinstance(part, dict) else part))
+    return deepest
 
 
 def _refuse_constant(name: str) -> Any:
@@ -127,7 +142,11 @@ def _jsonl(path: Path, keys: tuple[str, ...], problems: Problems) -> Iterator[ya
             )
             continue
         if not isinstance(value, dict):
-            problems.append((line, f'a row must be a JSON object of item settings ({{"prompt": ...}}), got {value!r}'))
+            got = reprlib.repr(value)
+            problems.append((line, f'a row must be a JSON object of item settings ({{"prompt": ...}}), got {got}'))
+            continue
+        if _depth(value) > MAX_DEPTH:
+            problems.append((line, f"the row nests lists and objects more than {MAX_DEPTH} deep: refused"))
             continue
         mark = _mark(path, line)
         yield _row(path, line, [(str(k), _node(v, mark)) for k, v in value.items()])
@@ -155,14 +174,18 @@ def _cell(path: Path, line: int, column: str, text: str) -> yaml.Node:
         return yaml.ScalarNode(STR, text, mark, mark, style='"')
     try:
         node = yaml.compose(text)
+    except RecursionError:
+        raise ValueError(f"column {column!r}: the value nests too deeply") from None
     except yaml.YAMLError as err:
         why = " ".join(str(getattr(err, "problem", None) or err).split())
         raise ValueError(f"column {column!r}: {text!r} is not a YAML value ({why})") from None
     if node is None:  # a comment only
         return yaml.ScalarNode(STR, text, mark, mark, style='"')
-    seen, stack = set(), [node]
+    seen, stack = set(), [(node, 0)]
     while stack:
-        part = stack.pop()
+        part, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"column {column!r}: the value nests more than {MAX_DEPTH} deep: refused")
         if id(part) in seen:
             raise ValueError(f"column {column!r}: aliases (*name) are not taken in a cell: write the value out")
         seen.add(id(part))
@@ -173,9 +196,9 @@ def _cell(path: Path, line: int, column: str, text: str) -> yaml.Node:
             )
         part.start_mark = part.end_mark = mark
         if isinstance(part, yaml.MappingNode):
-            stack.extend(n for pair in part.value for n in pair)
+            stack.extend((n, depth + 1) for pair in part.value for n in pair)
         elif isinstance(part, yaml.SequenceNode):
-            stack.extend(part.value)
+            stack.extend((n, depth + 1) for n in part.value)
     return node
 
 
