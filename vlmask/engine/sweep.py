@@ -132,14 +132,19 @@ def _spec(prompt: SweepSpec | str, images: Sequence[str | Path], options: dict[s
     return prompt
 
 
-def _checked_interventions(vl: VLModel, built: Prompt, spec: SweepSpec) -> tuple[Intervention, Knockouts]:
-    """The base and the knockouts of ``spec`` on ``built``, after every check that needs no forward pass (the
-    prompt's length, DeepStack removal); large work is announced before it starts."""
+def _prepared(vl: VLModel, spec: SweepSpec) -> tuple[Prompt, Intervention, Knockouts, list[int]]:
+    """The prompt of ``spec``, its base, its knockouts and its answer's token ids, after every check that needs
+    no forward pass (the prompt's length, DeepStack removal); large work is announced before it starts."""
+    built = build_prompt(
+        vl.processor, spec.prompt, list(spec.images), spec.chat_template, list(spec.videos), spec.video_fps
+    )
     check_length(vl, built.inputs["input_ids"].shape[1], spec.num_tokens)
     base, knockouts = _interventions(vl, built, spec)
     _check_removal(vl, built, spec, base)
+    with concerning("answer"):
+        answer = [] if spec.answer is None else answer_ids(vl, built, spec.answer)
     announce(vl, built.inputs, knockouts.values, spec.num_tokens)
-    return base, knockouts
+    return built, base, knockouts, answer
 
 
 def sweep(
@@ -159,8 +164,8 @@ def sweep(
     ``token``; ``over`` knocks out each of its interventions instead: dimension ``intervention``;
     ``layers=vlmask.windows(k)`` adds ``window``. ``base`` applies to the clean run and every
     knockout alike. Measured at the last position of each teacher-forced step, against the clean
-    run. ``backend`` runs the passes (``"nnsight"``, or ``"hooks"``: plain PyTorch hooks, the same
-    numbers); ``progress`` switches the progress bar.
+    run, on its top token (or the ``answer``'s). ``backend`` runs the passes (``"nnsight"``, or
+    ``"hooks"``: plain PyTorch hooks, the same numbers); ``progress`` switches the progress bar.
 
     Example:
         >>> import vlmask
@@ -173,17 +178,11 @@ def sweep(
         16
     """
     spec = _spec(prompt, images, options)
-    built = build_prompt(
-        vl.processor, spec.prompt, list(spec.images), spec.chat_template, list(spec.videos), spec.video_fps
-    )
-    prompt_ids = built.inputs["input_ids"]
-    base, knockouts = _checked_interventions(vl, built, spec)
-    with concerning("answer"):
-        answer = [] if spec.answer is None else answer_ids(vl, built, spec.answer)
-    max_len = prompt_ids.shape[1] + spec.num_tokens - 1
+    built, base, knockouts, answer = _prepared(vl, spec)
+    max_len = built.inputs["input_ids"].shape[1] + spec.num_tokens - 1
     passes = PromptPasses.of(vl, built, max_len, spec.vision_attention, backend, spec.vision_removal)
     measured = passes.measure(
-        prompt_ids,
+        built.inputs["input_ids"],
         spec.num_tokens,
         base,
         knockouts.values,
