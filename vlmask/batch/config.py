@@ -25,6 +25,7 @@ than :data:`MAX_VALUES` values (a "billion laughs"), before any of it is used.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -136,11 +137,22 @@ def _resolve(value: Any, base_dir: Path) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=4096)
+def _digest(path: str, mtime_ns: int, size: int) -> str:
+    """SHA-256 of a file's bytes, read once per version of the file (rows sharing an image read it once)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _file_hash(path: str | Path) -> str:
+    stat = Path(path).stat()
+    return _digest(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
 def _hash(spec: SweepSpec, model: dict[str, Any]) -> str:
     """SHA-256 of an item's spec (paths aside), its input files' contents, its model options and the schema."""
     content = {k: v for k, v in spec.to_dict().items() if k not in ("images", "videos")}
     content["files"] = {
-        "images": [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in spec.images],
+        "images": [_file_hash(p) for p in spec.images],
         "videos": [video_hash(p) for p in spec.videos],
     }
     content.update(model)
