@@ -67,6 +67,16 @@ def keys_blocked(model, mask):
 
     Plain PyTorch: forward pre-hooks on each decoder ``self_attn`` swap in ``mask`` (the
     vision encoder is untouched). Works with eager and sdpa attention, with or without grad.
+
+    Example:
+        >>> import torch
+        >>> from vlmask.builtin.world import encode, example_scene, load
+        >>> model, processor = load()
+        >>> inputs = encode(processor, [example_scene()])  # "what color is the circle ?" -> red
+        >>> with keys_blocked(model, batch_block_mask(29, [[4]], model.dtype)), torch.no_grad():
+        ...     answer = model(**inputs).logits[0, -1].argmax()  # the circle's cell (position 4) blocked
+        >>> processor.tokenizer.convert_ids_to_tokens([int(answer)])
+        ['green']
     """
 
     def hook(_module, args, kwargs):
@@ -84,7 +94,13 @@ def keys_blocked(model, mask):
 
 
 def batch_block_mask(seq_len: int, blocked: Sequence[Sequence[int]], dtype):
-    """``(len(blocked), 1, seq, seq)`` masks from :func:`block_keys_mask`, one per prompt of a batch."""
+    """``(len(blocked), 1, seq, seq)`` masks from :func:`block_keys_mask`, one per prompt of a batch.
+
+    Example:
+        >>> import torch
+        >>> batch_block_mask(3, [[], [1]], torch.float32).shape
+        torch.Size([2, 1, 3, 3])
+    """
     import torch
 
     return torch.stack([block_keys_mask(seq_len, b, dtype) for b in blocked])[:, None]
@@ -106,7 +122,13 @@ def knockout_logprobs(model, inputs, blocked: Sequence[Sequence[int]]):
 
 
 def content_position(scene: Scene) -> int:
-    """Sequence position of ``scene``'s content word (the shape or colour named in the question)."""
+    """Sequence position of ``scene``'s content word (the shape or colour named in the question).
+
+    Example:
+        >>> from vlmask.builtin.world import example_scene
+        >>> content_position(example_scene())  # "circle", the fifth word of "what color is the circle ?"
+        24
+    """
     return QUESTION_START + scene.question.split().index(scene.content[0])
 
 
@@ -116,6 +138,12 @@ def content_word_kls(model, processor, scenes: Sequence[Scene], batch_size: int 
     The content word's key is blocked from every later query at every decoder layer (what
     vlmask's ``BlockKeys`` of that position does); KL is ``sum p_clean (log p_clean - log p_blocked)``
     at the last prompt position. Returns a float numpy array, one value per scene.
+
+    Example:
+        >>> from vlmask.builtin.world import example_scene, load
+        >>> model, processor = load()
+        >>> float(content_word_kls(model, processor, [example_scene()])[0]) >= CONTENT_MARGIN
+        True
     """
     import torch
 
