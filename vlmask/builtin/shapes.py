@@ -1,4 +1,7 @@
-"""Training the built-in checkpoint on the shapes world (:mod:`vlmask.builtin.world`), and its knockout ground truth.
+"""Training the built-in checkpoint on the shapes world (:mod:`vlmask.builtin.world`), and its command line.
+
+The knockout ground truth it is checked against lives in :mod:`vlmask.builtin.ground_truth`; the
+shipped checkpoint's two training commands are in its model card (``vlmask/builtin/shapes/README.md``).
 
 Command line (deterministic, CPU)::
 
@@ -182,7 +185,7 @@ def _train_step(model, optimizer, scheduler, processor, scenes: list[Scene], con
 
 
 def train(config: TrainConfig, out: str | Path = DEFAULT_MODEL_PATH) -> dict[str, Any]:
-    """Train a fresh model on freshly sampled scenes and save it (and the processor) to ``out``.
+    """Train a model (fresh, or from ``config.init``) on freshly sampled scenes; save it and its processor to ``out``.
 
     Deterministic for a given config on a given machine. Returns a summary dict.
     """
