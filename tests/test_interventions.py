@@ -524,7 +524,9 @@ def test_a_new_hook_point_the_mlp_output_runs_on_both_backends():
 
     vl = vlmask.load_model()
     over = [ScaleMLP(1, 1.0), ScaleMLP(1, 0.0)]
-    prompt = "what color is the circle ?"
+    # text only; a prompt whose answer is not saturated (the retrained model answers "what color is the
+    # circle ?" without an image at p = 0.9999, and zeroing layer 1's MLP there costs only 9e-5 nats)
+    prompt = "what is the red shape ?"
     kls = [vlmask.sweep(vl, prompt, over=over, progress=False, backend=b) for b in ("nnsight", "hooks")]
     for ds in kls:
         assert float(ds["kl"].sel(step=0, intervention=0)) < 1e-6
