@@ -155,6 +155,12 @@ def test_report_data_is_rounded_and_laid_out_row_major(injected):
     ]
 
 
+def test_report_says_when_the_continuation_is_an_answer(injected):
+    assert report_data(injected)["continuation_label"] == "clean continuation"
+    answered = injected.assign_attrs(measured_token="answer")
+    assert report_data(answered)["continuation_label"] == "clean continuation (the answer's tokens, then greedy)"
+
+
 def test_pictures_are_embedded_only_when_the_hash_matches(with_image, images):
     [panel] = picture_panels(with_image)
     assert (panel["rows"], panel["cols"], panel["note"]) == (4, 4, "")

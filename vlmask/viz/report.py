@@ -70,6 +70,12 @@ def _text(values: Any) -> list[str]:
     return [str(v) for v in np.asarray(values).tolist()]
 
 
+def _continuation_label(ds: xr.Dataset) -> str:
+    """What the clean continuation is: greedy, or an answer's tokens forced (then greedy)."""
+    forced = ds.attrs.get(ATTR.measured_token) == "answer"
+    return "clean continuation (the answer's tokens, then greedy)" if forced else "clean continuation"
+
+
 def _ints(values: Any) -> list[int]:
     return [int(v) for v in np.asarray(values).tolist()]
 
@@ -203,6 +209,7 @@ def report_data(ds: xr.Dataset) -> dict[str, Any]:
         "prompt": str(ds.attrs.get(ATTR.prompt, "")),
         "model": str(ds.attrs.get(ATTR.model, "")),
         "clean_continuation": str(ds.attrs.get(ATTR.clean_continuation, "")),
+        "continuation_label": _continuation_label(ds),
         "attrs": [[str(k), _attr(v)] for k, v in ds.attrs.items()],
         "layers": int(ds.sizes[LAYER]),
         "heads": int(ds.sizes[HEAD]),

@@ -79,7 +79,7 @@
     el("span", { text: " · " + S.text.length + " tokens, " + T + " masked units, " + L + " layers × " + H + " heads, " + STEPS + " step(s)" }));
   app.append(
     el("header", {}, el("h1", { text: "vlmask report" }), promptView(D.prompt), meta,
-      el("p", {}, el("span", { class: "muted", text: "clean continuation " }), el("q", { id: "clean", text: D.clean_continuation }))),
+      el("p", {}, el("span", { class: "muted", text: D.continuation_label + " " }), el("q", { id: "clean", text: D.clean_continuation }))),
     controls,
     section("Prompt tokens, coloured by the impact of blocking them", stripLegend, strip,
       el("p", { class: "muted", text: "Outlined tokens were masked; click one to inspect it. Vision tokens are the small squares. Hover for values." })),
@@ -212,7 +212,7 @@
         el("div", {}, el("h3", { text: "each head's output change (" + state.head + "), layers × heads, step " + s }), legend(heads.scale, state.head), el("div", {}, heads.canvas)),
         el("div", {}, el("h3", { text: "final output, step " + s }), values,
           el("p", {}, el("span", { class: "muted", text: "masked continuation " }), el("q", { text: U.continuation[u] })),
-          el("p", {}, el("span", { class: "muted", text: "clean continuation " }), el("q", { text: D.clean_continuation })))));
+          el("p", {}, el("span", { class: "muted", text: D.continuation_label + " " }), el("q", { text: D.clean_continuation })))));
   }
 
   function renderImages(unitValues, sc, sel) {
@@ -280,7 +280,7 @@
   }
 
   function renderContinuations(unitValues, sel) {
-    const chips = el("p", { id: "clean-steps" }, el("span", { class: "muted", text: "clean continuation, step by step: " }));
+    const chips = el("p", { id: "clean-steps" }, el("span", { class: "muted", text: D.continuation_label + ", step by step: " }));
     D.steps.token.forEach((t, s) => chips.append(el("span", { class: "chip" + (s === state.step ? " on" : ""), text: s + ": " + shown(t) })));
     const order = U.pos.map((_, u) => u).sort((a, b) => (isNum(unitValues[b]) ? unitValues[b] : -Infinity) - (isNum(unitValues[a]) ? unitValues[a] : -Infinity));
     const table = el("table", { class: "conts" }, el("tr", {}, ...["position", "token", "kind", state.metric, "masked continuation", "first changed step"].map((h) => el("th", { text: h }))));
