@@ -21,13 +21,15 @@ from vlmask.engine.knockouts import Knockouts, knockouts_of
 from vlmask.engine.labels import sweep_record
 from vlmask.engine.passes import NOTHING, PromptPasses
 from vlmask.engine.state import PassPlan
+from vlmask.engine.triage_run import Triaged, triage_measure
 from vlmask.errors import VlmaskError, concerning
 from vlmask.inputs.prompt import Prompt, build_prompt
 from vlmask.inputs.selection import parse_indices, parse_mask
 from vlmask.inputs.units import group_units
 from vlmask.model.families import FAMILIES
 from vlmask.model.load import VLModel
-from vlmask.results.dataset import to_dataset
+from vlmask.results.dataset import Measured, to_dataset
+from vlmask.results.triage import with_triage
 from vlmask.spec import SweepSpec
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,26 @@ def _checked_interventions(vl: VLModel, built: Prompt, spec: SweepSpec) -> tuple
     return base, knockouts
 
 
+def _measure(
+    passes: PromptPasses, prompt_ids: Any, spec: SweepSpec, base: Intervention, knockouts: Knockouts, progress: bool
+) -> tuple[Measured, Triaged | None]:
+    """Every knockout run exactly; or, with ``spec.triage``, estimated and run exactly where triage chose."""
+    if spec.triage is not None:
+        triaged = triage_measure(passes, prompt_ids, spec, base, knockouts.values, progress)
+        return triaged.measured, triaged
+    measured = passes.measure(
+        prompt_ids,
+        spec.num_tokens,
+        base,
+        knockouts.values,
+        batch_size=spec.batch_size,
+        budget=spec.max_memory,
+        progress=progress,
+        attention=spec.attention,
+    )
+    return measured, None
+
+
 def sweep(
     vl: VLModel,
     prompt: SweepSpec | str,
@@ -153,16 +175,7 @@ def sweep(
     base, knockouts = _checked_interventions(vl, built, spec)
     max_len = prompt_ids.shape[1] + spec.num_tokens - 1
     passes = PromptPasses.of(vl, built, max_len, spec.vision_attention, backend, spec.vision_removal)
-    measured = passes.measure(
-        prompt_ids,
-        spec.num_tokens,
-        base,
-        knockouts.values,
-        batch_size=spec.batch_size,
-        budget=spec.max_memory,
-        progress=progress,
-        attention=spec.attention,
-    )
+    measured, triaged = _measure(passes, prompt_ids, spec, base, knockouts, progress)
     record = sweep_record(
         vl,
         built,
@@ -175,4 +188,10 @@ def sweep(
         vision_attention=spec.vision_attention,
         vision_removal=spec.vision_removal,
     )
-    return to_dataset(record)
+    ds = to_dataset(record)
+    if triaged is None:
+        return ds
+    est = triaged.estimates
+    return with_triage(
+        ds, est.kl.numpy(), est.logprob_drop.numpy(), triaged.confirmed, triaged.audited, triaged.figures
+    )
