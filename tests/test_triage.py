@@ -227,3 +227,22 @@ def test_choice_and_audit_figures():
     assert figures["triage_unexamined"] == 3
     assert figures["triage_audit_rate_upper95"] == pytest.approx(clopper_pearson_upper(figures["triage_audit_hits"], 2))
     assert clopper_pearson_upper(0, 300) == pytest.approx(1 - 0.05 ** (1 / 300))
+
+
+def test_views_accept_triage_results(doctest_vl, tmp_path):
+    vl = doctest_vl
+    ds = vlmask.sweep(vl, "what color is the circle ?", [SHAPES], mask="vision", triage=3, progress=False)
+    heat = ds.vlmask.heatmap("estimate_kl")
+    assert heat.attrs["triage"].startswith("triage estimate") and int(heat.notnull().sum()) == 16
+    exact = ds.vlmask.heatmap("kl")
+    assert "exact for" in exact.attrs["triage"] and int(exact.notnull().sum()) == int(
+        (ds["confirmed"] | ds["audited"]).sum()
+    )
+    assert ds.vlmask.plot(tmp_path / "estimate.png", "estimate_kl").stat().st_size > 0
+    page = ds.vlmask.report(tmp_path / "report.html").read_text()
+    assert "estimate_kl" in page
+    both = ds.vlmask.compare(vlmask.sweep(vl, "what color is the circle ?", [SHAPES], mask="vision", progress=False))
+    assert both.sizes["token"] == 16
+    from vlmask.batch.summary import summarize
+
+    assert len(summarize([save_results(ds, tmp_path / "t.nc")])) > 0
