@@ -246,3 +246,15 @@ def test_views_accept_triage_results(doctest_vl, tmp_path):
     from vlmask.batch.summary import summarize
 
     assert len(summarize([save_results(ds, tmp_path / "t.nc")])) > 0
+
+
+def test_cli_flags(tiny_dir, images, tmp_path, capsys):
+    from vlmask.cli import main
+
+    args = ["run", "--model", str(tiny_dir), "--prompt", QUESTION, "--image", str(images["square"])]
+    args += ["--mask", "vision", "--output", "t", "--output-dir", str(tmp_path), "--no-progress"]
+    assert main([*args, "--triage", "2", "--triage-audit", "1"]) == 0
+    ds = open_results(tmp_path / "t.nc")
+    assert int(ds["confirmed"].sum()) >= 2 and int(ds["audited"].sum()) == 1
+    assert main([*args, "--overwrite", "--triage-check"]) == 2
+    assert "--triage" in capsys.readouterr().err
