@@ -454,7 +454,7 @@ def _machine(args: argparse.Namespace) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
+    parser.add_argument("--scenario", action="append", choices=sorted([*SCENARIOS, "S5"]))
     parser.add_argument("--method", action="append", choices=METHODS)
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--device", default="cpu")
@@ -577,7 +577,10 @@ def _print_table(rows: list[dict], methods: list[str]) -> None:
 
 
 def main() -> None:
-    args = _parser().parse_args()
+    parser = _parser()
+    args = parser.parse_args()
+    if "S5" in (args.scenario or []) and not args.triage:
+        parser.error("scenario S5 (1,024 vision knockouts) is a triage scenario: give --triage too")
     if args.worker:
         args.method = args.worker
         args.scenario = args.scenario[0]
@@ -602,7 +605,8 @@ def main() -> None:
             from benchmarks.triage import study
 
             torch.set_num_threads(args.threads)
-            rows = study(model, Path(tmp), args.triage, args.triage_s5_sample or None)
+            chosen = tuple(args.scenario or ("S2", "S5"))
+            rows = study(model, Path(tmp), args.triage, args.triage_s5_sample or None, chosen)
             if args.json:
                 args.json.write_text(
                     json.dumps({"machine": _machine(args), "size": args.size, "triage": rows}, indent=2)

@@ -92,13 +92,17 @@ def s5(vl: vlmask.VLModel, image: Path, k: int, sample: int) -> dict[str, Any]:
     }
 
 
-def study(model: Path, folder: Path, k: int = 20, s5_sample: int | None = 32) -> list[dict[str, Any]]:
-    """The triage rows: S2, then S5 unless ``s5_sample`` is None."""
+def study(
+    model: Path, folder: Path, k: int = 20, s5_sample: int | None = 32, scenarios: tuple[str, ...] = ("S2", "S5")
+) -> list[dict[str, Any]]:
+    """The triage rows of ``scenarios``: S2, then S5 (unless ``s5_sample`` is None)."""
     vl = vlmask.load_model(str(model))
     vlmask.sweep(vl, "w1 w2 w3", [], mask="all", num_tokens=2, triage=1, progress=False)  # warm-up
-    rows = [s2(vl, _image(folder, 448), k)]
-    print(json.dumps(rows[-1]), flush=True)
-    if s5_sample is not None:
+    rows = []
+    if "S2" in scenarios:
+        rows.append(s2(vl, _image(folder, 448), k))
+        print(json.dumps(rows[-1]), flush=True)
+    if "S5" in scenarios and s5_sample is not None:
         rows.append(s5(vl, _image(folder, 896), k, s5_sample))
         print(json.dumps(rows[-1]), flush=True)
     print(f"threads: {torch.get_num_threads()}; one run each (noisy where the CPU is shared)")
