@@ -21,6 +21,7 @@ from vlmask.engine.knockouts import Knockouts, knockouts_of
 from vlmask.engine.labels import sweep_record
 from vlmask.engine.passes import NOTHING, PromptPasses
 from vlmask.engine.state import PassPlan
+from vlmask.engine.triage import check_estimable
 from vlmask.engine.triage_run import Triaged, triage_measure
 from vlmask.errors import VlmaskError, concerning
 from vlmask.inputs.prompt import Prompt, build_prompt
@@ -109,10 +110,13 @@ def _spec(prompt: SweepSpec | str, images: Sequence[str | Path], options: dict[s
 
 def _checked_interventions(vl: VLModel, built: Prompt, spec: SweepSpec) -> tuple[Intervention, Knockouts]:
     """The base and the knockouts of ``spec`` on ``built``, after every check that needs no forward pass (the
-    prompt's length, DeepStack removal); large work is announced before it starts."""
+    prompt's length, DeepStack removal, what triage can estimate); large work is announced before it starts."""
     check_length(vl, built.inputs["input_ids"].shape[1], spec.num_tokens)
     base, knockouts = _interventions(vl, built, spec)
     _check_removal(vl, built, spec, base)
+    if spec.triage is not None:
+        with concerning("triage"):
+            check_estimable(knockouts.values, vl.num_layers)
     announce(vl, built.inputs, knockouts.values, spec.num_tokens)
     return base, knockouts
 
