@@ -110,14 +110,15 @@ def _spec(prompt: SweepSpec | str, images: Sequence[str | Path], options: dict[s
 
 def _checked_interventions(vl: VLModel, built: Prompt, spec: SweepSpec) -> tuple[Intervention, Knockouts]:
     """The base and the knockouts of ``spec`` on ``built``, after every check that needs no forward pass (the
-    prompt's length, DeepStack removal, what triage can estimate); large work is announced before it starts."""
+    prompt's length, DeepStack removal, what triage can estimate); large exact work is announced before it starts."""
     check_length(vl, built.inputs["input_ids"].shape[1], spec.num_tokens)
     base, knockouts = _interventions(vl, built, spec)
     _check_removal(vl, built, spec, base)
-    if spec.triage is not None:
+    if spec.triage is None:
+        announce(vl, built.inputs, knockouts.values, spec.num_tokens)
+    else:  # the exact part is the top K and the audit: small
         with concerning("triage"):
             check_estimable(knockouts.values, vl.num_layers)
-    announce(vl, built.inputs, knockouts.values, spec.num_tokens)
     return base, knockouts
 
 
