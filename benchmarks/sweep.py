@@ -28,6 +28,9 @@ the query-key pairs a knockout allows (at the attention kernel's measured cost p
 pass that spends time on masked-out pairs cannot look ideal. Neither counts the extra positions
 of continuations that leave the clean one (S4), so both are lower bounds.
 
+``--triage [K]``: triage (estimate every knockout, confirm the top K exactly) against the
+exhaustive exact sweep on S2, and on S5 (1,024 vision knockouts; see benchmarks/triage.py).
+
 ``--quick`` (CI's smoke test): the tiny model, S1, one repeat, one thread; timings meaningless.
 """
 
@@ -451,7 +454,7 @@ def _machine(args: argparse.Namespace) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
+    parser.add_argument("--scenario", action="append", choices=sorted([*SCENARIOS, "S5"]))
     parser.add_argument("--method", action="append", choices=METHODS)
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--device", default="cpu")
@@ -478,6 +481,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead: vlmask's peak memory on S2 as the batch size grows, and as the knockouts grow at one batch size",
     )
+    parser.add_argument(
+        "--triage",
+        type=int,
+        nargs="?",
+        const=20,
+        help="instead: triage with this K (default 20) vs the exhaustive exact sweep, S2 and S5 (benchmarks/triage.py)",
+    )
+    parser.add_argument("--triage-s5-sample", type=int, default=32, help="S5's exact sample (0: skip S5)")
     parser.add_argument("--limit", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -566,7 +577,10 @@ def _print_table(rows: list[dict], methods: list[str]) -> None:
 
 
 def main() -> None:
-    args = _parser().parse_args()
+    parser = _parser()
+    args = parser.parse_args()
+    if "S5" in (args.scenario or []) and not args.triage:
+        parser.error("scenario S5 (1,024 vision knockouts) is a triage scenario: give --triage too")
     if args.worker:
         args.method = args.worker
         args.scenario = args.scenario[0]
@@ -586,6 +600,17 @@ def main() -> None:
         Image.fromarray(pixels).save(image)
         if args.memory_study:
             memory_study(model, image, args)
+            return
+        if args.triage:
+            from benchmarks.triage import study
+
+            torch.set_num_threads(args.threads)
+            chosen = tuple(args.scenario or ("S2", "S5"))
+            rows = study(model, Path(tmp), args.triage, args.triage_s5_sample or None, chosen)
+            if args.json:
+                args.json.write_text(
+                    json.dumps({"machine": _machine(args), "size": args.size, "triage": rows}, indent=2)
+                )
             return
         for scenario in args.scenario or sorted(SCENARIOS):
             runs: dict[str, list[dict]] = {m: [] for m in methods}

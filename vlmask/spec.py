@@ -152,6 +152,12 @@ def _count_or_none(name: str, value: Any) -> int | None:
     return None if value is None else _count(name, value)
 
 
+def _audit(name: str, value: Any) -> int | None:
+    if value is None or (value == 0 and not isinstance(value, bool)):
+        return value
+    return _count(name, value)
+
+
 def _fps(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise VlmaskError(f"{name} must be a number of frames per second, got {value!r}")
@@ -355,6 +361,23 @@ class SweepSpec:
         default=True,
         metadata=about("also read the clean attention at each step, per layer and head, beside the knockouts", _flag),
     )
+    triage: int | None = field(
+        default=None,
+        metadata=about(
+            "estimate every knockout from a backward pass, then run exactly only the top K and a random audit",
+            _count_or_none,
+        ),
+    )
+    triage_audit: int | None = field(
+        default=None,
+        metadata=about(
+            "knockouts audited exactly at random beside the top K (default: max(8, 5 percent of the rest))", _audit
+        ),
+    )
+    triage_check: bool = field(
+        default=False,
+        metadata=about("with triage, also run every knockout exactly and record how well the estimate ranked", _flag),
+    )
 
     def __post_init__(self) -> None:
         checked, problems = _checked({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
@@ -439,6 +462,8 @@ def _checked(values: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, st
         return checked, problems
     if checked["mask"] == "vision" and not checked["images"] + checked["videos"]:
         problems.append(("mask", "mask vision needs an image or a video, but none was given"))
+    if checked["triage"] is None and (checked["triage_audit"] is not None or checked["triage_check"]):
+        problems.append(("triage", "triage_audit and triage_check apply to a triage sweep: give triage (a count) too"))
     if checked["over"] is not None and (checked["mask"] is not None or checked["mask_unit"] != "token"):
         problems.append(
             ("over", "pass either mask/mask_unit (a sweep over tokens) or over (a list of interventions), not both")

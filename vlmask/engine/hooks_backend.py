@@ -19,7 +19,7 @@ from vlmask.engine.steps import DecoderCall, LayerSteps
 from vlmask.model.load import VLModel
 
 
-def _hooks(vl: VLModel, steps: LayerSteps) -> list[Any]:
+def layer_hooks(vl: VLModel, steps: LayerSteps) -> list[Any]:
     """``steps`` as hooks on each decoder layer: its self-attention, its ``o_proj`` and its output."""
     handles = []
     for i, layer in enumerate(vl.decoder.layers):
@@ -45,7 +45,7 @@ def _hooks(vl: VLModel, steps: LayerSteps) -> list[Any]:
 
 
 @contextlib.contextmanager
-def _installed(handles: list[Any]) -> Iterator[None]:
+def installed(handles: list[Any]) -> Iterator[None]:
     try:
         yield
     finally:
@@ -62,13 +62,13 @@ class HooksBackend(Backend):
         self, vl: VLModel, kwargs: dict[str, Any], steps: LayerSteps, capture: bool
     ) -> tuple[Any, dict[str, Any] | None]:
         seen: dict[str, Any] = {}
-        handles = _hooks(vl, steps)
+        handles = layer_hooks(vl, steps)
         if capture:
             handles.append(vl.decoder.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True))
-        with torch.inference_mode(), _installed(handles):
+        with torch.inference_mode(), installed(handles):
             output = vl.hf(**kwargs)
         return output, seen if capture else None
 
     def forward_decoder(self, vl: VLModel, call: DecoderCall, steps: LayerSteps) -> torch.Tensor:
-        with torch.inference_mode(), _installed(_hooks(vl, steps)):
+        with torch.inference_mode(), installed(layer_hooks(vl, steps)):
             return call.decode(call.embeds, call.positions).float().cpu()

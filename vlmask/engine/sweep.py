@@ -21,13 +21,16 @@ from vlmask.engine.knockouts import Knockouts, knockouts_of
 from vlmask.engine.labels import sweep_record
 from vlmask.engine.passes import NOTHING, PromptPasses
 from vlmask.engine.state import PassPlan
+from vlmask.engine.triage import check_estimable
+from vlmask.engine.triage_run import Triaged, triage_measure
 from vlmask.errors import VlmaskError, concerning
 from vlmask.inputs.prompt import Prompt, build_prompt, tokenizer_of
 from vlmask.inputs.selection import parse_indices, parse_mask
 from vlmask.inputs.units import group_units
 from vlmask.model.families import FAMILIES
 from vlmask.model.load import VLModel
-from vlmask.results.dataset import to_dataset
+from vlmask.results.dataset import Measured, to_dataset
+from vlmask.results.triage import with_triage
 from vlmask.spec import SweepSpec
 
 log = logging.getLogger(__name__)
@@ -134,7 +137,8 @@ def _spec(prompt: SweepSpec | str, images: Sequence[str | Path], options: dict[s
 
 def _prepared(vl: VLModel, spec: SweepSpec) -> tuple[Prompt, Intervention, Knockouts, list[int]]:
     """The prompt of ``spec``, its base, its knockouts and its answer's token ids, after every check that needs
-    no forward pass (the prompt's length, DeepStack removal); large work is announced before it starts."""
+    no forward pass (the prompt's length, DeepStack removal, what triage can estimate); large exact work is
+    announced before it starts."""
     built = build_prompt(
         vl.processor, spec.prompt, list(spec.images), spec.chat_template, list(spec.videos), spec.video_fps
     )
@@ -143,8 +147,39 @@ def _prepared(vl: VLModel, spec: SweepSpec) -> tuple[Prompt, Intervention, Knock
     _check_removal(vl, built, spec, base)
     with concerning("answer"):
         answer = [] if spec.answer is None else answer_ids(vl, built, spec.answer)
-    announce(vl, built.inputs, knockouts.values, spec.num_tokens)
+    if spec.triage is None:
+        announce(vl, built.inputs, knockouts.values, spec.num_tokens)
+    else:  # the exact part is the top K and the audit: small
+        with concerning("triage"):
+            check_estimable(knockouts.values, vl.num_layers)
     return built, base, knockouts, answer
+
+
+def _measure(
+    passes: PromptPasses,
+    prompt_ids: Any,
+    spec: SweepSpec,
+    base: Intervention,
+    knockouts: Knockouts,
+    progress: bool,
+    answer: list[int],
+) -> tuple[Measured, Triaged | None]:
+    """Every knockout run exactly; or, with ``spec.triage``, estimated and run exactly where triage chose."""
+    if spec.triage is not None:
+        triaged = triage_measure(passes, prompt_ids, spec, base, knockouts.values, progress, answer)
+        return triaged.measured, triaged
+    measured = passes.measure(
+        prompt_ids,
+        spec.num_tokens,
+        base,
+        knockouts.values,
+        batch_size=spec.batch_size,
+        budget=spec.max_memory,
+        progress=progress,
+        attention=spec.attention,
+        answer=answer,
+    )
+    return measured, None
 
 
 def sweep(
@@ -181,17 +216,7 @@ def sweep(
     built, base, knockouts, answer = _prepared(vl, spec)
     max_len = built.inputs["input_ids"].shape[1] + spec.num_tokens - 1
     passes = PromptPasses.of(vl, built, max_len, spec.vision_attention, backend, spec.vision_removal)
-    measured = passes.measure(
-        built.inputs["input_ids"],
-        spec.num_tokens,
-        base,
-        knockouts.values,
-        batch_size=spec.batch_size,
-        budget=spec.max_memory,
-        progress=progress,
-        attention=spec.attention,
-        answer=answer,
-    )
+    measured, triaged = _measure(passes, built.inputs["input_ids"], spec, base, knockouts, progress, answer)
     record = sweep_record(
         vl,
         built,
@@ -206,4 +231,10 @@ def sweep(
         answer=spec.answer or "",
         answer_ids=answer,
     )
-    return to_dataset(record)
+    ds = to_dataset(record)
+    if triaged is None:
+        return ds
+    est = triaged.estimates
+    return with_triage(
+        ds, est.kl.numpy(), est.logprob_drop.numpy(), triaged.confirmed, triaged.audited, triaged.figures
+    )

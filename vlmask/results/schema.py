@@ -65,6 +65,18 @@ DESCRIPTIONS = {
 }
 """The ``description`` attribute of each metric variable."""
 
+# ---- triage results (``sweep(..., triage=K)``): estimates everywhere, exact values only where confirmed or audited --
+ESTIMATE_KL, ESTIMATE_LOGPROB_DROP = "estimate_kl", "estimate_logprob_drop"
+CONFIRMED, AUDITED = "confirmed", "audited"
+TRIAGE_DESCRIPTIONS = {
+    ESTIMATE_KL: "first-order (Gauss-Newton) estimate of kl, from the clean run's attention gradients",
+    ESTIMATE_LOGPROB_DROP: "first-order estimate of logprob_drop, from the clean run's attention gradients",
+    CONFIRMED: "knockout run exactly because its estimate ranked in the top K (or a query row saturated)",
+    AUDITED: "knockout run exactly as part of the random audit of the unconfirmed ones",
+}
+"""The ``description`` attribute of each triage variable (present in triage results only)."""
+
+
 # ---- the clean attention readout, and how it agrees with the knockouts (absent with attention=False) ----------
 ATTENTION_SOURCE = "attention_source"  # dim: which attention is compared: ATTENTION or ATTENTION_NORM
 EFFECT = "effect"  # dim: which knockout effect it is compared with: KL or LOGPROB_DROP

@@ -19,8 +19,12 @@ from vlmask.results.schema import (
     ATTENTION_NORM,
     ATTENTION_SOURCE,
     ATTR,
+    AUDITED,
     COL,
+    CONFIRMED,
     EFFECT,
+    ESTIMATE_KL,
+    ESTIMATE_LOGPROB_DROP,
     HEAD,
     HEADS,
     LAYER,
@@ -46,7 +50,11 @@ METRICS = (
     *(f"heads:{m}" for m in VECTOR_METRICS),
     ATTENTION,
     f"{ATTENTION}:norm",
+    ESTIMATE_KL,
+    ESTIMATE_LOGPROB_DROP,
 )
+FINAL_METRICS = (*LOGIT_METRICS, ESTIMATE_KL, ESTIMATE_LOGPROB_DROP)
+"""Metrics of the final output (no layer): the logit metrics, and a triage result's estimates of two of them."""
 ATTENTION_METRICS = {ATTENTION: ATTENTION, f"{ATTENTION}:norm": ATTENTION_NORM}
 """The clean attention views, and the variable each reads (``:max`` after either: the largest head)."""
 
@@ -54,7 +62,7 @@ ATTENTION_METRICS = {ATTENTION: ATTENTION, f"{ATTENTION}:norm": ATTENTION_NORM}
 def _layer(ds: xr.Dataset, metric: str, layer: int | str | None) -> int | None:
     """The decoder layer ``metric`` is read at (None for the final output's logit metrics)."""
     final = layer is None or str(layer).strip() == "final"
-    if metric in LOGIT_METRICS:
+    if metric in FINAL_METRICS:
         if not final:
             raise VlmaskError(
                 f"metric {metric!r} is measured on the final output, not at a layer: give no layer (or final)",
@@ -99,7 +107,7 @@ def unit_values(
         return _attention_values(ds, view, reduce, layer, step)
     name, _, rest = metric.partition(":")
     sub, _, reduce = rest.partition(":")
-    known = name in LOGIT_METRICS and not rest
+    known = name in FINAL_METRICS and not rest
     known |= name == RESIDUAL and sub in VECTOR_METRICS and not reduce
     known |= name == HEADS and sub in VECTOR_METRICS and reduce in ("", *HEAD_REDUCTIONS)
     if not known:
@@ -110,7 +118,7 @@ def unit_values(
     _check_step(ds, step)
     check_result(ds, name)
     where = _layer(ds, name, layer)
-    if name in LOGIT_METRICS:
+    if name in FINAL_METRICS:
         return ds[name].sel(step=step).astype(float), None
     values = ds[name].sel(step=step, layer=where, metric=sub)
     if name == HEADS:
@@ -237,8 +245,24 @@ def heatmap(
             "step_token": str(ds[STEP_TOKEN].sel(step=step).item()),
             "prompt": ds.attrs.get(ATTR.prompt, ""),
             "mask_unit": ds.attrs.get(ATTR.mask_unit, "token"),
+            "triage": triage_note(ds, metric),
         },
     )
+
+
+def triage_note(ds: xr.Dataset, metric: str) -> str:
+    """What a triage result's ``metric`` shows: estimates, or exact values for some units only ("" otherwise).
+
+    Example:
+        >>> triage_note(ds, "kl")
+        ''
+    """
+    if CONFIRMED not in ds:
+        return ""
+    if metric in (ESTIMATE_KL, ESTIMATE_LOGPROB_DROP):
+        return "triage estimate (first order, every unit)"
+    exact = ds[CONFIRMED] | ds[AUDITED]
+    return f"triage: exact for {int(exact.sum())} of {exact.size} units (confirmed and audited), the rest not run"
 
 
 def cell_colors(heat: np.ndarray, rgba: Sequence[np.ndarray] | np.ndarray, alpha: float) -> np.ndarray:

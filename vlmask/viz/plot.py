@@ -141,7 +141,7 @@ def _figure(heat: xr.DataArray, pictures: list[tuple[Image.Image, str]], cmap: s
     where = heat.attrs["layer"] if heat.attrs["layer"] == "final output" else f"layer {heat.attrs['layer']}"
     fig.suptitle(
         f"{heat.attrs['prompt']!r}\n{metric}, {where}, step {step} (clean next token {heat.attrs['step_token']!r}),"
-        f" unit {heat.attrs['mask_unit']}",
+        f" unit {heat.attrs['mask_unit']}" + (f"\n{heat.attrs['triage']}" if heat.attrs.get("triage") else ""),
         fontsize=10,
     )
     return fig

@@ -21,7 +21,6 @@ from vlmask.errors import VlmaskError
 from vlmask.inputs.grid import WHOLE, Extent
 from vlmask.inputs.media import open_image
 from vlmask.inputs.video import frame_paths
-from vlmask.results.metrics import LOGIT_METRICS
 from vlmask.results.schema import (
     AGREEMENT_SPEARMAN,
     AGREEMENT_SPEARMAN_ALL,
@@ -54,6 +53,7 @@ from vlmask.results.schema import (
     recorded_media,
     vision_grids,
 )
+from vlmask.viz.heatmap import FINAL_METRICS as FINAL
 from vlmask.viz.heatmap import panel_box, panels
 from vlmask.viz.page import Numbers, page, write_page
 from vlmask.viz.sources import locate
@@ -197,7 +197,7 @@ def report_data(ds: xr.Dataset) -> dict[str, Any]:
     """
     check_dims(ds)
     values: dict[str, Numbers] = {name: Numbers(ds[name].transpose(*dims).values) for name, dims in ORDER.items()}
-    for name in LOGIT_METRICS:
+    for name in FINAL:
         if name in ds:
             values[name] = Numbers(ds[name].transpose(STEP, TOKEN).values.astype(np.float32))
     seq = {name: ds[f"{SEQ}_{name}"] for name in ("text", "kind", "image", "video", "t", "row", "col")}
@@ -214,7 +214,7 @@ def report_data(ds: xr.Dataset) -> dict[str, Any]:
         "layers": int(ds.sizes[LAYER]),
         "heads": int(ds.sizes[HEAD]),
         "metrics": _text(ds[METRIC].values),
-        "logit_metrics": [name for name in LOGIT_METRICS if name in ds],
+        "logit_metrics": [name for name in FINAL if name in ds],
         "steps": {"token": _text(ds[STEP_TOKEN].values), "id": _ints(ds[STEP_TOKEN_ID].values)},
         "seq": {name: _text(da.values) if name in ("text", "kind") else _ints(da.values) for name, da in seq.items()},
         "units": {
@@ -223,7 +223,7 @@ def report_data(ds: xr.Dataset) -> dict[str, Any]:
             "kind": _text(ds[TOKEN_KIND].values),
             "members": members,
             "continuation": _text(ds[MASKED_CONTINUATION].values),
-            "changed": [[int(i) != c for i, c in zip(row, clean, strict=True)] for row in masked_ids],
+            "changed": [[0 <= int(i) != c for i, c in zip(row, clean, strict=True)] for row in masked_ids],
         },
         "values": values,
         "panels": picture_panels(ds),
