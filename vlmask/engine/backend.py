@@ -103,7 +103,7 @@ class Backend(ABC):
         index = torch.tensor(plan.read, device=vl.device)
         kwargs = model_kwargs(vl, inputs, index, capture)
         steps = LayerSteps(vl, plan, layer_masks(vl, plan.allowed), index, mean_heads, self.keep)
-        with steps.reading():
+        with steps.attending():
             output, decoder_kwargs = self.forward_model(vl, kwargs, steps, capture)
         readout = steps.readout(output.logits.float().cpu())
         captured = captured_inputs(vl, decoder_kwargs, output.cache) if capture else None
@@ -120,7 +120,7 @@ class Backend(ABC):
         """
         call = decoder_call(vl, inputs, plan)
         steps = LayerSteps(vl, plan, call.masks, call.index, keep=self.keep)
-        with steps.reading():
+        with steps.attending():
             logits = self.forward_decoder(vl, call, steps)
         readout = steps.readout(logits)
         if plan.starts:

@@ -25,15 +25,13 @@ def envoy(vl: VLModel) -> NNsight:
 
 
 def _attach(steps: LayerSteps, decoder: Any) -> None:
-    """Inside a trace, at each layer in execution order: hand self-attention its mask, then pass the
-    ``o_proj`` input and the layer output through ``steps`` where it edits or reads them.
+    """Inside a trace, at each layer in execution order: pass the ``o_proj`` input, the MLP output and
+    the layer output through ``steps`` where it edits or reads them (self-attention gets its mask
+    from the attention call itself: :meth:`LayerSteps.attending`).
 
-    The masks and lists are made before the trace (values made inside a trace survive only if saved).
+    The lists are made before the trace (values made inside a trace survive only if saved).
     """
     for i, layer in enumerate(decoder.layers):
-        args, kwargs = layer.self_attn.inputs
-        kwargs["attention_mask"] = steps.masks[i]
-        layer.self_attn.inputs = (args, kwargs)
         if steps.wants_heads(i):
             x = steps.heads(i, layer.self_attn.o_proj.input)
             if x is not None:

@@ -34,6 +34,7 @@ from vlmask.engine.attention_read import value_norms
 from vlmask.engine.backend import Backend, DecoderPass, ModelPass
 from vlmask.engine.masks import allowed_edges
 from vlmask.engine.packing import packed_cap, pass_bytes, plan_batches
+from vlmask.engine.stages import stage
 from vlmask.engine.state import DecoderInputs, ModelInputs, PassPlan, Readout
 from vlmask.inputs.prompt import Prompt
 from vlmask.model.load import VLModel
@@ -83,7 +84,8 @@ class PromptPasses:
         """
         inputs = built.inputs
         unmodified = allowed_edges(max_len, built.tokens.vision_ranges, vision_attention)
-        extra, encoder = vl.family.prompt_inputs(inputs), vl.family.encode_vision(vl.hf, inputs)
+        with stage("vision encoder"):
+            extra, encoder = vl.family.prompt_inputs(inputs), vl.family.encode_vision(vl.hf, inputs)
         vision = frozenset(p for p, kind in enumerate(built.tokens.kind) if kind == "vision")
         removable = vision if vision_removal == "full" else None
         return PromptPasses(vl, extra, encoder, unmodified, Backend.named(backend), removable=removable)
@@ -141,6 +143,7 @@ class PromptPasses:
         *,
         starts: Sequence[int] = (),
         extend: bool = False,
+        internals: bool = True,
         attention: bool = False,
     ) -> DecoderPass:
         """The decoder on captured ``dec``, row ``i`` under ``interventions[i]``, reading ``read``.
@@ -149,11 +152,13 @@ class PromptPasses:
         positions ``starts[i]..``, on ``dec``'s keys and values before them (which must
         compute under ``interventions[i]`` exactly as in the pass that made ``dec``); every
         start must be at most the first read position. Without, ``dec`` holds one sequence
-        per row and each row computes the positions past its cache. ``attention``: read each
-        layer's attention at ``read`` too (one row).
+        per row and each row computes the positions past its cache. ``internals``: read layer and
+        head outputs too, else logits only; ``attention``: each layer's attention at ``read`` too
+        (one row).
         """
         start = dec.keys[0].shape[2]
-        todo = self.plan(interventions, dec.seq_len, read, start=start, starts=starts, attention=attention)
+        kw = {"start": start, "starts": starts, "internals": internals, "attention": attention}
+        todo = self.plan(interventions, dec.seq_len, read, **kw)
         return self.backend.run_decoder(self.vl, dec, todo, extend=extend)
 
     def with_head_means(self, prompt_ids: torch.Tensor) -> PromptPasses:
@@ -216,17 +221,37 @@ class PromptPasses:
             owns = []
             for row in rows:
                 own = dec.prefix(vl, prompt_len + first).append_text(vl, int(forced_top[row, first]))
-                done = self.decoder_pass(
-                    own, [interventions[row]], [own.seq_len - 1], starts=[starts[row]], extend=True
-                )
+                ko, read = [interventions[row]], [own.seq_len - 1]
+                done = self.decoder_pass(own, ko, read, starts=[starts[row]], extend=True, internals=False)
                 out[row, first + 1] = done.readout.logits[0, -1].argmax()
                 owns.append(done.inputs)
             group, knockouts = DecoderInputs.stacked(owns), [interventions[r] for r in rows]
             for step in range(first + 2, steps):
                 group = group.append_text(vl, out[rows, step - 1].tolist())
-                done = self.decoder_pass(group, knockouts, [group.seq_len - 1], extend=True)
+                done = self.decoder_pass(group, knockouts, [group.seq_len - 1], extend=True, internals=False)
                 out[rows, step], group = done.readout.logits[:, -1].argmax(-1), done.inputs
         return out
+
+    def knockout_pass(
+        self,
+        clean: CleanRun,
+        rows: Sequence[Intervention],
+        read: Sequence[int],
+        starts: Sequence[int],
+        firsts: Sequence[int],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One packed pass of knockouts ``rows``, row ``i`` from ``starts[i]`` on ``clean``'s teacher-forced sequence:
+        their residual, head and logit metrics at ``read`` against the clean run, and their argmaxes ``(row, read)``.
+
+        Read positions before a row's first changed position (``firsts[i]``) are the clean values, exactly.
+        """
+        with stage("packed passes"):
+            out = self.decoder_pass(clean.inputs, rows, read, starts=starts).readout
+            unchanged = torch.tensor([[r < f for r in read] for f in firsts])  # (row, pos)
+            out = out.select(unchanged, clean.readout)
+            residual = vector_distances(clean.readout.residual, out.residual)
+            heads = vector_distances(clean.readout.heads, out.heads)
+            return residual, heads, logit_metrics(clean.readout.logits, out.logits), out.logits.argmax(-1)
 
     def measure(
         self,
@@ -249,8 +274,9 @@ class PromptPasses:
         clean pass's attention at each step (:func:`clean_attention`).
         """
         vl, prompt_len = self.vl, prompt_ids.shape[1]
-        passes = self.with_head_means(prompt_ids) if PassPlan.needs_head_means([base, *knockouts]) else self
-        clean = passes.clean_pass(prompt_ids, num_tokens, base, attention=attention)
+        with stage("clean pass"):
+            passes = self.with_head_means(prompt_ids) if PassPlan.needs_head_means([base, *knockouts]) else self
+            clean = passes.clean_pass(prompt_ids, num_tokens, base, attention=attention)
         full_len, read = prompt_len + num_tokens - 1, list(range(prompt_len - 1, prompt_len + num_tokens - 1))
         firsts = PassPlan.first_changed(knockouts, full_len, vl.num_layers)
         # a position without its DeepStack features changes itself: recompute from there
@@ -263,27 +289,24 @@ class PromptPasses:
             memory = pass_bytes(vl.text_config, full_len, positions, count, len(read), vl.dtype.itemsize)
             return positions <= cap and memory <= budget
 
-        residual, heads, logits, generated = [], [], [], []
+        measured, generated = [], []
         bar = tqdm(total=len(rows), desc="knockouts", unit="knockout", disable=not progress)
         for batch in plan_batches(starts, full_len, batch_size, fits):
-            chunk = rows[batch]
-            out = passes.decoder_pass(clean.inputs, chunk, read, starts=starts[batch]).readout
-            unchanged = torch.tensor([[r < f for r in read] for f in firsts[batch]])  # (batch, pos)
-            out = out.select(unchanged, clean.readout)
-            residual.append(vector_distances(clean.readout.residual, out.residual))
-            heads.append(vector_distances(clean.readout.heads, out.heads))
-            logits.append(logit_metrics(clean.readout.logits, out.logits))
-            top = out.logits.argmax(-1)
-            generated.append(passes.masked_generation(clean.inputs, clean.tokens, top, chunk, starts[batch]))
-            bar.update(len(chunk))
+            *metrics, top = passes.knockout_pass(clean, rows[batch], read, starts[batch], firsts[batch])
+            measured.append(metrics)
+            with stage("generation"):
+                generated.append(passes.masked_generation(clean.inputs, clean.tokens, top, rows[batch], starts[batch]))
+            bar.update(len(top))
         bar.close()
-        probs, weighted = clean_attention(vl, clean, prompt_len) if attention else (None, None)
+        with stage("assembly"):
+            probs, weighted = clean_attention(vl, clean, prompt_len) if attention else (None, None)
+        residual, heads, logits = (torch.cat(m) for m in zip(*measured, strict=True))
         return Measured(
             clean_ids=clean.tokens.tolist(),
             clean_top_logprob=torch.log_softmax(clean.readout.logits[0], -1).max(-1).values,
-            residual=torch.cat(residual),
-            heads=torch.cat(heads),
-            logits=torch.cat(logits),
+            residual=residual,
+            heads=heads,
+            logits=logits,
             masked_ids=torch.cat(generated),
             attention=probs,
             attention_norm=weighted,

@@ -20,6 +20,7 @@ from vlmask.engine.budget import announce, check_length
 from vlmask.engine.knockouts import Knockouts, knockouts_of
 from vlmask.engine.labels import sweep_record
 from vlmask.engine.passes import NOTHING, PromptPasses
+from vlmask.engine.stages import stage
 from vlmask.engine.state import PassPlan
 from vlmask.errors import VlmaskError, concerning
 from vlmask.inputs.prompt import Prompt, build_prompt
@@ -163,16 +164,17 @@ def sweep(
         progress=progress,
         attention=spec.attention,
     )
-    record = sweep_record(
-        vl,
-        built,
-        knockouts,
-        measured,
-        spec.video_fps,
-        base=None if base == NOTHING else base.to_dict(),
-        mask=_mask_text(spec, knockouts),
-        mask_unit=spec.mask_unit if knockouts.dim == "token" else "",
-        vision_attention=spec.vision_attention,
-        vision_removal=spec.vision_removal,
-    )
-    return to_dataset(record)
+    with stage("assembly"):
+        record = sweep_record(
+            vl,
+            built,
+            knockouts,
+            measured,
+            spec.video_fps,
+            base=None if base == NOTHING else base.to_dict(),
+            mask=_mask_text(spec, knockouts),
+            mask_unit=spec.mask_unit if knockouts.dim == "token" else "",
+            vision_attention=spec.vision_attention,
+            vision_removal=spec.vision_removal,
+        )
+        return to_dataset(record)
