@@ -1,7 +1,10 @@
 """The nnsight backend: each pass is one nnsight trace. The only module of vlmask that imports nnsight.
 
-The model's nnsight wrapper is made on first use and kept with the model
-(:attr:`VLModel.backend_state`), so loading a model never touches nnsight.
+A decoder pass that edits and reads nothing inside the layers (a generation step under a
+knockout that only blocks attention, whose masks the swapped attention function hands out)
+runs the plain forward: a trace would attach nothing. The model's nnsight wrapper is made on
+first use and kept with the model (:attr:`VLModel.backend_state`), so loading a model never
+touches nnsight.
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ class NNsightBackend(Backend):
         return output, decoder_kwargs
 
     def forward_decoder(self, vl: VLModel, call: DecoderCall, steps: LayerSteps) -> torch.Tensor:
+        if not steps.attaches():  # nothing to edit or read at any layer (a generation step): no trace to set up
+            with torch.inference_mode():
+                return call.decode(call.embeds, call.positions).float().cpu()
         traced = envoy(vl)
         with torch.inference_mode(), traced.trace(call.embeds, call.positions, fn=call.decode):
             _attach(steps, vl.family.decoder(traced))

@@ -126,6 +126,11 @@ class LayerSteps:
         where the plan asks for it)."""
         return self.calls.swapped()
 
+    def attaches(self) -> bool:
+        """Whether the pass edits or reads anything at any layer (else the plain forward, masks given by
+        :meth:`attending`, is the whole pass)."""
+        return any(self.wants_heads(i) or self.wants_mlp(i) or self.wants_output(i) for i in range(len(self.masks)))
+
     def wants_heads(self, layer: int) -> bool:
         return self.edits["heads"][layer] or self.residual is not None or self.means is not None
 
@@ -223,7 +228,13 @@ def shared_cache(vl: VLModel, keys: list[torch.Tensor], values: list[torch.Tenso
         >>> cache.layers[0].keys is k, cache.get_seq_length()
         (True, 3)
     """
-    cache = DynamicCache(config=vl.text_config)
+    plain = vl.backend_state.get("plain cache")  # every layer a DynamicLayer: made directly (the config's walk costs)
+    if plain:
+        cache = DynamicCache()
+        cache.layers = [DynamicLayer() for _ in keys]
+    else:
+        cache = DynamicCache(config=vl.text_config)
+        vl.backend_state["plain cache"] = all(type(layer) is DynamicLayer for layer in cache.layers)
     for i, (layer, k, v) in enumerate(zip(cache.layers, keys, values, strict=True)):
         if type(layer) is DynamicLayer:
             layer.lazy_initialization(k, v)
