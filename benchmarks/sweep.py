@@ -16,6 +16,8 @@ explicit thread count (``--threads``, recorded); each figure is the median, with
 - hooks: ``vlmask.sweep(..., backend="hooks")``: the same algorithm with plain PyTorch hooks
   instead of nnsight traces, to price nnsight itself.
 - vlmask: ``vlmask.sweep`` as shipped.
+- vlmask-dense: the same, with ``VLMASK_PACKED_ATTENTION=dense``: each packed pass computes
+  attention in one call over the whole pack (the method before per-row segments), to price them.
 
 Every method's KL and log-prob drop must agree with naive to 1e-4, and its masked
 continuations token for token, or the run fails.
@@ -31,13 +33,19 @@ of continuations that leave the clean one (S4), so both are lower bounds.
 ``--triage [K]``: triage (estimate every knockout, confirm the top K exactly) against the
 exhaustive exact sweep on S2, and on S5 (1,024 vision knockouts; see benchmarks/triage.py).
 
+vlmask's runs also report where the time goes (``vlmask.engine.stages``: vision encoder, clean
+pass, packed passes, generation, assembly; medians over the runs), and one decoder pass of one
+position (a generation step, logits only) through vlmask against the raw model's own cached step.
+
 ``--quick`` (CI's smoke test): the tiny model, S1, one repeat, one thread; timings meaningless.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import platform
 import resource
@@ -45,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +64,9 @@ from transformers import Qwen3VLForConditionalGeneration
 import vlmask
 from vlmask.builtin import make_processor, tiny_config, words_of
 from vlmask.engine.nnsight_backend import envoy
+from vlmask.engine.passes import NOTHING, PromptPasses
+from vlmask.engine.stages import STAGES
+from vlmask.engine.steps import shared_cache
 from vlmask.inputs.prompt import build_prompt
 from vlmask.inputs.selection import parse_mask
 from vlmask.model.attention import attention_mask
@@ -99,7 +111,8 @@ SIZES = {
         "vocab": 151936,
     },
 }
-METHODS = ("naive", "naive-nnsight", "hooks", "vlmask")
+METHODS = ("naive", "naive-nnsight", "hooks", "vlmask", "vlmask-dense")
+VLMASK = ("vlmask", "vlmask-dense")  # the methods that report stages, ideals and the one-position pass
 QUICK = 5.0  # seconds: within one worker, a method whose first run is quicker runs 3 times (median)
 
 
@@ -310,6 +323,71 @@ def allowed_pairs(positions: list[int], seq: int) -> int:
     return sum(q for p in positions for q in range(p + 1, seq))
 
 
+class _StageTimes(logging.Handler):
+    """Sums the seconds of each stage that ``vlmask.stages`` logs (see :mod:`vlmask.engine.stages`)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seconds[record.stage] += record.seconds
+
+
+def _one_position(vl, prompt, images, repeats: int = 15) -> tuple[float, float]:
+    """Median seconds of one decoder pass of one position (a generation step: logits only, on the clean
+    prompt's cache) through vlmask, and of the raw model's own cached step (its decoder and lm_head), interleaved."""
+    built = build_prompt(vl.processor, prompt, images)
+    ids = built.inputs["input_ids"]
+    passes = PromptPasses.of(vl, built, ids.shape[1] + 1)
+    dec = passes.clean_pass(ids, 1, attention=False).inputs.append_text(vl, 5)
+    pos = dec.seq_len - 1
+
+    def ours() -> None:
+        passes.decoder_pass(dec, [NOTHING], [pos], starts=[pos], extend=True, internals=False)
+
+    def raw() -> None:  # the model's own cache after the prompt: made before the clock starts
+        cache = shared_cache(vl, dec.keys, dec.values)
+        embeds = dec.embeds[:, pos:]
+        positions = None if dec.position_ids is None else dec.position_ids[..., pos:]
+        return lambda: (
+            vl.hf.lm_head(
+                vl.decoder(inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True).last_hidden_state
+            )
+            .float()
+            .cpu()
+        )
+
+    times: dict = {"vlmask": [], "raw": []}
+    with torch.inference_mode():
+        for _ in range(repeats + 2):  # the first two of each: warm-up
+            for name in times:
+                step = raw() if name == "raw" else ours
+                _sync(vl)
+                start = time.perf_counter()
+                step()
+                _sync(vl)
+                times[name].append(time.perf_counter() - start)
+    return float(np.median(times["vlmask"][2:])), float(np.median(times["raw"][2:]))
+
+
+@contextlib.contextmanager
+def _timing_stages(on: bool) -> Iterator[_StageTimes]:
+    """Collect ``vlmask.stages``' records while in the block (``on``; else nothing is timed)."""
+    handler, logger = _StageTimes(), logging.getLogger("vlmask.stages")
+    if not on:
+        yield handler
+        return
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def _sync(vl) -> None:
     if vl.device.type == "cuda":
         torch.cuda.synchronize()
@@ -331,20 +409,25 @@ def worker(args: argparse.Namespace) -> None:
         "naive-nnsight": lambda: _knockout_loop(vl, prompt, images, mask, sc["steps"], _traced_logits, sample),
         "hooks": lambda: _vlmask(vl, prompt, images, mask, sc["steps"], args.batch_size, backend="hooks"),
         "vlmask": lambda: _vlmask(vl, prompt, images, mask, sc["steps"], args.batch_size),
+        "vlmask-dense": lambda: _vlmask(vl, prompt, images, mask, sc["steps"], args.batch_size),
     }[args.method]
+    if args.method == "vlmask-dense":
+        os.environ["VLMASK_PACKED_ATTENTION"] = "dense"
     _knockout_loop(vl, "w1 w2", [], "0", 1, _traced_logits)  # warm-up: first-call costs of torch and nnsight
     vlmask.sweep(vl, "w1 w2 w3", [], mask="all", num_tokens=2, progress=False)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if vl.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     base_gpu = torch.cuda.memory_allocated() if vl.device.type == "cuda" else 0
-    times = []
+    times, stages = [], []
     while not times or (sum(times) < QUICK and len(times) < 3):  # quick methods: the median of 3 runs
         _sync(vl)
         start = time.perf_counter()
-        result = run()
+        with _timing_stages(args.method in VLMASK) as timed:
+            result = run()
         _sync(vl)
         times.append(time.perf_counter() - start)
+        stages.append(timed.seconds)
     seconds = float(np.median(times))
     if vl.device.type == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base_gpu) / 2**20
@@ -366,7 +449,10 @@ def worker(args: argparse.Namespace) -> None:
         "recomputed": sum(seq - p - 1 for p in positions),
         "seq": seq,
     }
+    if args.method in VLMASK:
+        out["stages_s"] = {name: float(np.median([run[name] for run in stages])) for name in STAGES}
     if args.method == "vlmask":
+        out["one_position_s"], out["raw_one_position_s"] = _one_position(vl, prompt, images)
         out["clean_forward_s"], out["clean_decoder_s"] = _clean_forward(vl, prompt, images, sc["steps"])
         out["attention_layer_s"] = _attention_seconds(vl, seq)
         out["layers"] = vl.num_layers
@@ -528,6 +614,16 @@ def _scenario_row(scenario: str, runs: dict[str, list[dict]]) -> dict:
         row.update(_ideals(runs["vlmask"], median))
     if "vlmask" in runs and "hooks" in runs:
         row["nnsight_overhead"] = round(median["vlmask"] / median["hooks"] - 1, 3)
+    if "vlmask" in runs and "vlmask-dense" in runs:
+        row["segments_vs_dense"] = round(median["vlmask"] / median["vlmask-dense"], 3)
+    for method in VLMASK:
+        if method in runs:
+            stages = {name: float(np.median([r["stages_s"][name] for r in runs[method]])) for name in STAGES}
+            row[f"{method}_stages_s"] = {name: round(t, 3) for name, t in stages.items()}
+    if "vlmask" in runs:
+        ours, raw = (float(np.median([r[k] for r in runs["vlmask"]])) for k in ("one_position_s", "raw_one_position_s"))
+        row["one_position_ms"], row["raw_one_position_ms"] = round(1000 * ours, 2), round(1000 * raw, 2)
+        row["one_position_vs_raw"] = round(ours / raw, 3)
     return row
 
 
@@ -557,7 +653,7 @@ def _print_table(rows: list[dict], methods: list[str]) -> None:
     header = f"{'':<4}{'tokens':>7}{'KOs':>5}{'steps':>6}" + "".join(f"{m + ' s (range)':>24}" for m in methods)
     print(
         header + f"{'ideal s':>9}{'needed s':>9}{'vlmask vs naive':>17}{'vs ideal':>10}{'vs needed':>10}"
-        f"{'nnsight cost':>14}"
+        f"{'nnsight cost':>14}{'vs dense packs':>18}"
     )
     for r in rows:
         line = f"{r['scenario']:<4}{r['tokens']:>7}{r['knockouts']:>5}{r['steps']:>6}"
@@ -569,11 +665,30 @@ def _print_table(rows: list[dict], methods: list[str]) -> None:
             line += f"{r['vlmask_efficiency']:>9.0%}{r['vlmask_vs_needed']:>10.0%}"
         if "nnsight_overhead" in r:
             line += f"{r['nnsight_overhead']:>+14.0%}"
+        if "segments_vs_dense" in r:
+            line += f"{r['segments_vs_dense']:>17.2f}x"
         print(line)
+    _print_stages(rows)
     print(
         f"threads: {rows[0]['threads'] if rows else '?'}; medians of {rows[0]['repeats'] if rows else '?'} "
         "interleaved runs, range in brackets"
     )
+
+
+def _print_stages(rows: list[dict]) -> None:
+    """Where vlmask's time goes, per scenario and method (medians), and one generation step against the raw model's."""
+    print(f"{'':<4}{'method':<14}" + "".join(f"{name + ' s':>18}" for name in STAGES) + f"{'1-position ms (raw)':>22}")
+    for r in rows:
+        for method in VLMASK:
+            if f"{method}_stages_s" not in r:
+                continue
+            stages = r[f"{method}_stages_s"]
+            line = f"{r['scenario']:<4}{method:<14}"
+            line += "".join(f"{stages[name]:.2f} ({stages[name] / r[method + '_s']:.0%})".rjust(18) for name in STAGES)
+            if method == "vlmask":
+                ours, raw, ratio = r["one_position_ms"], r["raw_one_position_ms"], r["one_position_vs_raw"]
+                line += f"{ours:.1f} ({raw:.1f}) {ratio:.2f}x".rjust(22)
+            print(line)
 
 
 def main() -> None:

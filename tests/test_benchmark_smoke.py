@@ -33,4 +33,11 @@ def test_benchmark_runs_and_every_method_agrees_with_naive(tmp_path):
         low, high = row[f"{method}_range_s"]
         assert low <= row[f"{method}_s"] <= high
     assert row["max_kl"] > 1e-2  # knockouts move the distribution: agreeing to 1e-4 is not trivial
-    assert max(row[f"{method}_max_diff"] for method in ("naive-nnsight", "hooks", "vlmask")) <= 1e-4
+    assert max(row[f"{method}_max_diff"] for method in ("naive-nnsight", "hooks", "vlmask", "vlmask-dense")) <= 1e-4
+    assert row["vlmask-dense_s"] > 0 and row["segments_vs_dense"] > 0  # the dense packs, side by side
+    for method in ("vlmask", "vlmask-dense"):  # where the time goes: each stage within the sweep
+        stages = row[f"{method}_stages_s"]
+        assert set(stages) == {"vision encoder", "clean pass", "packed passes", "generation", "assembly"}
+        assert all(0 <= t <= row[f"{method}_range_s"][1] for t in stages.values())  # rounded to ms: may be 0
+        assert stages["clean pass"] > 0 and stages["packed passes"] > 0
+    assert row["one_position_ms"] > 0 and row["raw_one_position_ms"] > 0

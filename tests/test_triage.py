@@ -16,7 +16,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 import vlmask
 from interventions import AblateHeads, At, BlockEdges, BlockKeys
 from vlmask import VLModel
-from vlmask.engine.attention_read import _model_function
+from vlmask.engine.attention_calls import model_function
 from vlmask.engine.passes import NOTHING, PromptPasses
 from vlmask.engine.triage import _first_order, _layer_rows, estimate, traced_forward
 from vlmask.engine.triage_run import audit_figures, choose, clopper_pearson_upper
@@ -71,7 +71,7 @@ def _scaled(vl: VLModel, layer: int, key: int, eps: float):
             additive = additive.clone()
             additive[..., key + 1 :, key] += math.log1p(-eps)
             mask = additive
-        return _model_function(module, implementation, before)(module, query, k, v, mask, **kw)
+        return model_function(module, implementation, before)(module, query, k, v, mask, **kw)
 
     ALL_ATTENTION_FUNCTIONS[implementation] = wrapper
     try:
@@ -91,6 +91,16 @@ def test_forward_is_the_models_own(tiny64, images):
     _, clean, plan, seq = _setup(tiny64, images["square"])
     traced = traced_forward(tiny64, clean.inputs, plan, [seq - 1])
     assert traced.difference < 1e-6  # A @ V from the model's q, k, v is its own output (eager: a float32 softmax)
+    torch.testing.assert_close(traced.logits.detach().float(), clean.readout.logits[0], rtol=1e-6, atol=1e-6)
+
+
+def test_forward_runs_under_the_base(tiny64, images):
+    """Under a base that blocks keys, the traced forward is the base's clean run, not the unmodified model's."""
+    built, free, _, seq = _setup(tiny64, images["square"])
+    base = BlockKeys(tuple(p for p, kind in enumerate(built.tokens.kind) if kind == "vision"))
+    _, clean, plan, _ = _setup(tiny64, images["square"], base)
+    assert not torch.allclose(clean.readout.logits, free.readout.logits, atol=1e-4)
+    traced = traced_forward(tiny64, clean.inputs, plan, [seq - 1])
     torch.testing.assert_close(traced.logits.detach().float(), clean.readout.logits[0], rtol=1e-6, atol=1e-6)
 
 

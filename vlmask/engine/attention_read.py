@@ -1,14 +1,14 @@
 """The clean attention readout: each decoder layer's attention probabilities at the read positions.
 
 sdpa returns no weights, and forcing eager on a user would change the model they asked
-for. So a pass that reads attention wraps the attention function itself (transformers'
-``ALL_ATTENTION_FUNCTIONS`` entry of the implementation, ``sdpa`` or ``eager``) for as long
-as it runs: every decoder layer's self-attention hands the wrapper its own ``query`` and
-``key`` (after the model's rotary embedding and any query/key norm), the mask it was given
-(the pass's, so the base intervention and ``vision_attention`` included) and its
-``scaling``; the wrapper computes the probabilities of the read query rows exactly as
+for. So a pass that reads attention reads the attention function's call itself (transformers'
+``ALL_ATTENTION_FUNCTIONS`` entry of the implementation, ``sdpa`` or ``eager``, which every
+pass swaps: :mod:`vlmask.engine.attention_calls`): every decoder layer's self-attention hands
+it its own ``query`` and ``key`` (after the model's rotary embedding and any query/key norm),
+the pass's mask (so the base intervention and ``vision_attention`` included) and its
+``scaling``; the reader computes the probabilities of the read query rows exactly as
 transformers' ``eager_attention_forward`` does (GQA keys shared by their query heads, the
-mask added, a float32 softmax), then calls the model's own function, whose output is used
+mask added, a float32 softmax), then the model's own function runs, its output used
 unchanged. The backends attach nothing for it: it works the same under nnsight and plain
 hooks.
 
@@ -19,13 +19,9 @@ it is computed once per sweep from the clean run's cached values.
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from vlmask.model.load import VLModel
 
@@ -56,43 +52,22 @@ def attention_probabilities(
 class AttentionReader:
     """Reads each decoder layer's attention probabilities at the query rows ``index`` during a pass.
 
-    :meth:`reading` wraps the attention function while the pass runs; :attr:`probs`
-    ``[layer]`` then holds ``(batch, head, read, key)`` float32 on CPU.
+    The pass's :class:`~vlmask.engine.attention_calls.AttentionCalls` hands it each layer's
+    call (:meth:`read`); :attr:`probs` ``[layer]`` then holds ``(batch, head, read, key)``
+    float32 on CPU.
     """
 
     def __init__(self, vl: VLModel, index: torch.Tensor) -> None:
-        self.vl, self.index = vl, index
-        self.layers = {id(layer.self_attn): i for i, layer in enumerate(vl.decoder.layers)}
-        self.probs: list[torch.Tensor | None] = [None] * len(self.layers)
+        self.index = index
+        self.probs: list[torch.Tensor | None] = [None] * vl.num_layers
 
-    def _read(self, module: Any, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: Any) -> None:
+    def read(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: Any) -> None:
+        """Read ``layer``'s call: its ``query``, ``key``, the pass's ``mask`` and the module's ``scaling``."""
         rows = self.index.to(query.device)
         mask = None if mask is None else mask[:, :, rows]
         scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
         probs = attention_probabilities(query[:, :, rows], key, mask, scale)
-        self.probs[self.layers[id(module)]] = probs.cpu()
-
-    @contextlib.contextmanager
-    def reading(self) -> Iterator[None]:
-        """While in the block, every decoder layer's attention call is read (the vision encoder's is not)."""
-        implementation = self.vl.attn_implementation
-        had = implementation in ALL_ATTENTION_FUNCTIONS._local_mapping
-        before = ALL_ATTENTION_FUNCTIONS._local_mapping.get(implementation)
-
-        def wrapper(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, **kw: Any):
-            own = _model_function(module, implementation, before)
-            if id(module) in self.layers:
-                self._read(module, query, key, mask, kw.get("scaling"))
-            return own(module, query, key, value, mask, **kw)
-
-        ALL_ATTENTION_FUNCTIONS[implementation] = wrapper
-        try:
-            yield
-        finally:
-            if had:
-                ALL_ATTENTION_FUNCTIONS[implementation] = before
-            else:
-                del ALL_ATTENTION_FUNCTIONS._local_mapping[implementation]
+        self.probs[layer] = probs.cpu()
 
     def stacked(self) -> torch.Tensor:
         """``(batch, layer, read, head, key)``: every layer's read probabilities."""
@@ -100,15 +75,6 @@ class AttentionReader:
         if missing:
             raise RuntimeError(f"decoder layers {missing} did not call the attention function: nothing was read")
         return torch.stack(self.probs, dim=1).transpose(2, 3)
-
-
-def _model_function(module: Any, implementation: str, before: Any) -> Any:
-    """The attention function ``module`` would have called: the registered one, or its file's eager one."""
-    if before is not None:
-        return before
-    if implementation == "eager":
-        return sys.modules[type(module).__module__].eager_attention_forward
-    return ALL_ATTENTION_FUNCTIONS._global_mapping[implementation]
 
 
 def _weight(module: torch.nn.Module) -> torch.Tensor:

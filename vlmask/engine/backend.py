@@ -45,11 +45,13 @@ class ModelPass:
 
 @dataclass(frozen=True)
 class DecoderPass:
-    """What a decoder pass gives: its readout (one batch row per plan row) and, if asked for
-    (one packed row, or a batch), the inputs with the rows' own keys and values."""
+    """What a decoder pass gives: its readout (one batch row per plan row) and, if asked for,
+    the inputs with the rows' own keys and values (one packed row, or a batch) or, for a packed
+    pass, the ``packed`` keys and values (see :meth:`DecoderInputs.packed_rows`)."""
 
     readout: Readout
     inputs: DecoderInputs | None = None
+    packed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
 
 class Backend(ABC):
@@ -103,26 +105,30 @@ class Backend(ABC):
         index = torch.tensor(plan.read, device=vl.device)
         kwargs = model_kwargs(vl, inputs, index, capture)
         steps = LayerSteps(vl, plan, layer_masks(vl, plan.allowed), index, mean_heads, self.keep)
-        with steps.reading():
+        with steps.attending():
             output, decoder_kwargs = self.forward_model(vl, kwargs, steps, capture)
         readout = steps.readout(output.logits.float().cpu())
         captured = captured_inputs(vl, decoder_kwargs, output.cache) if capture else None
         return ModelPass(readout, captured, steps.head_means())
 
-    def run_decoder(self, vl: VLModel, inputs: DecoderInputs, plan: PassPlan, *, extend: bool = False) -> DecoderPass:
+    def run_decoder(
+        self, vl: VLModel, inputs: DecoderInputs, plan: PassPlan, *, extend: bool = False, keep: bool = False
+    ) -> DecoderPass:
         """Recompute, for each row ``i``, positions ``plan.starts[i]..`` of a captured sequence, in one packed pass
         (or, without ``starts``, positions ``plan.start..`` of each row's own sequence).
 
         Positions before a row's start are the captured keys and values; read positions
         must be >= every start. With ``extend`` (one packed row, or a batch), the pass also
         gives ``inputs`` with the rows' own keys and values: as captured before the start,
-        recomputed from there on.
+        recomputed from there on; with ``keep``, each layer's keys and values as the pass left
+        them (the captured ones, then every computed position).
         """
         call = decoder_call(vl, inputs, plan)
         steps = LayerSteps(vl, plan, call.masks, call.index, keep=self.keep)
-        with steps.reading():
+        with steps.attending():
             logits = self.forward_decoder(vl, call, steps)
         readout = steps.readout(logits)
         if plan.starts:
             readout = readout.unpacked(len(plan.rows))
-        return DecoderPass(readout, inputs.extended(call.cache, plan.start) if extend else None)
+        kept = ([layer.keys for layer in call.cache.layers], [layer.values for layer in call.cache.layers])
+        return DecoderPass(readout, inputs.extended(call.cache, plan.start) if extend else None, kept if keep else None)

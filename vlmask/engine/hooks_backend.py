@@ -20,12 +20,10 @@ from vlmask.model.load import VLModel
 
 
 def layer_hooks(vl: VLModel, steps: LayerSteps) -> list[Any]:
-    """``steps`` as hooks on each decoder layer: its self-attention, its ``o_proj`` and its output."""
+    """``steps`` as hooks on each decoder layer: its ``o_proj``, its MLP and its output (self-attention gets its
+    mask from the attention call itself: :meth:`LayerSteps.attending`)."""
     handles = []
     for i, layer in enumerate(vl.decoder.layers):
-
-        def attention(module, args, kwargs, mask=steps.masks[i]):
-            return args, {**kwargs, "attention_mask": mask}
 
         def heads(module, args, i=i):
             x = steps.heads(i, args[0])
@@ -34,7 +32,6 @@ def layer_hooks(vl: VLModel, steps: LayerSteps) -> list[Any]:
         def output(module, args, y, i=i):
             return steps.output(i, y)
 
-        handles.append(layer.self_attn.register_forward_pre_hook(attention, with_kwargs=True))
         if steps.wants_heads(i):
             handles.append(layer.self_attn.o_proj.register_forward_pre_hook(heads))
         if steps.wants_mlp(i):

@@ -1,7 +1,10 @@
 """The nnsight backend: each pass is one nnsight trace. The only module of vlmask that imports nnsight.
 
-The model's nnsight wrapper is made on first use and kept with the model
-(:attr:`VLModel.backend_state`), so loading a model never touches nnsight.
+A decoder pass that edits and reads nothing inside the layers (a generation step under a
+knockout that only blocks attention, whose masks the swapped attention function hands out)
+runs the plain forward: a trace would attach nothing. The model's nnsight wrapper is made on
+first use and kept with the model (:attr:`VLModel.backend_state`), so loading a model never
+touches nnsight.
 """
 
 from __future__ import annotations
@@ -25,15 +28,13 @@ def envoy(vl: VLModel) -> NNsight:
 
 
 def _attach(steps: LayerSteps, decoder: Any) -> None:
-    """Inside a trace, at each layer in execution order: hand self-attention its mask, then pass the
-    ``o_proj`` input and the layer output through ``steps`` where it edits or reads them.
+    """Inside a trace, at each layer in execution order: pass the ``o_proj`` input, the MLP output and
+    the layer output through ``steps`` where it edits or reads them (self-attention gets its mask
+    from the attention call itself: :meth:`LayerSteps.attending`).
 
-    The masks and lists are made before the trace (values made inside a trace survive only if saved).
+    The lists are made before the trace (values made inside a trace survive only if saved).
     """
     for i, layer in enumerate(decoder.layers):
-        args, kwargs = layer.self_attn.inputs
-        kwargs["attention_mask"] = steps.masks[i]
-        layer.self_attn.inputs = (args, kwargs)
         if steps.wants_heads(i):
             x = steps.heads(i, layer.self_attn.o_proj.input)
             if x is not None:
@@ -67,6 +68,9 @@ class NNsightBackend(Backend):
         return output, decoder_kwargs
 
     def forward_decoder(self, vl: VLModel, call: DecoderCall, steps: LayerSteps) -> torch.Tensor:
+        if not steps.attaches():  # nothing to edit or read at any layer (a generation step): no trace to set up
+            with torch.inference_mode():
+                return call.decode(call.embeds, call.positions).float().cpu()
         traced = envoy(vl)
         with torch.inference_mode(), traced.trace(call.embeds, call.positions, fn=call.decode):
             _attach(steps, vl.family.decoder(traced))

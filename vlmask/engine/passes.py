@@ -22,7 +22,7 @@ reused prefix is the base's), and every knockout runs as ``base & knockout``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ from vlmask.engine.attention_read import value_norms
 from vlmask.engine.backend import Backend, DecoderPass, ModelPass
 from vlmask.engine.masks import allowed_edges
 from vlmask.engine.packing import packed_cap, pass_bytes, plan_batches
+from vlmask.engine.stages import stage
 from vlmask.engine.state import DecoderInputs, ModelInputs, PassPlan, Readout
 from vlmask.inputs.prompt import Prompt
 from vlmask.model.load import VLModel
@@ -83,7 +84,8 @@ class PromptPasses:
         """
         inputs = built.inputs
         unmodified = allowed_edges(max_len, built.tokens.vision_ranges, vision_attention)
-        extra, encoder = vl.family.prompt_inputs(inputs), vl.family.encode_vision(vl.hf, inputs)
+        with stage("vision encoder"):
+            extra, encoder = vl.family.prompt_inputs(inputs), vl.family.encode_vision(vl.hf, inputs)
         vision = frozenset(p for p, kind in enumerate(built.tokens.kind) if kind == "vision")
         removable = vision if vision_removal == "full" else None
         return PromptPasses(vl, extra, encoder, unmodified, Backend.named(backend), removable=removable)
@@ -141,6 +143,8 @@ class PromptPasses:
         *,
         starts: Sequence[int] = (),
         extend: bool = False,
+        keep: bool = False,
+        internals: bool = True,
         attention: bool = False,
     ) -> DecoderPass:
         """The decoder on captured ``dec``, row ``i`` under ``interventions[i]``, reading ``read``.
@@ -149,12 +153,15 @@ class PromptPasses:
         positions ``starts[i]..``, on ``dec``'s keys and values before them (which must
         compute under ``interventions[i]`` exactly as in the pass that made ``dec``); every
         start must be at most the first read position. Without, ``dec`` holds one sequence
-        per row and each row computes the positions past its cache. ``attention``: read each
-        layer's attention at ``read`` too (one row).
+        per row and each row computes the positions past its cache. ``extend``, ``keep``: see
+        :meth:`~vlmask.engine.backend.Backend.run_decoder`. ``internals``: read layer and
+        head outputs too, else logits only; ``attention``: each layer's attention at ``read`` too
+        (one row).
         """
         start = dec.keys[0].shape[2]
-        todo = self.plan(interventions, dec.seq_len, read, start=start, starts=starts, attention=attention)
-        return self.backend.run_decoder(self.vl, dec, todo, extend=extend)
+        kw = {"start": start, "starts": starts, "internals": internals, "attention": attention}
+        todo = self.plan(interventions, dec.seq_len, read, **kw)
+        return self.backend.run_decoder(self.vl, dec, todo, extend=extend, keep=keep)
 
     def with_head_means(self, prompt_ids: torch.Tensor) -> PromptPasses:
         """These passes, plus the unmodified model's head outputs averaged over the prompt's positions."""
@@ -204,15 +211,17 @@ class PromptPasses:
         forced_top: torch.Tensor,
         interventions: Sequence[Intervention],
         starts: Sequence[int],
+        packed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Greedy continuations under each knockout, ``(batch, steps)``.
 
         Teacher-forced argmaxes ``forced_top (batch, steps)`` are the free-running continuation
         up to the first step where a knockout's top token leaves the ``clean (steps,)`` one;
-        only from there on is it generated afresh, on the decoder alone: one pass per knockout
-        recomputes its own positions (``starts[i]..``, on the clean keys and values before
-        them) with its new token, then the knockouts that left at the same step advance
-        together, one position per step, each on its own cache. ``dec`` is the clean
+        only from there on is it generated afresh, on the decoder alone. Up to that step the
+        knockout's own keys and values are those of its packed pass over ``dec`` (row ``i``
+        recomputed from ``starts[i]``): ``packed``, as :meth:`knockout_pass` kept them (None:
+        one such pass is run here). The knockouts that left at the same step then advance
+        together, one new position per step, each on its own cache. ``dec`` is the clean
         teacher-forced sequence (prompt plus ``steps - 1`` clean tokens).
         """
         vl, steps = self.vl, clean.shape[0]
@@ -223,20 +232,17 @@ class PromptPasses:
             differs = (forced_top[row] != clean).nonzero()
             if len(differs) and int(differs[0]) < steps - 1:
                 left_at.setdefault(int(differs[0]), []).append(row)
+        if left_at and packed is None:
+            read = [dec.seq_len - 1]
+            packed = self.decoder_pass(dec, interventions, read, starts=starts, keep=True, internals=False).packed
         for first, rows in left_at.items():
-            owns = []
-            for row in rows:
-                own = dec.prefix(vl, prompt_len + first).append_text(vl, int(forced_top[row, first]))
-                done = self.decoder_pass(
-                    own, [interventions[row]], [own.seq_len - 1], starts=[starts[row]], extend=True
-                )
-                out[row, first + 1] = done.readout.logits[0, -1].argmax()
-                owns.append(done.inputs)
-            group, knockouts = DecoderInputs.stacked(owns), [interventions[r] for r in rows]
-            for step in range(first + 2, steps):
-                group = group.append_text(vl, out[rows, step - 1].tolist())
-                done = self.decoder_pass(group, knockouts, [group.seq_len - 1], extend=True)
-                out[rows, step], group = done.readout.logits[:, -1].argmax(-1), done.inputs
+            group = dec.packed_rows(vl, packed, starts, rows, prompt_len + first)
+            group, knockouts = group.append_text(vl, forced_top[rows, first].tolist()), [interventions[r] for r in rows]
+            for step in range(first + 1, steps):
+                done = self.decoder_pass(group, knockouts, [group.seq_len - 1], extend=True, internals=False)
+                out[rows, step] = done.readout.logits[:, -1].argmax(-1)
+                if step + 1 < steps:
+                    group = done.inputs.append_text(vl, out[rows, step].tolist())
         return out
 
     def starts(self, knockouts: Sequence[Intervention], seq_len: int, first_read: int) -> tuple[list[int], list[int]]:
@@ -245,6 +251,40 @@ class PromptPasses:
         # a position without its DeepStack features changes itself: recompute from there
         firsts = [min([f, *gone]) for f, gone in zip(firsts, self.removed(knockouts, seq_len), strict=True)]
         return firsts, [min(f, first_read) for f in firsts]  # a pass computes at least the positions it reads
+
+    def knockout_pass(
+        self,
+        clean: CleanRun,
+        rows: Sequence[Intervention],
+        read: Sequence[int],
+        starts: Sequence[int],
+        firsts: Sequence[int],
+        target: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """One packed pass of knockouts ``rows``, row ``i`` from ``starts[i]`` on ``clean``'s teacher-forced sequence:
+        their residual, head and logit metrics at ``read`` against the clean run, their argmaxes ``(row, read)``, and
+        the pass's keys and values (for :meth:`masked_generation`).
+
+        Read positions before a row's first changed position (``firsts[i]``) are the clean values, exactly;
+        ``target (read,)``: the measured tokens where they are not the clean top ones (an answer's).
+        """
+        with stage("packed passes"):
+            done = self.decoder_pass(clean.inputs, rows, read, starts=starts, keep=True)
+            out = done.readout
+            unchanged = torch.tensor([[r < f for r in read] for f in firsts])  # (row, pos)
+            out = out.select(unchanged, clean.readout)
+            residual = vector_distances(clean.readout.residual, out.residual)
+            heads = vector_distances(clean.readout.heads, out.heads)
+            logits = logit_metrics(clean.readout.logits, out.logits, target)
+            return residual, heads, logits, out.logits.argmax(-1), done.packed
+
+    def fits(self, seq_len: int, reads: int, budget: int) -> Callable[[int, int], bool]:
+        """Whether a packed pass of ``positions`` recomputed positions and ``count`` knockouts over ``seq_len``
+        positions, reading ``reads``, is within :func:`packed_cap` and ``budget`` bytes: ``fits(positions, count)``."""
+        cap, config, itemsize = packed_cap(seq_len), self.vl.text_config, self.vl.dtype.itemsize
+        return lambda positions, count: (
+            positions <= cap and pass_bytes(config, seq_len, positions, count, reads, itemsize) <= budget
+        )
 
     def measure(
         self,
@@ -269,38 +309,34 @@ class PromptPasses:
         clean pass's attention at each step (:func:`clean_attention`).
         """
         vl, prompt_len = self.vl, prompt_ids.shape[1]
-        passes = self.with_head_means(prompt_ids) if PassPlan.needs_head_means([base, *knockouts]) else self
-        clean = passes.clean_pass(prompt_ids, num_tokens, base, attention=attention, forced=answer)
-        target = clean.tokens if answer else None  # the measured tokens: the answer's, else the clean top ones
+        with stage("clean pass"):
+            passes = self.with_head_means(prompt_ids) if PassPlan.needs_head_means([base, *knockouts]) else self
+            clean = passes.clean_pass(prompt_ids, num_tokens, base, attention=attention, forced=answer)
         full_len, read = prompt_len + num_tokens - 1, list(range(prompt_len - 1, prompt_len + num_tokens - 1))
+        target = clean.tokens if answer else None  # the measured tokens: the answer's, else the clean top ones
         firsts, starts = passes.starts(knockouts, full_len, read[0])
-        rows, cap = [compose(base, iv) for iv in knockouts], packed_cap(full_len)
-
-        def fits(positions: int, count: int) -> bool:
-            memory = pass_bytes(vl.text_config, full_len, positions, count, len(read), vl.dtype.itemsize)
-            return positions <= cap and memory <= budget
-
-        residual, heads, logits, generated = [], [], [], []
+        rows = [compose(base, iv) for iv in knockouts]
+        measured, generated = [], []
         bar = tqdm(total=len(rows), desc="knockouts", unit="knockout", disable=not progress)
-        for batch in plan_batches(starts, full_len, batch_size, fits):
-            chunk = rows[batch]
-            out = passes.decoder_pass(clean.inputs, chunk, read, starts=starts[batch]).readout
-            unchanged = torch.tensor([[r < f for r in read] for f in firsts[batch]])  # (batch, pos)
-            out = out.select(unchanged, clean.readout)
-            residual.append(vector_distances(clean.readout.residual, out.residual))
-            heads.append(vector_distances(clean.readout.heads, out.heads))
-            logits.append(logit_metrics(clean.readout.logits, out.logits, target))
-            top = out.logits.argmax(-1)
-            generated.append(passes.masked_generation(clean.inputs, clean.tokens, top, chunk, starts[batch]))
-            bar.update(len(chunk))
+        for batch in plan_batches(starts, full_len, batch_size, self.fits(full_len, len(read), budget)):
+            *metrics, top, packed = passes.knockout_pass(clean, rows[batch], read, starts[batch], firsts[batch], target)
+            measured.append(metrics)
+            with stage("generation"):
+                generated.append(
+                    passes.masked_generation(clean.inputs, clean.tokens, top, rows[batch], starts[batch], packed)
+                )
+            del packed  # the pass's keys and values, kept for its continuations only
+            bar.update(len(top))
         bar.close()
-        probs, weighted = clean_attention(vl, clean, prompt_len) if attention else (None, None)
+        with stage("assembly"):
+            probs, weighted = clean_attention(vl, clean, prompt_len) if attention else (None, None)
+        residual, heads, logits = (torch.cat(m) for m in zip(*measured, strict=True))
         return Measured(
             clean_ids=clean.tokens.tolist(),
             clean_top_logprob=_measured_logprob(clean.readout.logits[0], target),
-            residual=torch.cat(residual),
-            heads=torch.cat(heads),
-            logits=torch.cat(logits),
+            residual=residual,
+            heads=heads,
+            logits=logits,
             masked_ids=torch.cat(generated),
             attention=probs,
             attention_norm=weighted,

@@ -164,6 +164,36 @@ class DecoderInputs:
             rows[0].extra,
         )
 
+    def packed_rows(
+        self,
+        vl: VLModel,
+        packed: tuple[list[torch.Tensor], list[torch.Tensor]],
+        starts: Sequence[int],
+        rows: Sequence[int],
+        n: int,
+    ) -> DecoderInputs:
+        """The first ``n`` positions of rows ``rows`` of a packed pass over these inputs, one batch row each.
+
+        ``packed``: each layer's keys and values as the pass left them (these inputs' cached
+        ones, then the rows' recomputed positions end to end, row ``i`` from ``starts[i]`` to
+        the sequence's end). A row's own cache is the clean keys before its start, then its
+        own; its embeddings and positions are these (the same tokens up to ``n``).
+        """
+        cached, seq, batch = self.keys[0].shape[2], self.seq_len, len(rows)
+        offsets = [cached + sum(seq - first for first in starts[:i]) for i in range(len(starts))]
+
+        def own(clean: torch.Tensor, computed: torch.Tensor) -> torch.Tensor:
+            pieces = [(clean[:, :, : starts[r]], computed[:, :, offsets[r] : offsets[r] + n - starts[r]]) for r in rows]
+            return torch.cat([torch.cat(piece, dim=2) for piece in pieces])
+
+        keys = [own(c, k) for c, k in zip(self.keys, packed[0], strict=True)]
+        values = [own(c, v) for c, v in zip(self.values, packed[1], strict=True)]
+        positions = None if self.position_ids is None else self.position_ids[..., :n]
+        if positions is not None:
+            positions = positions.expand(*positions.shape[:-2], batch, n)
+        embeds = self.embeds[:, :n].expand(batch, -1, -1)
+        return DecoderInputs(embeds, positions, keys, values, vl.family.prefix(self.extra, n))
+
     def extended(self, cache: Any, start: int) -> DecoderInputs:
         """These inputs with the keys and values of a pass (one packed row, or a batch) that recomputed ``start..``.
 

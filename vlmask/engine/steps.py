@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
+from vlmask.engine.attention_calls import AttentionCalls, Segments, packed_attention
 from vlmask.engine.attention_read import AttentionReader
 from vlmask.engine.state import DecoderInputs, ModelInputs, PassPlan, Readout
 from vlmask.model.attention import attention_mask
@@ -70,6 +72,24 @@ def layer_masks(vl: VLModel, allowed: list[torch.Tensor], pack: Callable | None 
     return out
 
 
+def segment_masks(
+    vl: VLModel, allowed: list[torch.Tensor], start: int, starts: Sequence[int], cached: int
+) -> list[Segments]:
+    """Each layer's :class:`Segments` of a packed pass (rows ``starts``, ``cached`` clean keys), from its
+    ``allowed (row, seq - start, seq)``; layers sharing an ``allowed`` tensor (and a device) share them."""
+    made: dict[tuple[int, torch.device], Segments] = {}
+    out = []
+    for a, device in zip(allowed, vl.layer_devices, strict=True):
+        if (id(a), device) not in made:
+
+            def convert(edges: torch.Tensor, device: torch.device = device) -> torch.Tensor:
+                return attention_mask(edges, vl.attn_implementation, vl.dtype).to(device)
+
+            made[id(a), device] = Segments.of(a, start, starts, cached, convert)
+        out.append(made[id(a), device])
+    return out
+
+
 class LayerSteps:
     """What a pass does at each decoder layer, and what it keeps, whichever backend runs it.
 
@@ -77,16 +97,16 @@ class LayerSteps:
     passes the ``o_proj`` input through :meth:`heads` (which edits and reads it), and where
     :meth:`wants_output` the layer output through :meth:`output`; both return the edited
     tensor, or None where nothing was edited. ``keep`` marks each kept tensor (nnsight's
-    ``save``; identity for plain hooks). Where the plan reads attention, the backend runs the
-    forward inside :meth:`reading` (the attention function itself is read, whatever attaches
-    the rest).
+    ``save``; identity for plain hooks). The backend runs the forward inside :meth:`attending`,
+    which hands each layer's attention call its mask (:attr:`masks`) and reads attention where
+    the plan asks for it: the attention function itself is swapped, whatever attaches the rest.
     """
 
     def __init__(
         self,
         vl: VLModel,
         plan: PassPlan,
-        masks: list[torch.Tensor],
+        masks: list[torch.Tensor | Segments],
         index: torch.Tensor,
         mean_heads: bool = False,
         keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
@@ -99,10 +119,17 @@ class LayerSteps:
         self.head_reads: list[torch.Tensor] = []
         self.means: list[torch.Tensor] | None = [] if mean_heads else None
         self.reader = AttentionReader(vl, index) if plan.attention else None
+        self.calls = AttentionCalls(vl, masks, self.reader)
 
-    def reading(self) -> contextlib.AbstractContextManager[None]:
-        """The context the forward runs in: reading each layer's attention where the plan asks for it."""
-        return contextlib.nullcontext() if self.reader is None else self.reader.reading()
+    def attending(self) -> contextlib.AbstractContextManager[None]:
+        """The context the forward runs in: each layer's attention call gets the pass's mask (and is read
+        where the plan asks for it)."""
+        return self.calls.swapped()
+
+    def attaches(self) -> bool:
+        """Whether the pass edits or reads anything at any layer (else the plain forward, masks given by
+        :meth:`attending`, is the whole pass)."""
+        return any(self.wants_heads(i) or self.wants_mlp(i) or self.wants_output(i) for i in range(len(self.masks)))
 
     def wants_heads(self, layer: int) -> bool:
         return self.edits["heads"][layer] or self.residual is not None or self.means is not None
@@ -176,14 +203,45 @@ class DecoderCall:
     """A decoder pass (packed or batched, see :func:`decoder_call`): ``decode(embeds, positions)``
     gives the logits at ``index`` (the read positions among the computed ones) and appends
     the computed keys and values to ``cache`` (which starts with the captured ones);
-    ``masks`` go to self-attention."""
+    ``masks`` go to self-attention (:class:`Segments` in a packed pass of several rows, unless
+    :func:`packed_attention` says ``"dense"``)."""
 
     decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     embeds: torch.Tensor
     positions: torch.Tensor
     index: torch.Tensor
     cache: Any
-    masks: list[torch.Tensor]
+    masks: list[torch.Tensor | Segments]
+
+
+def shared_cache(vl: VLModel, keys: list[torch.Tensor], values: list[torch.Tensor]) -> DynamicCache:
+    """A cache starting with each layer's ``keys``/``values (batch, kv_head, seq, head_dim)``, by reference.
+
+    Nothing is copied in: a pass's ``update`` concatenates its own keys and values into a new
+    tensor (as every transformers ``DynamicLayer`` does), so the captured tensors, shared by
+    every pass over the prompt, are read and never changed. A layer type that keeps its
+    states otherwise (a sliding window) gets them through its own ``update``.
+
+    Example:
+        >>> k = torch.zeros(1, vl.text_config.num_key_value_heads, 3, 16)
+        >>> cache = shared_cache(vl, [k] * vl.num_layers, [k] * vl.num_layers)
+        >>> cache.layers[0].keys is k, cache.get_seq_length()
+        (True, 3)
+    """
+    plain = vl.backend_state.get("plain cache")  # every layer a DynamicLayer: made directly (the config's walk costs)
+    if plain:
+        cache = DynamicCache()
+        cache.layers = [DynamicLayer() for _ in keys]
+    else:
+        cache = DynamicCache(config=vl.text_config)
+        vl.backend_state["plain cache"] = all(type(layer) is DynamicLayer for layer in cache.layers)
+    for i, (layer, k, v) in enumerate(zip(cache.layers, keys, values, strict=True)):
+        if type(layer) is DynamicLayer:
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k, v
+        else:
+            cache.update(k, v, i)
+    return cache
 
 
 def _packed(x: torch.Tensor, starts: Sequence[int], dim: int) -> torch.Tensor:
@@ -202,9 +260,7 @@ def decoder_call(vl: VLModel, dec: DecoderInputs, plan: PassPlan) -> DecoderCall
     cached = dec.keys[0].shape[2]
     if min(starts) > cached or (not packed and plan.start != cached):
         raise ValueError(f"a pass from position {min(starts)} does not fit the {cached} cached positions")
-    cache = DynamicCache(config=vl.text_config)
-    for i, (k, v) in enumerate(zip(dec.keys, dec.values, strict=True)):
-        cache.update(k, v, i)
+    cache = shared_cache(vl, dec.keys, dec.values)
     embeds = _packed(dec.embeds[:, :seq], starts, 1)
     if dec.position_ids is None:  # the decoder numbers positions itself: every rotary axis is the position
         positions = _packed(torch.arange(seq, device=embeds.device)[None], starts, 1).expand(embeds.shape[0], -1)
@@ -223,5 +279,9 @@ def decoder_call(vl: VLModel, dec: DecoderInputs, plan: PassPlan) -> DecoderCall
         ).last_hidden_state
         return vl.hf.lm_head(hidden[:, index.to(hidden.device)])
 
-    pack = (lambda a: packed_allowed(a, plan.start, starts, cached)) if packed else None
-    return DecoderCall(decode, embeds, positions, index, cache, layer_masks(vl, plan.allowed, pack))
+    if packed and len(starts) > 1 and not plan.attention and packed_attention() == "segments":
+        masks = segment_masks(vl, plan.allowed, plan.start, starts, cached)
+    else:
+        pack = (lambda a: packed_allowed(a, plan.start, starts, cached)) if packed else None
+        masks = layer_masks(vl, plan.allowed, pack)
+    return DecoderCall(decode, embeds, positions, index, cache, masks)

@@ -20,6 +20,7 @@ from vlmask.engine.budget import announce, check_length
 from vlmask.engine.knockouts import Knockouts, knockouts_of
 from vlmask.engine.labels import sweep_record
 from vlmask.engine.passes import NOTHING, PromptPasses
+from vlmask.engine.stages import stage
 from vlmask.engine.state import PassPlan
 from vlmask.engine.triage import check_estimable
 from vlmask.engine.triage_run import Triaged, triage_measure
@@ -182,6 +183,40 @@ def _measure(
     return measured, None
 
 
+def _result(
+    vl: VLModel,
+    built: Prompt,
+    spec: SweepSpec,
+    base: Intervention,
+    knockouts: Knockouts,
+    measured: Measured,
+    triaged: Triaged | None,
+    answer: list[int],
+) -> xr.Dataset:
+    """The sweep's Dataset: what was measured, labeled, with its provenance (and triage's estimates)."""
+    record = sweep_record(
+        vl,
+        built,
+        knockouts,
+        measured,
+        spec.video_fps,
+        base=None if base == NOTHING else base.to_dict(),
+        mask=_mask_text(spec, knockouts),
+        mask_unit=spec.mask_unit if knockouts.dim == "token" else "",
+        vision_attention=spec.vision_attention,
+        vision_removal=spec.vision_removal,
+        answer=spec.answer or "",
+        answer_ids=answer,
+    )
+    ds = to_dataset(record)
+    if triaged is None:
+        return ds
+    est = triaged.estimates
+    return with_triage(
+        ds, est.kl.numpy(), est.logprob_drop.numpy(), triaged.confirmed, triaged.audited, triaged.figures
+    )
+
+
 def sweep(
     vl: VLModel,
     prompt: SweepSpec | str,
@@ -217,24 +252,5 @@ def sweep(
     max_len = built.inputs["input_ids"].shape[1] + spec.num_tokens - 1
     passes = PromptPasses.of(vl, built, max_len, spec.vision_attention, backend, spec.vision_removal)
     measured, triaged = _measure(passes, built.inputs["input_ids"], spec, base, knockouts, progress, answer)
-    record = sweep_record(
-        vl,
-        built,
-        knockouts,
-        measured,
-        spec.video_fps,
-        base=None if base == NOTHING else base.to_dict(),
-        mask=_mask_text(spec, knockouts),
-        mask_unit=spec.mask_unit if knockouts.dim == "token" else "",
-        vision_attention=spec.vision_attention,
-        vision_removal=spec.vision_removal,
-        answer=spec.answer or "",
-        answer_ids=answer,
-    )
-    ds = to_dataset(record)
-    if triaged is None:
-        return ds
-    est = triaged.estimates
-    return with_triage(
-        ds, est.kl.numpy(), est.logprob_drop.numpy(), triaged.confirmed, triaged.audited, triaged.figures
-    )
+    with stage("assembly"):
+        return _result(vl, built, spec, base, knockouts, measured, triaged, answer)

@@ -40,7 +40,7 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from interventions import At, Intervention
-from vlmask.engine.attention_read import _model_function
+from vlmask.engine.attention_calls import model_function
 from vlmask.engine.hooks_backend import installed, layer_hooks
 from vlmask.engine.state import DecoderInputs
 from vlmask.engine.steps import LayerSteps, layer_masks
@@ -96,7 +96,7 @@ class _Tap:
         before = ALL_ATTENTION_FUNCTIONS._local_mapping.get(implementation)
 
         def wrapper(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, **kw: Any):
-            own, weights = _model_function(module, implementation, before)(module, query, key, value, mask, **kw)
+            own, weights = model_function(module, implementation, before)(module, query, key, value, mask, **kw)
             if id(module) in self.layers:
                 own = self._attend(module, own, query, key, value, mask, kw.get("scaling"))
             return own, weights
@@ -136,7 +136,8 @@ def traced_forward(vl: VLModel, dec: DecoderInputs, plan: Any, read: Sequence[in
     index = torch.tensor(list(read), device=vl.device)
     steps = LayerSteps(vl, plan, layer_masks(vl, plan.allowed), index)
     tap = _Tap(vl)
-    with torch.enable_grad(), _frozen(vl.hf), tap.tapping(), installed(layer_hooks(vl, steps)):
+    # the tap outside: the pass's call hands the base's mask to it, then to the model's own function
+    with torch.enable_grad(), _frozen(vl.hf), tap.tapping(), steps.attending(), installed(layer_hooks(vl, steps)):
         hidden = vl.decoder(inputs_embeds=embeds, position_ids=clone(positions), use_cache=False, **extra)
         logits = vl.hf.lm_head(hidden.last_hidden_state[0, index])
     missing = [i for i, p in enumerate(tap.probs) if p is None]

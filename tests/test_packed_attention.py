@@ -1,0 +1,74 @@
+"""Packed passes at the work they need: per-row attention segments, the shared clean cache, the stage timings."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import xarray as xr
+
+import vlmask
+from interventions import BlockKeys
+from vlmask.engine.attention_calls import Segments, packed_attention
+from vlmask.engine.passes import PromptPasses
+from vlmask.engine.stages import STAGES
+from vlmask.inputs.prompt import build_prompt
+
+PROMPT = "what color is the circle ?"
+
+
+def _sweep(vl, images, **kw):
+    return vlmask.sweep(vl, PROMPT, [images["square"]], mask="all", num_tokens=3, progress=False, **kw)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_segments_equal_the_dense_pack(tiny, tiny_eager, images, implementation, monkeypatch):
+    """Per-row attention segments give the numbers one dense call over the whole pack gives."""
+    vl = tiny if implementation == "sdpa" else tiny_eager
+    calls, attend = [], Segments.attend
+
+    def counted(self, *args, **kw):
+        calls.append(len(self.firsts))
+        return attend(self, *args, **kw)
+
+    monkeypatch.setattr(Segments, "attend", counted)
+    segmented = _sweep(vl, images, batch_size=6)
+    assert calls and max(calls) == 6 and len(calls) % vl.num_layers == 0  # every layer of every packed pass
+    monkeypatch.setenv("VLMASK_PACKED_ATTENTION", "dense")
+    calls.clear()
+    dense = _sweep(vl, images, batch_size=6)
+    assert not calls
+    assert float(dense["kl"].max()) > 1e-3
+    for name in ("residual", "heads", "kl", "logprob_drop"):
+        xr.testing.assert_allclose(segmented[name], dense[name], atol=1e-5, rtol=1e-4)
+    xr.testing.assert_equal(segmented["masked_token_id"], dense["masked_token_id"])
+
+
+def test_an_unknown_packed_attention_is_refused(monkeypatch):
+    monkeypatch.setenv("VLMASK_PACKED_ATTENTION", "sparse")
+    with pytest.raises(vlmask.VlmaskError, match=r"'sparse' is not known: expected one of \['segments', 'dense'\]"):
+        packed_attention()
+
+
+def test_a_pass_reads_the_clean_cache_without_copying_or_changing_it(tiny, images):
+    built = build_prompt(tiny.processor, PROMPT, [images["square"]])
+    ids = built.inputs["input_ids"]
+    passes = PromptPasses.of(tiny, built, ids.shape[1] + 1)
+    dec = passes.clean_pass(ids, 2, attention=False).inputs
+    before = [k.clone() for k in dec.keys]
+    p = ids.shape[1] - 4
+    done = passes.decoder_pass(dec, [BlockKeys((p,))], [dec.seq_len - 1], starts=[p + 1], extend=True)
+    for k, kept in zip(dec.keys, before, strict=True):
+        assert torch.equal(k, kept)  # the shared clean keys are unchanged
+    own = done.inputs.keys[0]
+    assert torch.equal(own[:, :, : p + 1], dec.keys[0][:, :, : p + 1])  # the row's own cache: clean before its start
+    assert not torch.equal(own[:, :, p + 1 :], dec.keys[0][:, :, p + 1 :])  # and its own keys after
+
+
+def test_every_stage_of_a_sweep_is_timed_at_debug(tiny, images, caplog):
+    with caplog.at_level(logging.DEBUG, logger="vlmask.stages"):
+        _sweep(tiny, images)
+    seen = {r.stage for r in caplog.records if r.name == "vlmask.stages"}
+    assert seen == set(STAGES)
+    assert all(r.seconds >= 0 for r in caplog.records if r.name == "vlmask.stages")
