@@ -79,9 +79,11 @@ def blocking_nothing_is_the_native_forward(sdpa, eager, images):
 def sdpa_equals_eager(sdpa, eager, images):
     files, _ = _prompt(sdpa, images)
     a, b = (vlmask.sweep(vl, PROMPT, files, mask="all", num_tokens=2, progress=False) for vl in (sdpa, eager))
-    for name in ("residual", "heads", "kl", "logprob_drop"):
+    # residual and heads are distances between float32 vectors of norm up to ~30 (LLaVA-NeXT's): rounding
+    # alone moves them by ~1e-5 there (measured: 1.34e-5 once attention ran per knockout), so 2e-5
+    for name, atol in (("residual", 2e-5), ("heads", 2e-5), ("kl", 1e-5), ("logprob_drop", 1e-5)):
         torch.testing.assert_close(
-            torch.from_numpy(a[name].values), torch.from_numpy(b[name].values), atol=1e-5, rtol=1e-4
+            torch.from_numpy(a[name].values), torch.from_numpy(b[name].values), atol=atol, rtol=1e-4
         )
 
 
