@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import torch
@@ -72,3 +73,34 @@ def test_every_stage_of_a_sweep_is_timed_at_debug(tiny, images, caplog):
     seen = {r.stage for r in caplog.records if r.name == "vlmask.stages"}
     assert seen == set(STAGES)
     assert all(r.seconds >= 0 for r in caplog.records if r.name == "vlmask.stages")
+
+
+def test_swaps_in_other_threads_wait_and_leave_nothing_behind():
+    """The swap is process-wide: a second thread's pass waits for the first's to end; afterwards nothing is left."""
+    import threading
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from vlmask.engine.attention_calls import swapping
+
+    had = "sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping
+    inside, order = threading.Event(), []
+
+    def first():
+        with swapping("sdpa", lambda before, *a, **k: None):
+            inside.set()
+            time.sleep(0.3)
+            order.append("first out")
+
+    def second():
+        inside.wait()
+        with swapping("sdpa", lambda before, *a, **k: None):
+            order.append("second in")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert order == ["first out", "second in"]
+    assert ("sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping) == had

@@ -20,8 +20,10 @@ up to float rounding; :func:`packed_attention` says which a pass uses.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -109,15 +111,13 @@ class AttentionCalls:
         self.vl, self.masks, self.reader = vl, masks, reader
         self.layers = {id(layer.self_attn): i for i, layer in enumerate(vl.decoder.layers)}
 
-    @contextlib.contextmanager
-    def swapped(self) -> Iterator[None]:
+    def swapped(self) -> contextlib.AbstractContextManager[None]:
         """While in the block, every decoder layer's attention call is the pass's (other modules' are not touched)."""
-        implementation = self.vl.attn_implementation
-        had = implementation in ALL_ATTENTION_FUNCTIONS._local_mapping
-        before = ALL_ATTENTION_FUNCTIONS._local_mapping.get(implementation)
 
-        def wrapper(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, **kw: Any):
-            own = model_function(module, implementation, before)
+        def wrapper(
+            before: Any, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, **kw: Any
+        ):
+            own = model_function(module, self.vl.attn_implementation, before)
             layer = self.layers.get(id(module))
             if layer is None:
                 return own(module, query, key, value, mask, **kw)
@@ -128,7 +128,23 @@ class AttentionCalls:
                 self.reader.read(layer, query, key, mask, kw.get("scaling"))
             return own(module, query, key, value, mask, **kw)
 
-        ALL_ATTENTION_FUNCTIONS[implementation] = wrapper
+        return swapping(self.vl.attn_implementation, wrapper)
+
+
+SWAP_LOCK = threading.RLock()
+"""Held while an attention function is swapped: the swap is process-wide, so passes in other threads (a Dask
+worker serving several items at once) wait rather than run on each other's masks; one thread may nest swaps."""
+
+
+@contextlib.contextmanager
+def swapping(implementation: str, wrapper: Callable[..., Any]) -> Iterator[None]:
+    """While in the block, transformers' ``implementation`` attention function is ``wrapper``, called as
+    ``wrapper(before, module, query, key, value, mask, **kw)`` (``before``: the function it replaced, None
+    for the built-in one; see :func:`model_function`). Swaps in one thread nest; other threads wait."""
+    with SWAP_LOCK:
+        had = implementation in ALL_ATTENTION_FUNCTIONS._local_mapping
+        before = ALL_ATTENTION_FUNCTIONS._local_mapping.get(implementation)
+        ALL_ATTENTION_FUNCTIONS[implementation] = functools.partial(wrapper, before)
         try:
             yield
         finally:

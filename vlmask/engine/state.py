@@ -1,7 +1,7 @@
 """The state of a pass: what reached the decoder, what a pass does to the model, and what it read.
 
 - :class:`DecoderInputs`: what reached the language decoder for one sequence (its embeddings,
-  positions, key/value cache and family extras), captured once and cut, extended or stacked
+  positions, key/value cache and family extras), captured once and cut or extended
   for the passes that reuse it;
 - :class:`PassPlan`: what one pass does (the attention edges left per layer, each row's
   intervention, the positions it computes) and reads; it is the only place the engine asks an
@@ -127,16 +127,6 @@ class DecoderInputs:
         """Positions in the sequence (the cache may hold fewer: the last ones still to compute)."""
         return self.embeds.shape[1]
 
-    def prefix(self, vl: VLModel, n: int) -> DecoderInputs:
-        """These inputs cut to the first ``n`` positions."""
-        return DecoderInputs(
-            self.embeds[:, :n],
-            None if self.position_ids is None else self.position_ids[..., :n],
-            [k[:, :, :n] for k in self.keys],
-            [v[:, :, :n] for v in self.values],
-            vl.family.prefix(self.extra, n),
-        )
-
     def append_text(self, vl: VLModel, token: int | Sequence[int]) -> DecoderInputs:
         """These inputs followed by one generated text token per row (its keys and values still to compute).
 
@@ -151,18 +141,6 @@ class DecoderInputs:
             positions = torch.cat([self.position_ids, self.position_ids[..., -1:] + 1], dim=-1)
         embeds = torch.cat([self.embeds, embed], dim=1)
         return DecoderInputs(embeds, positions, self.keys, self.values, vl.family.appended(self.extra))
-
-    @staticmethod
-    def stacked(rows: Sequence[DecoderInputs]) -> DecoderInputs:
-        """Sequences of equal length (one row each, same prompt) as one batch, one row each."""
-        positions = None if rows[0].position_ids is None else torch.cat([r.position_ids for r in rows], dim=-2)
-        return DecoderInputs(
-            torch.cat([r.embeds for r in rows]),
-            positions,
-            [torch.cat(layer) for layer in zip(*(r.keys for r in rows), strict=True)],
-            [torch.cat(layer) for layer in zip(*(r.values for r in rows), strict=True)],
-            rows[0].extra,
-        )
 
     def packed_rows(
         self,

@@ -37,10 +37,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from interventions import At, Intervention
-from vlmask.engine.attention_calls import model_function
+from vlmask.engine.attention_calls import model_function, swapping
 from vlmask.engine.hooks_backend import installed, layer_hooks
 from vlmask.engine.state import DecoderInputs
 from vlmask.engine.steps import LayerSteps, layer_masks
@@ -89,26 +88,17 @@ class _Tap:
         self.probs[self.layers[id(module)]] = probs
         return own.detach() + (mixed - mixed.detach())
 
-    @contextlib.contextmanager
-    def tapping(self) -> Iterator[None]:
+    def tapping(self) -> contextlib.AbstractContextManager[None]:
+        """While in the block, each decoder layer's attention is the model's own, its probabilities in the graph."""
         implementation = self.vl.attn_implementation
-        had = implementation in ALL_ATTENTION_FUNCTIONS._local_mapping
-        before = ALL_ATTENTION_FUNCTIONS._local_mapping.get(implementation)
 
-        def wrapper(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, **kw: Any):
+        def wrapper(before: Any, module: Any, query, key, value, mask: Any, **kw: Any):
             own, weights = model_function(module, implementation, before)(module, query, key, value, mask, **kw)
             if id(module) in self.layers:
                 own = self._attend(module, own, query, key, value, mask, kw.get("scaling"))
             return own, weights
 
-        ALL_ATTENTION_FUNCTIONS[implementation] = wrapper
-        try:
-            yield
-        finally:
-            if had:
-                ALL_ATTENTION_FUNCTIONS[implementation] = before
-            else:
-                del ALL_ATTENTION_FUNCTIONS._local_mapping[implementation]
+        return swapping(implementation, wrapper)
 
 
 @dataclass(frozen=True)
@@ -143,6 +133,13 @@ def traced_forward(vl: VLModel, dec: DecoderInputs, plan: Any, read: Sequence[in
     missing = [i for i, p in enumerate(tap.probs) if p is None]
     if missing:
         raise RuntimeError(f"decoder layers {missing} did not call the attention function: triage cannot read them")
+    tolerance = 1e-3 if vl.dtype.itemsize >= 4 else 5e-2
+    if tap.difference > tolerance:  # e.g. a sliding window, a softcap or attention sinks, which A @ V leaves out
+        raise VlmaskError(
+            f"triage's attention A @ V differs from this model's own attention output by {tap.difference:.3g} "
+            f"(more than {tolerance:g}): the model's attention does more than a masked softmax, so the "
+            "estimates would be for another model; run the exact sweep (no triage)"
+        )
     return Traced(logits, list(tap.probs), deepstack, tap.difference)
 
 

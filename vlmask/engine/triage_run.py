@@ -215,6 +215,7 @@ def triage_measure(
     estimates = _estimated(passes, prompt_ids, spec, base, values, answer)
     estimated_s = time.perf_counter() - started
     score = _score(estimates.kl)
+    score = np.where(np.isnan(score) | np.isinf(score), np.inf, score)  # a row left empty: confirm it
     confirmed, audited = choose(score, spec.triage, estimates.saturated.numpy() > 0, spec.triage_audit)
     rows = np.flatnonzero(confirmed | audited)
 
