@@ -16,6 +16,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 import vlmask
 from interventions import AblateHeads, At, BlockEdges, BlockKeys
 from vlmask import VLModel
+from vlmask.engine import triage
 from vlmask.engine.attention_calls import model_function
 from vlmask.engine.passes import NOTHING, PromptPasses
 from vlmask.engine.triage import _first_order, _layer_rows, estimate, traced_forward
@@ -105,7 +106,8 @@ def test_forward_runs_under_the_base(tiny64, images):
 
 
 @pytest.mark.parametrize("layer", [0, 2])
-def test_gradient_matches_finite_differences(tiny64, images, layer):
+def test_gradient_matches_finite_differences(tiny64, images, layer, monkeypatch):
+    monkeypatch.setattr(triage, "REPRODUCED", (math.inf, math.inf))  # the scaled forwards differ on purpose
     built, clean, plan, seq = _setup(tiny64, images["square"])
     key = next(p for p, kind in enumerate(built.tokens.kind) if kind == "vision") + 2
     traced = traced_forward(tiny64, clean.inputs, plan, [seq - 1])
@@ -127,6 +129,14 @@ def test_gradient_matches_finite_differences(tiny64, images, layer):
     finite = (moved[-2] - 8 * moved[-1] + 8 * moved[1] - moved[2]) / (12 * eps)
     assert abs(predicted) > 1e-8
     assert finite == pytest.approx(predicted, rel=1e-4, abs=1e-5)
+
+
+def test_attention_it_cannot_reproduce_is_refused(tiny64, images):
+    """Attention that is more than the masked softmax triage rebuilds (here: one key's scores shifted)."""
+    built, clean, plan, seq = _setup(tiny64, images["square"])
+    key = next(p for p, kind in enumerate(built.tokens.kind) if kind == "vision")
+    with _scaled(tiny64, 1, key, 0.9), pytest.raises(vlmask.VlmaskError, match="does more than a masked softmax"):
+        traced_forward(tiny64, clean.inputs, plan, [seq - 1])
 
 
 def test_first_order_is_the_exact_row_change(tiny64, images):

@@ -55,6 +55,12 @@ SATURATED = 0.9
 """A query row is saturated where a knockout removes at least this share of its attention (counted, see README)."""
 
 
+REPRODUCED = (1e-3, 5e-2)
+"""How far ``A @ V`` may be from the model's own attention output (float32/64, then 16-bit models) before
+triage refuses the model: its attention then does more than a masked softmax (a sliding window, a
+softcap, sinks), and the gradients would be another model's."""
+
+
 @dataclass(frozen=True)
 class Estimates:
     """First-order estimates per knockout and step: ``kl``, ``logprob_drop`` ``(knockout, step)`` (float64);
@@ -133,7 +139,7 @@ def traced_forward(vl: VLModel, dec: DecoderInputs, plan: Any, read: Sequence[in
     missing = [i for i, p in enumerate(tap.probs) if p is None]
     if missing:
         raise RuntimeError(f"decoder layers {missing} did not call the attention function: triage cannot read them")
-    tolerance = 1e-3 if vl.dtype.itemsize >= 4 else 5e-2
+    tolerance = REPRODUCED[0] if vl.dtype.itemsize >= 4 else REPRODUCED[1]
     if tap.difference > tolerance:  # e.g. a sliding window, a softcap or attention sinks, which A @ V leaves out
         raise VlmaskError(
             f"triage's attention A @ V differs from this model's own attention output by {tap.difference:.3g} "
