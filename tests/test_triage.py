@@ -238,6 +238,21 @@ def test_block_edges_base_and_full_removal(tiny, images):
     assert not np.allclose(keys["estimate_kl"].values, full["estimate_kl"].values)  # DeepStack term counted
 
 
+def test_a_window_estimates_the_sum_of_its_layers(doctest_vl):
+    """The log-prob estimate is first order, so a window's is the sum of its layers' (each alone): it
+    checks that a window's estimate counts exactly its own layers."""
+    options = dict(mask="prompt", triage=2, progress=False)
+    one = vlmask.sweep(doctest_vl, "what color is the circle ?", [SHAPES], layers=vlmask.windows(k=1), **options)
+    three = vlmask.sweep(doctest_vl, "what color is the circle ?", [SHAPES], layers=vlmask.windows(k=3), **options)
+    per_layer = one["estimate_logprob_drop"].values  # (step, token, layer)
+    layers = per_layer.shape[-1]
+    for centre in range(layers):
+        want = per_layer[..., max(0, centre - 1) : min(layers, centre + 2)].sum(-1)
+        got = three["estimate_logprob_drop"].values[..., centre]
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+    assert np.abs(per_layer).max() > 1e-5  # not vacuous: some layer moves the answer
+
+
 def test_round_trip_and_readers(doctest_vl, tmp_path):
     vl = doctest_vl
     ds = vlmask.sweep(vl, "what color is the circle ?", [SHAPES], mask="vision", triage=3, progress=False)
