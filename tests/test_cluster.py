@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import xarray as xr
 
 import vlmask
@@ -39,7 +40,12 @@ def _files(folder: Path) -> set[str]:
 
 def test_a_two_worker_cluster_writes_the_serial_files_and_a_rerun_skips_them(tmp_path):
     config = _config(tmp_path, 4)
-    serial = vlmask.run_batch(config, tmp_path / "serial")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # each worker's: bit for bit needs the same threads
+    try:
+        serial = vlmask.run_batch(config, tmp_path / "serial")
+    finally:
+        torch.set_num_threads(threads)
     done = run_batch_on_cluster(config, tmp_path / "cluster", workers=2)
     assert [o.status for o in done] == ["done"] * 4 == [o.status for o in serial]
     assert _files(tmp_path / "cluster") == _files(tmp_path / "serial") == {f"q{k}.nc" for k in range(4)}
