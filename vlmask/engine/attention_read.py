@@ -27,9 +27,13 @@ from vlmask.model.load import VLModel
 
 
 def attention_probabilities(
-    query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """``(batch, head, query, key)`` float32 softmax of ``query (batch, head, q, d) . key (batch, kv_head, k, d)``.
+    """``(batch, head, query, key)`` softmax in ``dtype`` of ``query (batch, head, q, d) . key (batch, kv_head, k, d)``.
 
     Each key head serves ``head / kv_head`` consecutive query heads (GQA). ``mask`` is the
     pass's 4D mask ``(batch, 1, q, k)``: boolean (True = may attend) or additive float.
@@ -40,12 +44,12 @@ def attention_probabilities(
         >>> attention_probabilities(q, k, mask, 0.5)[0, :, 0].tolist()
         [[0.5, 0.5, 0.0], [0.5, 0.5, 0.0]]
     """
-    key = key.float().repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-    scores = torch.matmul(query.float(), key.transpose(2, 3)) * scaling
+    key = key.to(dtype).repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    scores = torch.matmul(query.to(dtype), key.transpose(2, 3)) * scaling
     if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
     elif mask is not None:
-        scores = scores + mask.float()
+        scores = scores + mask.to(dtype)
     return torch.softmax(scores, dim=-1)
 
 

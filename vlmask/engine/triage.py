@@ -40,6 +40,7 @@ import torch
 
 from interventions import At, Intervention
 from vlmask.engine.attention_calls import model_function, swapping
+from vlmask.engine.attention_read import attention_probabilities
 from vlmask.engine.hooks_backend import installed, layer_hooks
 from vlmask.engine.state import DecoderInputs
 from vlmask.engine.steps import LayerSteps, layer_masks
@@ -84,11 +85,8 @@ class _Tap:
         dtype = torch.promote_types(query.dtype, torch.float32)
         rep = query.shape[1] // key.shape[1]
         scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
-        scores = query.to(dtype) @ key.to(dtype).repeat_interleave(rep, 1).transpose(2, 3) * scale
-        if mask is not None:
-            mask = mask[..., : key.shape[-2]]
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(dtype)
-        probs = torch.softmax(scores, dim=-1)
+        mask = None if mask is None else mask[..., : key.shape[-2]]
+        probs = attention_probabilities(query, key, mask, scale, dtype)
         mixed = (probs @ value.to(dtype).repeat_interleave(rep, 1)).transpose(1, 2).to(own.dtype)
         self.difference = max(self.difference, float((mixed - own).detach().abs().max()))
         self.probs[self.layers[id(module)]] = probs
