@@ -135,6 +135,15 @@ class Intervention:
         """Boolean ``(seq_len, seq_len)``: True where query q may not read key k; None cuts nothing."""
         return None
 
+    def blocked_pairs(self, at: At) -> torch.Tensor | None:
+        """``(n, 2)`` long: each ``(query, key)`` edge :meth:`blocked_edges` cuts, once (None: it cuts none).
+
+        The same edges as the mask, listed: override it where a list is cheaper to build than the
+        ``(seq_len, seq_len)`` mask (triage reads it for thousands of knockouts). Default: the mask's nonzeros.
+        """
+        edges = self.blocked_edges(at)
+        return None if edges is None else edges.nonzero()
+
     def edit_heads(self, heads: torch.Tensor, at: At) -> torch.Tensor:
         """``heads (pos, head, head_dim)``, positions ``at.start..``, edited (a new tensor); default: unchanged."""
         return heads

@@ -49,6 +49,21 @@ class BlockKeys(Intervention):
         edges[:, keys] = torch.arange(at.seq_len)[:, None] > keys[None, :]
         return edges
 
+    def blocked_pairs(self, at: At) -> torch.Tensor | None:
+        """The edges of :meth:`blocked_edges` as ``(query, key)`` rows, built without the mask.
+
+        Example:
+            >>> BlockKeys((1,)).blocked_pairs(At(layer=0, seq_len=3)).tolist()
+            [[2, 1]]
+        """
+        if not self.acts_at(at.layer):
+            return None
+        keys = torch.tensor(sorted({p for p in self.positions if p < at.seq_len}), dtype=torch.long)
+        counts = at.seq_len - 1 - keys  # the later queries of each key
+        key = keys.repeat_interleave(counts)
+        offsets = torch.arange(len(key)) - (counts.cumsum(0) - counts).repeat_interleave(counts)
+        return torch.stack([key + 1 + offsets, key], dim=1)
+
     def first_changed(self, seq_len: int, shape: ModelShape) -> int:
         """One past the first blocked key (``seq_len`` if nothing is blocked at any layer)."""
         if not any(self.acts_at(layer) for layer in range(shape.num_layers)):

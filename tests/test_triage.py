@@ -19,7 +19,7 @@ from vlmask import VLModel
 from vlmask.engine import triage
 from vlmask.engine.attention_calls import model_function
 from vlmask.engine.passes import NOTHING, PromptPasses
-from vlmask.engine.triage import _first_order, _layer_rows, estimate, traced_forward
+from vlmask.engine.triage import _edges, _Index, _Layer, estimate, traced_forward
 from vlmask.engine.triage_run import audit_figures, choose, clopper_pearson_upper
 from vlmask.inputs.prompt import build_prompt
 from vlmask.model.families import family_of
@@ -88,6 +88,12 @@ def _top_logprob(logits: torch.Tensor, top: int) -> torch.Tensor:
     return torch.log_softmax(logits[0], -1)[top]
 
 
+def _probs_grad(traced, layer: int, scalar: torch.Tensor) -> torch.Tensor:
+    """``d scalar / dA (head, seq, seq)`` at ``layer``: the gradient reaches A only through its output A @ V."""
+    (grad,) = torch.autograd.grad(scalar, [traced.outputs[layer]], retain_graph=True)
+    return grad[0] @ traced.values[layer][0].transpose(-1, -2)
+
+
 def test_forward_is_the_models_own(tiny64, images):
     _, clean, plan, seq = _setup(tiny64, images["square"])
     traced = traced_forward(tiny64, clean.inputs, plan, [seq - 1])
@@ -112,8 +118,7 @@ def test_gradient_matches_finite_differences(tiny64, images, layer, monkeypatch)
     key = next(p for p, kind in enumerate(built.tokens.kind) if kind == "vision") + 2
     traced = traced_forward(tiny64, clean.inputs, plan, [seq - 1])
     top = int(traced.logits[0].argmax())
-    (grad,) = torch.autograd.grad(_top_logprob(traced.logits, top), [traced.probs[layer]])
-    a, g = traced.probs[layer].detach()[0], grad[0]
+    a, g = traced.probs[layer][0], _probs_grad(traced, layer, _top_logprob(traced.logits, top))
     lost = a[:, key + 1 :, key]  # s_q of each later row, (head, q)
     direction = torch.zeros_like(a)  # d A / d eps of scaling the key's attention by (1 - eps), renormalised
     direction[:, key + 1 :] = a[:, key + 1 :] * lost[..., None]
@@ -139,22 +144,35 @@ def test_attention_it_cannot_reproduce_is_refused(tiny64, images):
         traced_forward(tiny64, clean.inputs, plan, [seq - 1])
 
 
-def test_first_order_is_the_exact_row_change(tiny64, images):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_first_order_is_the_exact_row_change(tiny64, images, monkeypatch, chunked):
+    """Each knockout's first-order term, for several knockouts gathered at once, is ``G`` times its exact row change
+    (also with one knockout key per block of edge weights)."""
+    if chunked:
+        monkeypatch.setattr(triage, "CHUNK", 1)
     built, clean, plan, seq = _setup(tiny64, images["square"])
     vision = [p for p, kind in enumerate(built.tokens.kind) if kind == "vision"]
     values = [BlockKeys((vision[1], vision[3])), BlockEdges(sources=(vision[0],), targets=(seq - 1, seq - 3))]
     traced = traced_forward(tiny64, clean.inputs, plan, [seq - 1])
     layer = 1
-    (grad,) = torch.autograd.grad(traced.logits[0, 0], [traced.probs[layer]])
-    a, g = traced.probs[layer].detach()[0], grad[0]
-    for iv in values:
+    a = traced.probs[layer][0]
+    g = torch.stack([_probs_grad(traced, layer, traced.logits[0, i]) for i in (0, 5)])  # two buckets' dM/dA
+    outputs = torch.cat(
+        [torch.autograd.grad(traced.logits[0, i], [traced.outputs[layer]], retain_graph=True)[0] for i in (0, 5)]
+    )
+    edges = _edges(values, plan.allowed, seq)[layer]
+    got = _Layer.of(a, _Index.of(edges, seq, a.device)).changes(
+        outputs, traced.mixed[layer][0], traced.values[layer][0], 2
+    )
+    for i, iv in enumerate(values):
         cut = iv.blocked_edges(At(layer, seq))
+        assert sorted(map(tuple, iv.blocked_pairs(At(layer, seq)).tolist())) == sorted(
+            map(tuple, cut.nonzero().tolist())
+        )
         kept = a.masked_fill(cut, 0.0)
         changed = kept / kept.sum(-1, keepdim=True) - a  # the exact row change, renormalised
-        edges = torch.cat([torch.full((int(cut.sum()), 1), 0), cut.nonzero()], dim=1)
-        rows = _layer_rows(a, edges)
-        got = float(_first_order(rows, a, g, 1)[0])
-        assert got == pytest.approx(float((g * changed).sum()), rel=1e-9, abs=1e-12), iv
+        for b in range(2):
+            assert float(got[b, i]) == pytest.approx(float((g[b] * changed).sum()), rel=1e-9, abs=1e-12), iv
 
 
 def test_logprob_estimate_is_the_gradient_along_the_knockout(tiny64, images):
@@ -164,11 +182,11 @@ def test_logprob_estimate_is_the_gradient_along_the_knockout(tiny64, images):
     est = estimate(tiny64, clean.inputs, plan, [value], [seq - 1])
     traced = traced_forward(tiny64, clean.inputs, plan, [seq - 1])
     top = int(traced.logits[0].argmax())
-    (grad,) = torch.autograd.grad(_top_logprob(traced.logits, top), [traced.probs[1]])
-    a = traced.probs[1].detach()[0]
+    grad = _probs_grad(traced, 1, _top_logprob(traced.logits, top))
+    a = traced.probs[1][0]
     kept = a.clone()
     kept[:, p + 1 :, p] = 0.0
-    direct = float((grad[0] * (kept / kept.sum(-1, keepdim=True) - a)).sum())
+    direct = float((grad * (kept / kept.sum(-1, keepdim=True) - a)).sum())
     assert float(est.logprob_drop[0, 0]) == pytest.approx(-direct, rel=1e-5)  # float32 RMSNorm inside
     assert float(est.kl[0, 0]) >= 0.0
 
@@ -309,3 +327,22 @@ def test_cli_flags(tiny_dir, images, tmp_path, capsys):
     assert int(ds["confirmed"].sum()) >= 2 and int(ds["audited"].sum()) == 1
     assert main([*args, "--overwrite", "--triage-check"]) == 2
     assert "--triage" in capsys.readouterr().err
+
+
+def test_one_backward_per_bucket_gives_the_batched_estimates(tiny64, images, monkeypatch):
+    """Where autograd cannot batch the backward passes, one per bucket gives the same estimates."""
+    built, clean, plan, seq = _setup(tiny64, images["square"])
+    vision = [p for p, kind in enumerate(built.tokens.kind) if kind == "vision"]
+    values = [BlockKeys((p,)) for p in vision[:4]]
+    batched = estimate(tiny64, clean.inputs, plan, values, [seq - 1])
+    grad = torch.autograd.grad
+
+    def unbatched(*args, is_grads_batched=False, **kw):
+        if is_grads_batched:
+            raise RuntimeError("no batching rule (test)")
+        return grad(*args, **kw)
+
+    monkeypatch.setattr(torch.autograd, "grad", unbatched)
+    each = estimate(tiny64, clean.inputs, plan, values, [seq - 1])
+    assert torch.allclose(each.kl, batched.kl, rtol=1e-10, atol=1e-14)
+    assert torch.allclose(each.logprob_drop, batched.logprob_drop, rtol=1e-10, atol=1e-14)

@@ -371,7 +371,7 @@ class SweepSpec:
     triage_audit: int | None = field(
         default=None,
         metadata=about(
-            "knockouts audited exactly at random beside the top K (default: max(8, 5 percent of the rest))", _audit
+            "knockouts audited exactly at random beside the top K (default: max(8, 1 percent of the rest))", _audit
         ),
     )
     triage_check: bool = field(

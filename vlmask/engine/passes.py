@@ -298,6 +298,7 @@ class PromptPasses:
         progress: bool = False,
         attention: bool = True,
         answer: Sequence[int] = (),
+        clean: CleanRun | None = None,
     ) -> Measured:
         """The clean pass under ``base``, then every knockout (as ``base & knockout``) in packed passes:
         the clean continuation, and per knockout the metrics against the clean run and its greedy continuation.
@@ -306,12 +307,15 @@ class PromptPasses:
         Knockouts share packed passes of at most ``batch_size`` knockouts (None: no limit)
         whose estimated memory fits ``budget`` bytes; read positions before a knockout's
         first changed position are the clean values, exactly. ``attention``: also read the
-        clean pass's attention at each step (:func:`clean_attention`).
+        clean pass's attention at each step (:func:`clean_attention`). ``clean``: that clean pass, already run (by
+        these passes, with the same arguments): reused.
         """
         vl, prompt_len = self.vl, prompt_ids.shape[1]
         with stage("clean pass"):
-            passes = self.with_head_means(prompt_ids) if PassPlan.needs_head_means([base, *knockouts]) else self
-            clean = passes.clean_pass(prompt_ids, num_tokens, base, attention=attention, forced=answer)
+            means = PassPlan.needs_head_means([base, *knockouts]) and self.head_means is None
+            passes = self.with_head_means(prompt_ids) if means else self
+            if clean is None:
+                clean = passes.clean_pass(prompt_ids, num_tokens, base, attention=attention, forced=answer)
         full_len, read = prompt_len + num_tokens - 1, list(range(prompt_len - 1, prompt_len + num_tokens - 1))
         target = clean.tokens if answer else None  # the measured tokens: the answer's, else the clean top ones
         firsts, starts = passes.starts(knockouts, full_len, read[0])
