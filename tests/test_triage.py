@@ -160,19 +160,20 @@ def test_first_order_is_the_exact_row_change(tiny64, images, monkeypatch, chunke
     outputs = torch.cat(
         [torch.autograd.grad(traced.logits[0, i], [traced.outputs[layer]], retain_graph=True)[0] for i in (0, 5)]
     )
-    edges = _edges(values, plan.allowed, seq)[layer]
-    got = _Layer.of(a, _Index.of(edges, seq, a.device)).changes(
-        outputs, traced.mixed[layer][0], traced.values[layer][0], 2
-    )
-    for i, iv in enumerate(values):
-        cut = iv.blocked_edges(At(layer, seq))
-        assert sorted(map(tuple, iv.blocked_pairs(At(layer, seq)).tolist())) == sorted(
-            map(tuple, cut.nonzero().tolist())
-        )
-        kept = a.masked_fill(cut, 0.0)
-        changed = kept / kept.sum(-1, keepdim=True) - a  # the exact row change, renormalised
-        for b in range(2):
-            assert float(got[b, i]) == pytest.approx(float((g[b] * changed).sum()), rel=1e-9, abs=1e-12), iv
+    for chosen in (values, values[1:]):  # rows of several edges; each row one edge (rows_are_edges)
+        edges = _edges(chosen, plan.allowed, seq)[layer]
+        index = _Index.of(edges, seq, a.device)
+        assert index.rows_are_edges == (len(chosen) == 1)
+        got = _Layer.of(a, index).changes(outputs, traced.mixed[layer][0], traced.values[layer][0], len(chosen))
+        for i, iv in enumerate(chosen):
+            cut = iv.blocked_edges(At(layer, seq))
+            pairs = sorted(map(tuple, iv.blocked_pairs(At(layer, seq)).tolist()))
+            assert pairs == sorted(map(tuple, cut.nonzero().tolist()))
+            kept = a.masked_fill(cut, 0.0)
+            changed = kept / kept.sum(-1, keepdim=True) - a  # the exact row change, renormalised
+            for b in range(2):
+                want = float((g[b] * changed).sum())
+                assert float(got[b, i]) == pytest.approx(want, rel=1e-9, abs=1e-12), iv
 
 
 def test_logprob_estimate_is_the_gradient_along_the_knockout(tiny64, images):

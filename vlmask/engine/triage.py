@@ -224,7 +224,7 @@ class _Index:
     """One edge list of :func:`_edges` as gathers, edges sorted by (knockout, key): each edge's query ``q``, flat
     ``(q, k)`` index ``flat``, ``row`` and ``pair``; per row (a knockout's query) its query ``row_q`` and knockout
     ``row_knockout``; per pair (a knockout's key) its key ``pair_key``, knockout ``pair_knockout`` and first edge
-    ``pair_start`` (one more entry: the edge count)."""
+    ``pair_start`` (one more entry: the edge count); ``rows_are_edges``: each row is one edge, the rows in order."""
 
     q: torch.Tensor
     flat: torch.Tensor
@@ -235,6 +235,7 @@ class _Index:
     pair_key: torch.Tensor
     pair_knockout: torch.Tensor
     pair_start: list[int]
+    rows_are_edges: bool
 
     @staticmethod
     def of(edges: torch.Tensor, seq: int, device: torch.device) -> _Index:
@@ -244,7 +245,8 @@ class _Index:
         rows, row = torch.unique(knockout * seq + q, return_inverse=True)
         pairs, pair, counts = torch.unique_consecutive(knockout * seq + k, return_inverse=True, return_counts=True)
         starts = [0, *counts.cumsum(0).tolist()]
-        return _Index(q, q * seq + k, row, pair, rows % seq, rows // seq, pairs % seq, pairs // seq, starts)
+        same = len(rows) == len(row) and bool((row == torch.arange(len(row), device=device)).all())
+        return _Index(q, q * seq + k, row, pair, rows % seq, rows // seq, pairs % seq, pairs // seq, starts, same)
 
 
 @dataclass(frozen=True)
@@ -263,14 +265,15 @@ class _Layer:
 
     @staticmethod
     def of(probs: torch.Tensor, index: _Index) -> _Layer:
-        """From one layer's ``probs (head, seq, seq)``."""
-        heads = probs.shape[0]
-        cut = probs.reshape(heads, -1)[:, index.flat].double()  # (head, edge): A at each cut edge
-        lost = torch.zeros(heads, len(index.row_q), dtype=torch.float64, device=probs.device)
-        lost.index_add_(1, index.row, cut)
-        total = probs.sum(-1).double()[:, index.row_q]
-        rest = (total - lost).clamp_min(torch.finfo(torch.float64).tiny)
-        return _Layer(index, lost / rest, cut / rest[:, index.row], lost)
+        """From one layer's ``probs (head, seq, seq)`` (sums in its precision, at least float32's)."""
+        heads, dtype = probs.shape[0], torch.promote_types(probs.dtype, torch.float32)
+        cut = probs.reshape(heads, -1)[:, index.flat].to(dtype)  # (head, edge): A at each cut edge
+        single = index.rows_are_edges  # one edge per row, in order (one key per knockout)
+        lost = cut if single else torch.zeros(heads, len(index.row_q), dtype=dtype, device=probs.device)
+        if not single:
+            lost.index_add_(1, index.row, cut)
+        rest = (probs.sum(-1).to(dtype)[:, index.row_q] - lost).clamp_min(torch.finfo(dtype).tiny)
+        return _Layer(index, lost / rest, cut / (rest if single else rest[:, index.row]), lost)
 
     def changes(self, grads: torch.Tensor, outputs: torch.Tensor, values: torch.Tensor, count: int) -> torch.Tensor:
         """``(bucket, knockout)`` for ``grads (bucket, head, seq, head_dim)``, at ``outputs`` ``A @ V`` and ``values``
