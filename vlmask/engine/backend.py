@@ -131,4 +131,5 @@ class Backend(ABC):
         if plan.starts:
             readout = readout.unpacked(len(plan.rows))
         kept = ([layer.keys for layer in call.cache.layers], [layer.values for layer in call.cache.layers])
-        return DecoderPass(readout, inputs.extended(call.cache, plan.start) if extend else None, kept if keep else None)
+        extended = inputs.extended(call.cache, plan.start, call.buffers) if extend else None
+        return DecoderPass(readout, extended, kept if keep else None)

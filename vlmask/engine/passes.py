@@ -220,8 +220,9 @@ class PromptPasses:
         only from there on is it generated afresh, on the decoder alone. Up to that step the
         knockout's own keys and values are those of its packed pass over ``dec`` (row ``i``
         recomputed from ``starts[i]``): ``packed``, as :meth:`knockout_pass` kept them (None:
-        one such pass is run here). The knockouts that left at the same step then advance
-        together, one new position per step, each on its own cache. ``dec`` is the clean
+        one such pass is run here). The knockouts that have left by a step then advance
+        together, one new position per step (the same position for all), each on its own
+        cache, written in place into buffers made as rows join. ``dec`` is the clean
         teacher-forced sequence (prompt plus ``steps - 1`` clean tokens).
         """
         vl, steps = self.vl, clean.shape[0]
@@ -235,14 +236,22 @@ class PromptPasses:
         if left_at and packed is None:
             read = [dec.seq_len - 1]
             packed = self.decoder_pass(dec, interventions, read, starts=starts, keep=True, internals=False).packed
-        for first, rows in left_at.items():
-            group = dec.packed_rows(vl, packed, starts, rows, prompt_len + first)
-            group, knockouts = group.append_text(vl, forced_top[rows, first].tolist()), [interventions[r] for r in rows]
-            for step in range(first + 1, steps):
-                done = self.decoder_pass(group, knockouts, [group.seq_len - 1], extend=True, internals=False)
-                out[rows, step] = done.readout.logits[:, -1].argmax(-1)
-                if step + 1 < steps:
-                    group = done.inputs.append_text(vl, out[rows, step].tolist())
+        group, rows = None, []
+        for step in range(min(left_at, default=steps) + 1, steps):
+            joining = left_at.get(step - 1, [])
+            if joining:  # their own keys and values up to the step they left, then the token they left with
+                own = dec.packed_rows(vl, packed, starts, joining, prompt_len + step - 1)
+                own = own.append_text(vl, forced_top[joining, step - 1].tolist())
+                group, rows = (
+                    DecoderInputs.stacked([p for p in (group, own) if p is not None], dec.seq_len),
+                    rows + joining,
+                )
+            done = self.decoder_pass(
+                group, [interventions[r] for r in rows], [group.seq_len - 1], extend=True, internals=False
+            )
+            out[rows, step] = done.readout.logits[:, -1].argmax(-1)
+            if step + 1 < steps:
+                group = done.inputs.append_text(vl, out[rows, step].tolist())
         return out
 
     def starts(self, knockouts: Sequence[Intervention], seq_len: int, first_read: int) -> tuple[list[int], list[int]]:

@@ -114,6 +114,12 @@ class DecoderInputs:
     the decoder numbers positions itself); ``keys``/``values`` hold each layer's cache
     ``(1, kv_heads, seq, head_dim)``; ``extra`` what else the family's decoder was given
     (Qwen3-VL: the vision positions and DeepStack features).
+
+    ``buffers``, where set (:meth:`stacked`), are each layer's key and value buffers
+    ``(batch, kv_heads, capacity, head_dim)`` whose first positions ``keys``/``values`` are: a
+    pass writes the keys and values it computes into them in place, after these (no copy of
+    the cache), so an earlier, shorter view of the same buffers must not be passed again
+    once a later one has been.
     """
 
     embeds: torch.Tensor
@@ -121,6 +127,7 @@ class DecoderInputs:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     extra: dict[str, Any]
+    buffers: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     @property
     def seq_len(self) -> int:
@@ -140,7 +147,38 @@ class DecoderInputs:
         if self.position_ids is not None:
             positions = torch.cat([self.position_ids, self.position_ids[..., -1:] + 1], dim=-1)
         embeds = torch.cat([self.embeds, embed], dim=1)
-        return DecoderInputs(embeds, positions, self.keys, self.values, vl.family.appended(self.extra))
+        return DecoderInputs(embeds, positions, self.keys, self.values, vl.family.appended(self.extra), self.buffers)
+
+    @staticmethod
+    def stacked(parts: Sequence[DecoderInputs], capacity: int) -> DecoderInputs:
+        """The rows of ``parts`` (the same positions, as many cached) as one batch, in order, each layer's keys and
+        values copied into :attr:`buffers` with room for ``capacity`` positions.
+
+        Example:
+            >>> k = torch.zeros(1, 2, 3, 4)
+            >>> one = DecoderInputs(torch.zeros(1, 4, 8), None, [k], [k], {})
+            >>> both = DecoderInputs.stacked([one, one], capacity=6)
+            >>> both.keys[0].shape, both.buffers[0][0].shape
+            (torch.Size([2, 2, 3, 4]), torch.Size([2, 2, 6, 4]))
+        """
+        cached = parts[0].keys[0].shape[2]
+
+        def into(layers: Sequence[torch.Tensor]) -> torch.Tensor:
+            first, offset = layers[0], 0
+            buffer = first.new_empty(sum(t.shape[0] for t in layers), first.shape[1], capacity, first.shape[3])
+            for t in layers:
+                buffer[offset : offset + t.shape[0], :, :cached] = t
+                offset += t.shape[0]
+            return buffer
+
+        keys = [into(layer) for layer in zip(*(p.keys for p in parts), strict=True)]
+        values = [into(layer) for layer in zip(*(p.values for p in parts), strict=True)]
+        positions = None
+        if parts[0].position_ids is not None:
+            positions = torch.cat([p.position_ids for p in parts], dim=-2)
+        embeds = torch.cat([p.embeds for p in parts])
+        views = [k[:, :, :cached] for k in keys], [v[:, :, :cached] for v in values]
+        return DecoderInputs(embeds, positions, *views, parts[0].extra, (keys, values))
 
     def packed_rows(
         self,
@@ -172,18 +210,19 @@ class DecoderInputs:
         embeds = self.embeds[:, :n].expand(batch, -1, -1)
         return DecoderInputs(embeds, positions, keys, values, vl.family.prefix(self.extra, n))
 
-    def extended(self, cache: Any, start: int) -> DecoderInputs:
+    def extended(self, cache: Any, start: int, buffers: Any = None) -> DecoderInputs:
         """These inputs with the keys and values of a pass (one packed row, or a batch) that recomputed ``start..``.
 
         ``cache`` is the pass's (a transformers ``Cache``: these keys, then the ones it
         appended). The row's own cache: the clean keys before ``start``, then the recomputed ones.
+        ``buffers``: the :attr:`buffers` the pass wrote into in place (None: it concatenated).
         """
         cached = self.keys[0].shape[2]
         if start == cached:  # the pass started right after the cache: the cache is the row's own already
             keys, values = [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
-        else:
-            keys = [torch.cat([layer.keys[:, :, :start], layer.keys[:, :, cached:]], dim=2) for layer in cache.layers]
-            values = [torch.cat([layer.values[:, :, :start], layer.values[:, :, cached:]], 2) for layer in cache.layers]
+            return DecoderInputs(self.embeds, self.position_ids, keys, values, self.extra, buffers)
+        keys = [torch.cat([layer.keys[:, :, :start], layer.keys[:, :, cached:]], dim=2) for layer in cache.layers]
+        values = [torch.cat([layer.values[:, :, :start], layer.values[:, :, cached:]], 2) for layer in cache.layers]
         return DecoderInputs(self.embeds, self.position_ids, keys, values, self.extra)
 
 

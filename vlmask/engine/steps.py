@@ -202,7 +202,8 @@ def captured_inputs(vl: VLModel, decoder_kwargs: dict[str, Any], cache: Any) -> 
 class DecoderCall:
     """A decoder pass (packed or batched, see :func:`decoder_call`): ``decode(embeds, positions)``
     gives the logits at ``index`` (the read positions among the computed ones) and appends
-    the computed keys and values to ``cache`` (which starts with the captured ones);
+    the computed keys and values to ``cache`` (which starts with the captured ones), in place
+    into the inputs' ``buffers`` where they have room (else None: concatenated);
     ``masks`` go to self-attention (:class:`Segments` in a packed pass of several rows, unless
     :func:`packed_attention` says ``"dense"``)."""
 
@@ -212,15 +213,50 @@ class DecoderCall:
     index: torch.Tensor
     cache: Any
     masks: list[torch.Tensor | Segments]
+    buffers: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
 
-def shared_cache(vl: VLModel, keys: list[torch.Tensor], values: list[torch.Tensor]) -> DynamicCache:
+class BufferLayer(DynamicLayer):
+    """A cache layer whose keys and values are the first ``length`` positions of ``buffers`` (each
+    ``(batch, kv_head, capacity, head_dim)``): :meth:`update` writes the new positions into them in place
+    and returns the longer views, where a ``DynamicLayer`` would concatenate (copying the whole cache)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.buffers, self.keys, self.values = (keys, values), keys[:, :, :length], values[:, :, :length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        start, (keys, values) = self.keys.shape[-2], self.buffers
+        end = start + key_states.shape[-2]
+        if end > keys.shape[-2]:
+            raise ValueError(f"{end} positions do not fit a cache buffer of {keys.shape[-2]}")
+        keys[:, :, start:end], values[:, :, start:end] = key_states, value_states
+        self.keys, self.values = keys[:, :, :end], values[:, :, :end]
+        return self.keys, self.values
+
+
+def plain_cache(vl: VLModel) -> bool:
+    """Whether every layer of the model's cache is a plain ``DynamicLayer`` (asked once, kept with ``vl``)."""
+    plain = vl.backend_state.get("plain cache")
+    if plain is None:
+        layers = DynamicCache(config=vl.text_config).layers
+        plain = vl.backend_state["plain cache"] = all(type(layer) is DynamicLayer for layer in layers)
+    return plain
+
+
+def shared_cache(
+    vl: VLModel, keys: list[torch.Tensor], values: list[torch.Tensor], buffers: tuple[list, list] | None = None
+) -> DynamicCache:
     """A cache starting with each layer's ``keys``/``values (batch, kv_head, seq, head_dim)``, by reference.
 
     Nothing is copied in: a pass's ``update`` concatenates its own keys and values into a new
     tensor (as every transformers ``DynamicLayer`` does), so the captured tensors, shared by
     every pass over the prompt, are read and never changed. A layer type that keeps its
-    states otherwise (a sliding window) gets them through its own ``update``.
+    states otherwise (a sliding window) gets them through its own ``update``. With
+    ``buffers`` (every layer's keys and values, of which ``keys``/``values`` are the first
+    positions; only where :func:`plain_cache`), each layer is a :class:`BufferLayer`: the pass
+    writes into them in place instead.
 
     Example:
         >>> k = torch.zeros(1, vl.text_config.num_key_value_heads, 3, 16)
@@ -228,13 +264,15 @@ def shared_cache(vl: VLModel, keys: list[torch.Tensor], values: list[torch.Tenso
         >>> cache.layers[0].keys is k, cache.get_seq_length()
         (True, 3)
     """
-    plain = vl.backend_state.get("plain cache")  # every layer a DynamicLayer: made directly (the config's walk costs)
-    if plain:
+    if plain_cache(vl):  # made directly (the config's walk costs)
         cache = DynamicCache()
+        if buffers is not None:
+            length = keys[0].shape[2]
+            cache.layers = [BufferLayer(k, v, length) for k, v in zip(*buffers, strict=True)]
+            return cache
         cache.layers = [DynamicLayer() for _ in keys]
     else:
         cache = DynamicCache(config=vl.text_config)
-        vl.backend_state["plain cache"] = all(type(layer) is DynamicLayer for layer in cache.layers)
     for i, (layer, k, v) in enumerate(zip(cache.layers, keys, values, strict=True)):
         if type(layer) is DynamicLayer:
             layer.lazy_initialization(k, v)
@@ -260,8 +298,11 @@ def decoder_call(vl: VLModel, dec: DecoderInputs, plan: PassPlan) -> DecoderCall
     cached = dec.keys[0].shape[2]
     if min(starts) > cached or (not packed and plan.start != cached):
         raise ValueError(f"a pass from position {min(starts)} does not fit the {cached} cached positions")
-    cache = shared_cache(vl, dec.keys, dec.values)
     embeds = _packed(dec.embeds[:, :seq], starts, 1)
+    buffers = dec.buffers
+    if buffers is not None and (cached + embeds.shape[1] > buffers[0][0].shape[2] or not plain_cache(vl)):
+        buffers = None  # no room, or layers that keep their states otherwise: concatenated
+    cache = shared_cache(vl, dec.keys, dec.values, buffers)
     if dec.position_ids is None:  # the decoder numbers positions itself: every rotary axis is the position
         positions = _packed(torch.arange(seq, device=embeds.device)[None], starts, 1).expand(embeds.shape[0], -1)
     else:
@@ -284,4 +325,4 @@ def decoder_call(vl: VLModel, dec: DecoderInputs, plan: PassPlan) -> DecoderCall
     else:
         pack = (lambda a: packed_allowed(a, plan.start, starts, cached)) if packed else None
         masks = layer_masks(vl, plan.allowed, pack)
-    return DecoderCall(decode, embeds, positions, index, cache, masks)
+    return DecoderCall(decode, embeds, positions, index, cache, masks, buffers)
