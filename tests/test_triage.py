@@ -335,8 +335,15 @@ def test_one_backward_per_bucket_gives_the_batched_estimates(tiny64, images, mon
     built, clean, plan, seq = _setup(tiny64, images["square"])
     vision = [p for p, kind in enumerate(built.tokens.kind) if kind == "vision"]
     values = [BlockKeys((p,)) for p in vision[:4]]
+    grad, calls = torch.autograd.grad, []
+
+    def counted(*args, is_grads_batched=False, **kw):
+        calls.append(is_grads_batched)
+        return grad(*args, is_grads_batched=is_grads_batched, **kw)
+
+    monkeypatch.setattr(torch.autograd, "grad", counted)
     batched = estimate(tiny64, clean.inputs, plan, values, [seq - 1])
-    grad = torch.autograd.grad
+    assert calls == [True]  # one step: one batched backward pass, no fallback
 
     def unbatched(*args, is_grads_batched=False, **kw):
         if is_grads_batched:

@@ -279,6 +279,8 @@ class _Layer:
         """``(bucket, knockout)`` for ``grads (bucket, head, seq, head_dim)``, at ``outputs`` ``A @ V`` and ``values``
         ``V`` ``(head, seq, head_dim)``: each term a matrix product per block of knockouts or pairs (:data:`CHUNK`)."""
         ix, (buckets, heads, seq, _) = self.index, grads.shape
+        dtype = torch.promote_types(grads.dtype, torch.float32)  # a 16-bit model's gradients: summed in float32
+        grads, outputs, values = grads.to(dtype), outputs.to(dtype), values.to(dtype)
         r = (grads * outputs[None]).sum(-1).reshape(buckets, heads * seq)  # (bucket, head x query)
         out = torch.zeros(buckets, count, dtype=torch.float64, device=grads.device)
         step = max(1, CHUNK // (heads * seq))
@@ -291,8 +293,8 @@ class _Layer:
         for first in range(0, len(ix.pair_key), step):  # the t terms, a block of pairs at a time
             last = min(first + step, len(ix.pair_key))
             edges = slice(ix.pair_start[first], ix.pair_start[last])
-            weights = torch.zeros(heads, last - first, seq, dtype=grads.dtype, device=grads.device)
-            weights[:, ix.pair[edges] - first, ix.q[edges]] = self.edge_weight[:, edges].to(grads.dtype)
+            weights = torch.zeros(heads, last - first, seq, dtype=dtype, device=grads.device)
+            weights[:, ix.pair[edges] - first, ix.q[edges]] = self.edge_weight[:, edges].to(dtype)
             mixed = weights[None] @ grads  # (bucket, head, pair, head_dim): sum_q weight * g_q
             t = (mixed * values[:, ix.pair_key[first:last]][None]).sum((1, 3))  # (bucket, pair)
             out.index_add_(1, ix.pair_knockout[first:last], -t.double())
@@ -301,15 +303,16 @@ class _Layer:
 
 def _layers(probs: list[torch.Tensor], edges: list[torch.Tensor | None]) -> list[_Layer | None]:
     """Each layer's :class:`_Layer` (None where no knockout cuts an edge); layers sharing edges share gathers."""
-    indices: dict[int, _Index] = {}
+    indices: dict[tuple[int, torch.device], _Index] = {}
     out: list[_Layer | None] = []
     for p, e in zip(probs, edges, strict=True):
         if e is None:
             out.append(None)
             continue
-        if id(e) not in indices:
-            indices[id(e)] = _Index.of(e, p.shape[-1], p.device)
-        out.append(_Layer.of(p, indices[id(e)]))
+        key = id(e), p.device  # a model split over devices: each device its own gathers
+        if key not in indices:
+            indices[key] = _Index.of(e, p.shape[-1], p.device)
+        out.append(_Layer.of(p, indices[key]))
     return out
 
 
@@ -349,7 +352,7 @@ def _grads(outputs: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tens
             torch.autograd.grad(outputs, inputs, eye, retain_graph=True, allow_unused=True, is_grads_batched=True)
         )
     except RuntimeError as error:  # e.g. an operation with no batching rule (vmap)
-        log.debug("triage: one backward pass per bucket (%s)", error)
+        log.info("triage: one backward pass per bucket, the batched one failed (%s)", error)
     each = [torch.autograd.grad(o, inputs, retain_graph=True, allow_unused=True) for o in outputs]
     return [None if g[0] is None else torch.stack(g) for g in zip(*each, strict=True)]
 
@@ -374,11 +377,11 @@ def _bucket_changes(
         change = torch.zeros(k + 1, count, dtype=torch.float64, device=logits.device)
         for layer, o, v, g in zip(layers, mixed, values, grads[: len(mixed)], strict=True):
             if layer is not None and g is not None:
-                change += layer.changes(g[:, 0], o, v, count)
+                change += layer.changes(g[:, 0], o, v, count).to(change.device)
         for f, g in zip(features, grads[len(mixed) :], strict=True):
             if g is not None and len(rank):  # withheld DeepStack features: -g . f at each removed vision row
                 gf = (g * f).sum(-1).double()[:, rank.to(g.device)]  # (bucket, withheld row)
-                change.index_add_(1, owner.to(g.device), -gf)
+                change.index_add_(1, owner.to(change.device), -gf.to(change.device))
         out[step] = change.cpu()
     return out
 
@@ -416,6 +419,7 @@ def estimate(
     removed = list(removed) or [() for _ in values]
     traced = traced_forward(vl, dec, plan, read)
     layers = _layers([p[0] for p in traced.probs], _edges(values, plan.allowed, dec.seq_len))
+    traced.probs.clear()  # layers x heads x seq^2: not needed through the backward passes
     k = min(TOP_K, traced.logits.shape[-1] - 1)
     changes = _bucket_changes(traced, layers, _deepstack_index(dec, removed), k, len(values), targets)
     picked = [None] * len(traced.logits) if targets is None else targets
