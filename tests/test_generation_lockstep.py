@@ -10,6 +10,7 @@ from tests.reference import extended, reference_run
 from vlmask.engine.backend import Backend
 from vlmask.engine.passes import PromptPasses
 from vlmask.engine.state import DecoderInputs
+from vlmask.engine.steps import BufferLayer
 from vlmask.inputs.prompt import build_prompt
 
 PROMPT = "what color is the circle ?"
@@ -38,9 +39,17 @@ def test_knockouts_that_leave_at_different_steps_advance_in_one_pass_per_step(ti
         return run(self, vl, inputs, plan, **kw)
 
     monkeypatch.setattr(Backend, "run_decoder", counted)
+    writes, update = [], BufferLayer.update
+
+    def written(self, keys, values, *args, **kw):
+        writes.append(keys.shape[0])
+        return update(self, keys, values, *args, **kw)
+
+    monkeypatch.setattr(BufferLayer, "update", written)
     knockouts = [BlockKeys((p,)) for p in positions]
     out = passes.masked_generation(dec, clean_ids, forced, knockouts, [p + 1 for p in positions])
     assert calls == [3, 1, 2, 3, 3]  # the packed pass, then one pass per step (1-4): the rows that have left by then
+    assert writes == [rows for rows in calls[1:] for _ in range(tiny.num_layers)]  # each step's pass: in place
     for row, p in enumerate(positions):
         want = forced[row, : row + 1].tolist()
         while len(want) < steps:

@@ -354,3 +354,13 @@ def test_one_backward_per_bucket_gives_the_batched_estimates(tiny64, images, mon
     each = estimate(tiny64, clean.inputs, plan, values, [seq - 1])
     assert torch.allclose(each.kl, batched.kl, rtol=1e-10, atol=1e-14)
     assert torch.allclose(each.logprob_drop, batched.logprob_drop, rtol=1e-10, atol=1e-14)
+
+
+def test_a_16_bit_model_is_estimated_in_float32_sums():
+    """The built-in model in bfloat16: every estimate finite, and the exact top unit ranked first by the estimate."""
+    vl = vlmask.load_model(dtype="bfloat16")
+    ds = vlmask.sweep(vl, "what color is the circle ?", [SHAPES], mask="vision", triage=2, progress=False)
+    estimate_kl = ds["estimate_kl"].sel(step=0)
+    assert bool(estimate_kl.notnull().all()) and float(estimate_kl.max()) > 0
+    exact_top = int(ds["kl"].sel(step=0).fillna(-1).argmax("token"))
+    assert int(estimate_kl.argmax("token")) == exact_top and bool(ds["confirmed"].isel(token=exact_top))
