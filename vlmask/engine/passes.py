@@ -40,6 +40,7 @@ from vlmask.inputs.prompt import Prompt
 from vlmask.model.load import VLModel
 from vlmask.results.dataset import Measured
 from vlmask.results.metrics import logit_metrics, vector_distances
+from vlmask.spec import SweepSpec
 
 NOTHING = Compose()
 
@@ -353,6 +354,31 @@ class PromptPasses:
             masked_ids=torch.cat(generated),
             attention=probs,
             attention_norm=weighted,
+        )
+
+    def measure_spec(
+        self,
+        prompt_ids: torch.Tensor,
+        spec: SweepSpec,
+        base: Intervention,
+        knockouts: Sequence[Intervention],
+        *,
+        progress: bool = False,
+        answer: Sequence[int] = (),
+        clean: CleanRun | None = None,
+    ) -> Measured:
+        """:meth:`measure` with ``spec``'s steps, batch size, memory budget and attention readout."""
+        return self.measure(
+            prompt_ids,
+            spec.num_tokens,
+            base,
+            knockouts,
+            batch_size=spec.batch_size,
+            budget=spec.max_memory,
+            progress=progress,
+            attention=spec.attention,
+            answer=answer,
+            clean=clean,
         )
 
 

@@ -169,17 +169,7 @@ def _measure(
     if spec.triage is not None:
         triaged = triage_measure(passes, prompt_ids, spec, base, knockouts.values, progress, answer)
         return triaged.measured, triaged
-    measured = passes.measure(
-        prompt_ids,
-        spec.num_tokens,
-        base,
-        knockouts.values,
-        batch_size=spec.batch_size,
-        budget=spec.max_memory,
-        progress=progress,
-        attention=spec.attention,
-        answer=answer,
-    )
+    measured = passes.measure_spec(prompt_ids, spec, base, knockouts.values, progress=progress, answer=answer)
     return measured, None
 
 

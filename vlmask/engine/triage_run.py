@@ -220,18 +220,7 @@ def triage_measure(
     rows = np.flatnonzero(confirmed | audited)
 
     def exact(which: Sequence[Any], reused: CleanRun | None = clean) -> Measured:
-        return passes.measure(
-            prompt_ids,
-            spec.num_tokens,
-            base,
-            which,
-            batch_size=spec.batch_size,
-            budget=spec.max_memory,
-            progress=progress,
-            attention=spec.attention,
-            answer=answer,
-            clean=reused,
-        )
+        return passes.measure_spec(prompt_ids, spec, base, which, progress=progress, answer=answer, clean=reused)
 
     measured = spread(exact([values[i] for i in rows]), rows, len(values))
     elapsed = time.perf_counter() - started
