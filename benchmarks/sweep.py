@@ -18,17 +18,20 @@ explicit thread count (``--threads``, recorded); each figure is the median, with
 - vlmask: ``vlmask.sweep`` as shipped.
 - vlmask-dense: the same, with ``VLMASK_PACKED_ATTENTION=dense``: each packed pass computes
   attention in one call over the whole pack (the method before per-row segments), to price them.
+- vlmask-before (with ``--before REV``): ``vlmask.sweep`` with the package as of git commit REV
+  (its files extracted beside this benchmark), interleaved with the rest, to price a change in one run.
 
 Every method's KL and log-prob drop must agree with naive to 1e-4, and its masked
 continuations token for token, or the run fails.
-"ideal" prices the work that cannot be avoided: one clean pass of the whole model, plus, for
-each knockout, the positions after the blocked one, each at the language decoder's cost per
-position in the clean pass (the vision encoder need not run again). "needed" prices it more
-strictly, by the work itself, measured with the same kernels: the recomputed positions' linear
-layers (the decoder's cost per position with its attention taken out), plus attention over only
-the query-key pairs a knockout allows (at the attention kernel's measured cost per pair), so a
-pass that spends time on masked-out pairs cannot look ideal. Neither counts the extra positions
-of continuations that leave the clean one (S4), so both are lower bounds.
+"ideal" and "needed" price the least work a sweep must do (benchmarks/needed.py has both):
+"ideal" at the language decoder's cost per position in the clean pass; "needed" by the work
+itself, measured with the same kernels: the clean continuation generated one cached step at a
+time as the raw model does, each knockout's teacher-forced positions (up to where its own
+continuation leaves the clean one) at their linear layers' cost plus attention over only the
+query-key pairs the knockout allows, and one raw cached step per generated token for the
+knockouts that have left, those that left by a step sharing its one step. So a pass that spends
+time on masked-out pairs cannot look ideal, nor can sequential steps be priced as if batched.
+"needed (no steps)" is the earlier, looser figure (everything teacher-forced), kept beside it.
 
 ``--triage [K]``: triage (estimate every knockout, confirm the top K exactly) against the
 exhaustive exact sweep on S2, and on S5 (1,024 vision knockouts; see benchmarks/triage.py).
@@ -49,6 +52,7 @@ import logging
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -62,11 +66,9 @@ from PIL import Image
 from transformers import Qwen3VLForConditionalGeneration
 
 import vlmask
+from benchmarks.needed import ideals, needed_figures, sync, with_types
 from vlmask.builtin import make_processor, tiny_config, words_of
 from vlmask.engine.nnsight_backend import envoy
-from vlmask.engine.passes import NOTHING, PromptPasses
-from vlmask.engine.stages import STAGES
-from vlmask.engine.steps import shared_cache
 from vlmask.inputs.prompt import build_prompt
 from vlmask.inputs.selection import parse_mask
 from vlmask.model.attention import attention_mask
@@ -112,6 +114,7 @@ SIZES = {
     },
 }
 METHODS = ("naive", "naive-nnsight", "hooks", "vlmask", "vlmask-dense")
+BEFORE = "vlmask-before"  # vlmask.sweep from another commit's engine (--before REV), its own process
 VLMASK = ("vlmask", "vlmask-dense")  # the methods that report stages, ideals and the one-position pass
 QUICK = 5.0  # seconds: within one worker, a method whose first run is quicker runs 3 times (median)
 
@@ -145,14 +148,6 @@ def build_model(root: Path, size: str) -> None:
 def prompt_of(name: str) -> str:
     words = SCENARIOS[name]["words"]
     return " ".join(FILLER[i % len(FILLER)] for i in range(words)) if words else QUESTION
-
-
-def _with_types(inputs: dict, ids: torch.Tensor) -> dict:
-    out = {**inputs, "input_ids": ids}
-    if "mm_token_type_ids" in inputs:
-        types = inputs["mm_token_type_ids"]
-        out["mm_token_type_ids"] = torch.cat([types, types.new_zeros(1, ids.shape[1] - types.shape[1])], 1)
-    return out
 
 
 def _positions(vl, prompt, images, mask) -> list[int]:
@@ -198,7 +193,7 @@ def _knockout_loop(vl, prompt, images, mask, steps, masked_logits, sample=None) 
 
     with torch.inference_mode():
         for step in range(steps):
-            full = _with_types(inputs, ids)
+            full = with_types(inputs, ids)
             tic = time.perf_counter()
             clean_logits = vl.hf(**full).logits[0, -1].float()
             clean_seconds += time.perf_counter() - tic
@@ -212,7 +207,7 @@ def _knockout_loop(vl, prompt, images, mask, steps, masked_logits, sample=None) 
                     own[row].append(int(masked.argmax()))
                 else:
                     mine = torch.cat([inputs["input_ids"], torch.tensor([own[row]], dtype=ids.dtype)], 1)
-                    logits = masked_logits(vl, _with_types(inputs, mine), blocked(mine.shape[1], p))
+                    logits = masked_logits(vl, with_types(inputs, mine), blocked(mine.shape[1], p))
                     own[row].append(int(logits.argmax()))
             clean_ids.append(top)
             ids = torch.cat([ids, clean_logits.argmax().view(1, 1)], 1)
@@ -259,122 +254,31 @@ def _vlmask(vl, prompt, images, mask, steps, batch_size, backend="nnsight") -> d
     )
     out = {name: ds[name].transpose("token", "step").values.tolist() for name in ("kl", "logprob_drop")}
     masked = ds["masked_token_id"].transpose("token", "step").values.tolist()
-    return {**out, "masked_ids": masked, "positions": ds["token"].values.tolist()}
+    clean = ds["step_token_id"].values.tolist()
+    return {**out, "masked_ids": masked, "clean_ids": clean, "positions": ds["token"].values.tolist()}
 
 
-def _clean_forward(vl, prompt, images, steps) -> tuple[float, float]:
-    """Seconds for one forward of the whole final sequence: the whole model (vision encoder
-    included), and the language decoder alone (what a recomputed position costs)."""
-    built = build_prompt(vl.processor, prompt, images)
-    inputs = {k: v.to(vl.device) for k, v in built.inputs.items() if k != "attention_mask"}
-    extra = torch.zeros(1, steps - 1, dtype=inputs["input_ids"].dtype, device=vl.device)
-    full = _with_types(inputs, torch.cat([inputs["input_ids"], extra], 1))
-    seen: dict = {}
-    decoder = vl.hf.model.language_model
-    hook = decoder.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
-    with torch.inference_mode():
-        vl.hf.model.rope_deltas = None
-        vl.hf(**full)
-        hook.remove()
-        decoder_only = {k: seen[k] for k in ("inputs_embeds", "position_ids", "visual_pos_masks") if k in seen}
-        decoder_only["deepstack_visual_embeds"] = seen.get("deepstack_visual_embeds")
-        times = []
-        for fn in (lambda: vl.hf(**full), lambda: vl.hf.lm_head(decoder(**decoder_only).last_hidden_state)):
-            fn()
-            _sync(vl)
-            start = time.perf_counter()
-            for _ in range(3):
-                fn()
-            _sync(vl)
-            times.append((time.perf_counter() - start) / 3)
-    return times[0], times[1]
+def _stage_names() -> tuple[str, ...]:
+    from vlmask.engine.stages import STAGES  # not at the top: a --before engine may predate it
 
-
-def _attention_seconds(vl, seq: int) -> float:
-    """Seconds for one layer's attention kernel over ``seq`` queries and keys, as the model runs it."""
-    config = vl.text_config
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    q, k, v = (torch.randn(1, heads, seq, head_dim, dtype=vl.dtype, device=vl.device) for _ in range(3))
-    allowed = torch.ones(seq, seq, dtype=torch.bool, device=vl.device).tril()[None, None]
-    mask = allowed if vl.attn_implementation == "sdpa" else attention_mask(allowed[0], "eager", vl.dtype)
-    if vl.attn_implementation == "sdpa":
-        run = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
-    else:
-        run = lambda: torch.softmax(q @ k.transpose(-1, -2) / head_dim**0.5 + mask, -1) @ v  # noqa: E731
-    with torch.inference_mode():
-        run()
-        _sync(vl)
-        start = time.perf_counter()
-        for _ in range(5):
-            run()
-        _sync(vl)
-    return (time.perf_counter() - start) / 5
-
-
-def allowed_pairs(positions: list[int], seq: int) -> int:
-    """Query-key pairs a sweep must compute per layer: knockout ``p`` recomputes queries ``p+1..seq-1``,
-    each over its causal keys but ``p``.
-
-    Example:
-        >>> allowed_pairs([2], seq=4)  # queries 3 (keys 0,1,3: query 3 sees 4 keys, 1 blocked)
-        3
-    """
-    return sum(q for p in positions for q in range(p + 1, seq))
+    return STAGES
 
 
 class _StageTimes(logging.Handler):
     """Sums the seconds of each stage that ``vlmask.stages`` logs (see :mod:`vlmask.engine.stages`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: tuple[str, ...]) -> None:
         super().__init__(logging.DEBUG)
-        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self.seconds = dict.fromkeys(names, 0.0)
 
     def emit(self, record: logging.LogRecord) -> None:
         self.seconds[record.stage] += record.seconds
 
 
-def _one_position(vl, prompt, images, repeats: int = 15) -> tuple[float, float]:
-    """Median seconds of one decoder pass of one position (a generation step: logits only, on the clean
-    prompt's cache) through vlmask, and of the raw model's own cached step (its decoder and lm_head), interleaved."""
-    built = build_prompt(vl.processor, prompt, images)
-    ids = built.inputs["input_ids"]
-    passes = PromptPasses.of(vl, built, ids.shape[1] + 1)
-    dec = passes.clean_pass(ids, 1, attention=False).inputs.append_text(vl, 5)
-    pos = dec.seq_len - 1
-
-    def ours() -> None:
-        passes.decoder_pass(dec, [NOTHING], [pos], starts=[pos], extend=True, internals=False)
-
-    def raw() -> None:  # the model's own cache after the prompt: made before the clock starts
-        cache = shared_cache(vl, dec.keys, dec.values)
-        embeds = dec.embeds[:, pos:]
-        positions = None if dec.position_ids is None else dec.position_ids[..., pos:]
-        return lambda: (
-            vl.hf.lm_head(
-                vl.decoder(inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True).last_hidden_state
-            )
-            .float()
-            .cpu()
-        )
-
-    times: dict = {"vlmask": [], "raw": []}
-    with torch.inference_mode():
-        for _ in range(repeats + 2):  # the first two of each: warm-up
-            for name in times:
-                step = raw() if name == "raw" else ours
-                _sync(vl)
-                start = time.perf_counter()
-                step()
-                _sync(vl)
-                times[name].append(time.perf_counter() - start)
-    return float(np.median(times["vlmask"][2:])), float(np.median(times["raw"][2:]))
-
-
 @contextlib.contextmanager
 def _timing_stages(on: bool) -> Iterator[_StageTimes]:
     """Collect ``vlmask.stages``' records while in the block (``on``; else nothing is timed)."""
-    handler, logger = _StageTimes(), logging.getLogger("vlmask.stages")
+    handler, logger = _StageTimes(_stage_names() if on else ()), logging.getLogger("vlmask.stages")
     if not on:
         yield handler
         return
@@ -386,11 +290,6 @@ def _timing_stages(on: bool) -> Iterator[_StageTimes]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-
-
-def _sync(vl) -> None:
-    if vl.device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -410,6 +309,7 @@ def worker(args: argparse.Namespace) -> None:
         "hooks": lambda: _vlmask(vl, prompt, images, mask, sc["steps"], args.batch_size, backend="hooks"),
         "vlmask": lambda: _vlmask(vl, prompt, images, mask, sc["steps"], args.batch_size),
         "vlmask-dense": lambda: _vlmask(vl, prompt, images, mask, sc["steps"], args.batch_size),
+        BEFORE: lambda: _vlmask(vl, prompt, images, mask, sc["steps"], args.batch_size),
     }[args.method]
     if args.method == "vlmask-dense":
         os.environ["VLMASK_PACKED_ATTENTION"] = "dense"
@@ -421,11 +321,11 @@ def worker(args: argparse.Namespace) -> None:
     base_gpu = torch.cuda.memory_allocated() if vl.device.type == "cuda" else 0
     times, stages = [], []
     while not times or (sum(times) < QUICK and len(times) < 3):  # quick methods: the median of 3 runs
-        _sync(vl)
+        sync(vl)
         start = time.perf_counter()
         with _timing_stages(args.method in VLMASK) as timed:
             result = run()
-        _sync(vl)
+        sync(vl)
         times.append(time.perf_counter() - start)
         stages.append(timed.seconds)
     seconds = float(np.median(times))
@@ -450,13 +350,9 @@ def worker(args: argparse.Namespace) -> None:
         "seq": seq,
     }
     if args.method in VLMASK:
-        out["stages_s"] = {name: float(np.median([run[name] for run in stages])) for name in STAGES}
+        out["stages_s"] = {name: float(np.median([run[name] for run in stages])) for name in _stage_names()}
     if args.method == "vlmask":
-        out["one_position_s"], out["raw_one_position_s"] = _one_position(vl, prompt, images)
-        out["clean_forward_s"], out["clean_decoder_s"] = _clean_forward(vl, prompt, images, sc["steps"])
-        out["attention_layer_s"] = _attention_seconds(vl, seq)
-        out["layers"] = vl.num_layers
-        out["allowed_pairs"] = allowed_pairs(positions, seq)
+        out.update(needed_figures(result, vl, prompt, images, sc["steps"], len(built.tokens)))
     out["threads"] = torch.get_num_threads()
     print("RESULT " + json.dumps(out))
 
@@ -488,11 +384,26 @@ def _spawn(
     if limit:
         cmd += ["--limit", str(limit)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    cwd = args.before_root if method == BEFORE else None  # its vlmask first on the path
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env, cwd=cwd)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode or not lines:
         raise SystemExit(f"{method} on {scenario} failed:\n{out.stderr[-3000:]}")
     return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def _engine_at(rev: str, root: Path) -> Path:
+    """A folder with the package (vlmask, interventions) as of git commit ``rev`` and this benchmark beside it."""
+    repo = Path(__file__).resolve().parents[1]
+    root.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", rev, "vlmask", "interventions"], capture_output=True, check=False
+    )
+    if archive.returncode:
+        raise SystemExit(f"--before {rev!r}: git archive failed: {archive.stderr.decode()[-500:]}")
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive.stdout, check=True)
+    shutil.copytree(repo / "benchmarks", root / "benchmarks", ignore=shutil.ignore_patterns("__pycache__"))
+    return root
 
 
 def _disagreement(res: dict, naive: dict) -> float:
@@ -576,7 +487,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--triage-s5-sample", type=int, default=32, help="S5's exact sample (0: skip S5)")
     parser.add_argument("--limit", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--before",
+        metavar="REV",
+        help=f"also run {BEFORE}: vlmask.sweep with the engine of this git commit (e.g. the one before a change), "
+        "interleaved with the others, to price the change in one run",
+    )
+    parser.add_argument("--worker", choices=[*METHODS, BEFORE], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--image", help=argparse.SUPPRESS)
     return parser
@@ -611,14 +528,16 @@ def _scenario_row(scenario: str, runs: dict[str, list[dict]]) -> dict:
         if results[0]["measured_knockouts"] != results[0]["knockouts"]:
             row[f"{method}_measured_knockouts"] = results[0]["measured_knockouts"]
     if "vlmask" in runs:
-        row.update(_ideals(runs["vlmask"], median))
+        row.update(ideals(runs["vlmask"], median, SCENARIOS[scenario]["steps"]))
     if "vlmask" in runs and "hooks" in runs:
         row["nnsight_overhead"] = round(median["vlmask"] / median["hooks"] - 1, 3)
+    if "vlmask" in runs and BEFORE in runs:
+        row["vs_before"] = round(median["vlmask"] / median[BEFORE], 3)
     if "vlmask" in runs and "vlmask-dense" in runs:
         row["segments_vs_dense"] = round(median["vlmask"] / median["vlmask-dense"], 3)
     for method in VLMASK:
         if method in runs:
-            stages = {name: float(np.median([r["stages_s"][name] for r in runs[method]])) for name in STAGES}
+            stages = {name: float(np.median([r["stages_s"][name] for r in runs[method]])) for name in _stage_names()}
             row[f"{method}_stages_s"] = {name: round(t, 3) for name, t in stages.items()}
     if "vlmask" in runs:
         ours, raw = (float(np.median([r[k] for r in runs["vlmask"]])) for k in ("one_position_s", "raw_one_position_s"))
@@ -627,33 +546,11 @@ def _scenario_row(scenario: str, runs: dict[str, list[dict]]) -> dict:
     return row
 
 
-def _ideals(runs: list[dict], median: dict[str, float]) -> dict:
-    """The two ideals (per position, and by the work strictly needed), from vlmask's own measurements."""
-    forward = float(np.median([r["clean_forward_s"] for r in runs]))
-    decoder = float(np.median([r["clean_decoder_s"] for r in runs]))
-    attention = float(np.median([r["attention_layer_s"] for r in runs]))
-    fast = runs[0]
-    per_position = decoder / fast["seq"]
-    linear = max(decoder - fast["layers"] * attention, 0.0) / fast["seq"]
-    per_pair = attention / fast["seq"] ** 2  # the kernel computes every pair, masked or not
-    ideal = forward + fast["recomputed"] * per_position
-    needed = forward + fast["recomputed"] * linear + fast["layers"] * fast["allowed_pairs"] * per_pair
-    return {
-        "ideal_s": round(ideal, 3),
-        "ideal_speedup": round(median["naive"] / ideal, 2),
-        "vlmask_efficiency": round(ideal / median["vlmask"], 3),
-        "needed_s": round(needed, 3),
-        "needed_speedup": round(median["naive"] / needed, 2),
-        "vlmask_vs_needed": round(needed / median["vlmask"], 3),
-        "attention_share_of_decoder": round(fast["layers"] * attention / decoder, 3),
-    }
-
-
 def _print_table(rows: list[dict], methods: list[str]) -> None:
     header = f"{'':<4}{'tokens':>7}{'KOs':>5}{'steps':>6}" + "".join(f"{m + ' s (range)':>24}" for m in methods)
     print(
         header + f"{'ideal s':>9}{'needed s':>9}{'vlmask vs naive':>17}{'vs ideal':>10}{'vs needed':>10}"
-        f"{'nnsight cost':>14}{'vs dense packs':>18}"
+        f"{'nnsight cost':>14}{'vs dense packs':>18}{'vs before':>11}"
     )
     for r in rows:
         line = f"{r['scenario']:<4}{r['tokens']:>7}{r['knockouts']:>5}{r['steps']:>6}"
@@ -667,6 +564,8 @@ def _print_table(rows: list[dict], methods: list[str]) -> None:
             line += f"{r['nnsight_overhead']:>+14.0%}"
         if "segments_vs_dense" in r:
             line += f"{r['segments_vs_dense']:>17.2f}x"
+        if "vs_before" in r:
+            line += f"{r['vs_before']:>10.2f}x"
         print(line)
     _print_stages(rows)
     print(
@@ -677,14 +576,15 @@ def _print_table(rows: list[dict], methods: list[str]) -> None:
 
 def _print_stages(rows: list[dict]) -> None:
     """Where vlmask's time goes, per scenario and method (medians), and one generation step against the raw model's."""
-    print(f"{'':<4}{'method':<14}" + "".join(f"{name + ' s':>18}" for name in STAGES) + f"{'1-position ms (raw)':>22}")
+    names = _stage_names()
+    print(f"{'':<4}{'method':<14}" + "".join(f"{name + ' s':>18}" for name in names) + f"{'1-position ms (raw)':>22}")
     for r in rows:
         for method in VLMASK:
             if f"{method}_stages_s" not in r:
                 continue
             stages = r[f"{method}_stages_s"]
             line = f"{r['scenario']:<4}{method:<14}"
-            line += "".join(f"{stages[name]:.2f} ({stages[name] / r[method + '_s']:.0%})".rjust(18) for name in STAGES)
+            line += "".join(f"{stages[name]:.2f} ({stages[name] / r[method + '_s']:.0%})".rjust(18) for name in names)
             if method == "vlmask":
                 ours, raw, ratio = r["one_position_ms"], r["raw_one_position_ms"], r["one_position_vs_raw"]
                 line += f"{ours:.1f} ({raw:.1f}) {ratio:.2f}x".rjust(22)
@@ -707,8 +607,11 @@ def main() -> None:
     methods = args.method or list(METHODS)
     if "naive" not in methods:
         methods = ["naive", *methods]
+    methods += [BEFORE] if args.before else []
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        if args.before:
+            args.before_root = _engine_at(args.before, Path(tmp) / "before")
         model, image = Path(tmp) / "model", Path(tmp) / "image.png"
         build_model(model, args.size)
         pixels = np.random.default_rng(0).integers(0, 255, (448, 448, 3), dtype=np.uint8)
@@ -740,6 +643,7 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": args.threads,
         "repeats": args.repeats,
+        "before": args.before,
         "results": rows,
     }
     _print_table(rows, methods)

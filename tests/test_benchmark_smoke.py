@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_benchmark_runs_and_every_method_agrees_with_naive(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "benchmarks.sweep", "--quick", "--json", str(out)]
+    cmd = [sys.executable, "-m", "benchmarks.sweep", "--quick", "--before", "HEAD", "--json", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -29,11 +29,14 @@ def test_benchmark_runs_and_every_method_agrees_with_naive(tmp_path):
         assert row[f"{method}_s"] > 0
     assert row["ideal_s"] > 0 and "nnsight_overhead" in row and "vlmask_efficiency" in row
     assert row["needed_s"] > 0 and 0 < row["attention_share_of_decoder"] < 1
+    assert row["needed_sequential_s"] == 0 and row["needed_no_steps_s"] > 0  # S1: one step, nothing sequential
+    assert report["before"] == "HEAD" and row["vlmask-before_s"] > 0 and row["vs_before"] > 0  # the engine at HEAD
     for method in ("naive", "naive-nnsight", "hooks", "vlmask"):
         low, high = row[f"{method}_range_s"]
         assert low <= row[f"{method}_s"] <= high
     assert row["max_kl"] > 1e-2  # knockouts move the distribution: agreeing to 1e-4 is not trivial
-    assert max(row[f"{method}_max_diff"] for method in ("naive-nnsight", "hooks", "vlmask", "vlmask-dense")) <= 1e-4
+    methods = ("naive-nnsight", "hooks", "vlmask", "vlmask-dense", "vlmask-before")
+    assert max(row[f"{method}_max_diff"] for method in methods) <= 1e-4
     assert row["vlmask-dense_s"] > 0 and row["segments_vs_dense"] > 0  # the dense packs, side by side
     for method in ("vlmask", "vlmask-dense"):  # where the time goes: each stage within the sweep
         stages = row[f"{method}_stages_s"]
