@@ -118,7 +118,7 @@ def test_gradient_matches_finite_differences(tiny64, images, layer, monkeypatch)
     key = next(p for p, kind in enumerate(built.tokens.kind) if kind == "vision") + 2
     traced = traced_forward(tiny64, clean.inputs, plan, [seq - 1])
     top = int(traced.logits[0].argmax())
-    a, g = traced.probs[layer][0], _probs_grad(traced, layer, _top_logprob(traced.logits, top))
+    a, g = traced.kept[layer][0], _probs_grad(traced, layer, _top_logprob(traced.logits, top))
     lost = a[:, key + 1 :, key]  # s_q of each later row, (head, q)
     direction = torch.zeros_like(a)  # d A / d eps of scaling the key's attention by (1 - eps), renormalised
     direction[:, key + 1 :] = a[:, key + 1 :] * lost[..., None]
@@ -155,7 +155,7 @@ def test_first_order_is_the_exact_row_change(tiny64, images, monkeypatch, chunke
     values = [BlockKeys((vision[1], vision[3])), BlockEdges(sources=(vision[0],), targets=(seq - 1, seq - 3))]
     traced = traced_forward(tiny64, clean.inputs, plan, [seq - 1])
     layer = 1
-    a = traced.probs[layer][0]
+    a = traced.kept[layer][0]
     g = torch.stack([_probs_grad(traced, layer, traced.logits[0, i]) for i in (0, 5)])  # two buckets' dM/dA
     outputs = torch.cat(
         [torch.autograd.grad(traced.logits[0, i], [traced.outputs[layer]], retain_graph=True)[0] for i in (0, 5)]
@@ -184,7 +184,7 @@ def test_logprob_estimate_is_the_gradient_along_the_knockout(tiny64, images):
     traced = traced_forward(tiny64, clean.inputs, plan, [seq - 1])
     top = int(traced.logits[0].argmax())
     grad = _probs_grad(traced, 1, _top_logprob(traced.logits, top))
-    a = traced.probs[1][0]
+    a = traced.kept[1][0]
     kept = a.clone()
     kept[:, p + 1 :, p] = 0.0
     direct = float((grad * (kept / kept.sum(-1, keepdim=True) - a)).sum())

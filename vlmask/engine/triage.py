@@ -21,12 +21,14 @@ acts (``BlockEdges``: those edges only; windows: their layers only); an edge the
 model already cuts has ``A = 0``.
 
 The quantities ``M``, per step: the clean top-``TOP_K`` logits and the log-sum-exp of the
-rest of the vocabulary (one bucket), differentiated together (one batched backward pass per
-step). Their first-order changes give the log-prob drop of the clean top token exactly at first
-order (the buckets partition the vocabulary), and the Gauss-Newton (Fisher) form of the KL
-between the clean and the knocked-out distributions coarse-grained to those ``TOP_K + 1`` buckets,
-``0.5 sum_b P_b (d_b - sum_c P_c d_c)^2`` (a lower bound of the full KL's quadratic form:
-coarse-graining never increases KL). KL has zero gradient at the clean point, hence the quadratic form.
+rest of the vocabulary (one bucket). Their first-order changes ``d_b`` give the log-prob drop of
+the clean top token exactly at first order (the buckets partition the vocabulary), and the
+Gauss-Newton (Fisher) form of the KL between the clean and the knocked-out distributions
+coarse-grained to those ``TOP_K + 1`` buckets, ``0.5 sum_b P_b (d_b - sum_c P_c d_c)^2`` (a lower
+bound of the full KL's quadratic form: coarse-graining never increases KL). KL has zero gradient
+at the clean point, hence the quadratic form. Neither form changes when every ``d_b`` moves by
+the same amount, so each step's one (batched) backward pass differentiates the ``TOP_K``
+differences from the last bucket: ``TOP_K`` gradients, not ``TOP_K + 1``.
 
 Under ``vision_removal="full"`` a knockout also withholds the DeepStack features of its
 blocked vision positions: the first-order term ``-sum g . f`` over those features ``f`` is added.
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,8 +58,9 @@ log = logging.getLogger(__name__)
 TOP_K = 4
 """Vocabulary entries (the clean top ones) whose logit changes the KL estimate follows; the rest is one bucket.
 
-Each adds a backward pass per step. Measured on the benchmark model (S2, 196 vision knockouts, two images), 4 and
-8 put the exact top 10 inside the estimated top 20 (Spearman 0.94-0.98 against the exact KL); 3 missed 2 of 10."""
+Each adds a gradient to each step's batched backward pass. Measured on the benchmark model (S2, 196 vision
+knockouts, two images), 4 and 8 put the exact top 10 inside the estimated top 20 (Spearman 0.94-0.98 against the
+exact KL); 3 missed 2 of 10."""
 SATURATED = 0.9
 """A query row is saturated where a knockout removes at least this share of its attention (counted, see README)."""
 
@@ -80,12 +83,16 @@ class Estimates:
 
 class _Tap:
     """While in :meth:`tapping`, each decoder layer's attention output (the model's own, in the graph) is kept, with
-    its probabilities ``A``, values ``V`` and ``A @ V`` (detached, rebuilt from the model's query and key)."""
+    ``keep(layer, A)`` of its probabilities ``A`` (``A`` itself by default: each layer's is ``head x seq^2``, so
+    :func:`estimate` keeps only what it needs of it), values ``V`` and ``A @ V`` (detached, rebuilt from the model's
+    query and key)."""
 
-    def __init__(self, vl: VLModel) -> None:
+    def __init__(self, vl: VLModel, keep: Callable[[int, torch.Tensor], Any] | None = None) -> None:
         self.vl = vl
+        self.keep = keep or (lambda layer, probs: probs)
         self.layers = {id(layer.self_attn): i for i, layer in enumerate(vl.decoder.layers)}
-        self.probs: list[torch.Tensor | None] = [None] * len(self.layers)
+        self.seen: set[int] = set()
+        self.kept: list[Any] = [None] * len(self.layers)
         self.outputs: list[torch.Tensor | None] = [None] * len(self.layers)
         self.mixed: list[torch.Tensor | None] = [None] * len(self.layers)
         self.values: list[torch.Tensor | None] = [None] * len(self.layers)
@@ -101,9 +108,11 @@ class _Tap:
             values = value.to(dtype).repeat_interleave(rep, 1)
             mixed = probs @ values  # (1, head, seq, head_dim)
             self.difference = max(self.difference, float((mixed.transpose(1, 2) - own).abs().max()))
-        layer = self.layers[id(module)]
+            layer = self.layers[id(module)]
+            self.kept[layer] = self.keep(layer, probs)
+        self.seen.add(layer)
         outputs = own.transpose(1, 2)  # what the layer reads on: the gradient's way to this layer's output
-        self.probs[layer], self.outputs[layer], self.mixed[layer], self.values[layer] = probs, outputs, mixed, values
+        self.outputs[layer], self.mixed[layer], self.values[layer] = outputs, mixed, values
         return outputs.transpose(1, 2)
 
     def tapping(self) -> contextlib.AbstractContextManager[None]:
@@ -122,21 +131,29 @@ class _Tap:
 @dataclass(frozen=True)
 class Traced:
     """The autograd forward: ``logits (read, vocab)``; per layer its attention output ``outputs (1, head, seq,
-    head_dim)`` (the model's own, in the graph: ``dM/dA = (dM/d outputs) V^T``), and, detached, ``probs`` ``A (1,
-    head, seq, seq)``, ``values`` ``V`` (one per query head) and ``mixed`` ``A @ V``; the DeepStack features
-    ``deepstack[level] (vision, hidden)`` (leaves; empty without) and ``difference`` (see :class:`_Tap`)."""
+    head_dim)`` (the model's own, in the graph: ``dM/dA = (dM/d outputs) V^T``), and, detached, ``kept``
+    (``keep(layer, A)`` of the probabilities ``A (1, head, seq, seq)``: ``A`` by default), ``values`` ``V`` (one
+    per query head) and ``mixed`` ``A @ V``; the DeepStack features ``deepstack[level] (vision, hidden)`` (leaves;
+    empty without) and ``difference`` (see :class:`_Tap`)."""
 
     logits: torch.Tensor
     outputs: list[torch.Tensor]
-    probs: list[torch.Tensor]
+    kept: list[Any]
     values: list[torch.Tensor]
     mixed: list[torch.Tensor]
     deepstack: list[torch.Tensor]
     difference: float
 
 
-def traced_forward(vl: VLModel, dec: DecoderInputs, plan: Any, read: Sequence[int]) -> Traced:
-    """The decoder on the whole sequence ``dec`` under ``plan`` (one row: the base), in the autograd graph."""
+def traced_forward(
+    vl: VLModel,
+    dec: DecoderInputs,
+    plan: Any,
+    read: Sequence[int],
+    keep: Callable[[int, torch.Tensor], Any] | None = None,
+) -> Traced:
+    """The decoder on the whole sequence ``dec`` under ``plan`` (one row: the base), in the autograd graph; of each
+    layer's probabilities, ``keep(layer, A)`` is kept (``A`` itself without ``keep``)."""
     seq = dec.seq_len
     clone = lambda t: t.clone() if isinstance(t, torch.Tensor) else t  # noqa: E731 (inference tensors out)
     embeds = dec.embeds.clone().requires_grad_()
@@ -148,12 +165,12 @@ def traced_forward(vl: VLModel, dec: DecoderInputs, plan: Any, read: Sequence[in
     deepstack = [t.requires_grad_() for t in extra.get("deepstack_visual_embeds", [])]
     index = torch.tensor(list(read), device=vl.device)
     steps = LayerSteps(vl, plan, layer_masks(vl, plan.allowed), index)
-    tap = _Tap(vl)
+    tap = _Tap(vl, keep)
     # the tap outside: the pass's call hands the base's mask to it, then to the model's own function
     with torch.enable_grad(), _frozen(vl.hf), tap.tapping(), steps.attending(), installed(layer_hooks(vl, steps)):
         hidden = vl.decoder(inputs_embeds=embeds, position_ids=clone(positions), use_cache=False, **extra)
         logits = vl.hf.lm_head(hidden.last_hidden_state[0, index])
-    missing = [i for i, p in enumerate(tap.probs) if p is None]
+    missing = sorted(set(range(len(tap.layers))) - tap.seen)
     if missing:
         raise RuntimeError(f"decoder layers {missing} did not call the attention function: triage cannot read them")
     tolerance = REPRODUCED[0] if vl.dtype.itemsize >= 4 else REPRODUCED[1]
@@ -163,9 +180,7 @@ def traced_forward(vl: VLModel, dec: DecoderInputs, plan: Any, read: Sequence[in
             f"(more than {tolerance:g}): the model's attention does more than a masked softmax, so the "
             "estimates would be for another model; run the exact sweep (no triage)"
         )
-    return Traced(
-        logits, list(tap.outputs), list(tap.probs), list(tap.values), list(tap.mixed), deepstack, tap.difference
-    )
+    return Traced(logits, list(tap.outputs), tap.kept, list(tap.values), list(tap.mixed), deepstack, tap.difference)
 
 
 @contextlib.contextmanager
@@ -217,14 +232,19 @@ def _edges(values: Sequence[Intervention], allowed: list[torch.Tensor], seq: int
 
 CHUNK = 2**24
 """The most elements of one dense block of edge weights ``(head, query, pair)`` (see :meth:`_Layer.changes`)."""
+BLOCK = 128
+"""The most knockouts (``r`` terms) or pairs (``t`` terms) in one block of :meth:`_Layer.changes`: a block's
+queries start at its first edge's, so smaller blocks skip more of the rows before each key (a causal model's
+weights are zero there)."""
 
 
 @dataclass(frozen=True)
 class _Index:
     """One edge list of :func:`_edges` as gathers, edges sorted by (knockout, key): each edge's query ``q``, flat
-    ``(q, k)`` index ``flat``, ``row`` and ``pair``; per row (a knockout's query) its query ``row_q`` and knockout
-    ``row_knockout``; per pair (a knockout's key) its key ``pair_key``, knockout ``pair_knockout`` and first edge
-    ``pair_start`` (one more entry: the edge count); ``rows_are_edges``: each row is one edge, the rows in order."""
+    ``(k, q)`` index ``flat`` (key-major: a pair's edges lie together), ``row`` and ``pair``; per row (a knockout's
+    query) its query ``row_q`` and knockout ``row_knockout``; per pair (a knockout's key) its key ``pair_key``,
+    knockout ``pair_knockout`` and first edge ``pair_start`` (one more entry: the edge count); ``rows_are_edges``:
+    each row is one edge, the rows in order."""
 
     q: torch.Tensor
     flat: torch.Tensor
@@ -246,7 +266,7 @@ class _Index:
         pairs, pair, counts = torch.unique_consecutive(knockout * seq + k, return_inverse=True, return_counts=True)
         starts = [0, *counts.cumsum(0).tolist()]
         same = len(rows) == len(row) and bool((row == torch.arange(len(row), device=device)).all())
-        return _Index(q, q * seq + k, row, pair, rows % seq, rows // seq, pairs % seq, pairs // seq, starts, same)
+        return _Index(q, k * seq + q, row, pair, rows % seq, rows // seq, pairs % seq, pairs // seq, starts, same)
 
 
 @dataclass(frozen=True)
@@ -267,7 +287,8 @@ class _Layer:
     def of(probs: torch.Tensor, index: _Index) -> _Layer:
         """From one layer's ``probs (head, seq, seq)`` (sums in its precision, at least float32's)."""
         heads, dtype = probs.shape[0], torch.promote_types(probs.dtype, torch.float32)
-        cut = probs.reshape(heads, -1)[:, index.flat].to(dtype)  # (head, edge): A at each cut edge
+        by_key = probs.transpose(-1, -2).reshape(heads, -1)  # a copy, key-major: each pair's edges read in a run
+        cut = by_key[:, index.flat].to(dtype)  # (head, edge): A at each cut edge
         single = index.rows_are_edges  # one edge per row, in order (one key per knockout)
         lost = cut if single else torch.zeros(heads, len(index.row_q), dtype=dtype, device=probs.device)
         if not single:
@@ -277,43 +298,49 @@ class _Layer:
 
     def changes(self, grads: torch.Tensor, outputs: torch.Tensor, values: torch.Tensor, count: int) -> torch.Tensor:
         """``(bucket, knockout)`` for ``grads (bucket, head, seq, head_dim)``, at ``outputs`` ``A @ V`` and ``values``
-        ``V`` ``(head, seq, head_dim)``: each term a matrix product per block of knockouts or pairs (:data:`CHUNK`)."""
+        ``V`` ``(head, seq, head_dim)``: each term a matrix product per block of knockouts or pairs (:data:`BLOCK`,
+        :data:`CHUNK`)."""
         ix, (buckets, heads, seq, _) = self.index, grads.shape
         dtype = torch.promote_types(grads.dtype, torch.float32)  # a 16-bit model's gradients: summed in float32
         grads, outputs, values = grads.to(dtype), outputs.to(dtype), values.to(dtype)
-        r = (grads * outputs[None]).sum(-1).reshape(buckets, heads * seq)  # (bucket, head x query)
+        r = (grads * outputs[None]).sum(-1)  # (bucket, head, query)
         out = torch.zeros(buckets, count, dtype=torch.float64, device=grads.device)
-        step = max(1, CHUNK // (heads * seq))
+        step = min(max(1, CHUNK // (heads * seq)), BLOCK)
         for first in range(0, count, step):  # the r terms, a block of knockouts at a time
             last = min(first + step, count)
             rows = slice(*torch.searchsorted(ix.row_knockout, torch.tensor([first, last], device=r.device)).tolist())
-            weights = torch.zeros(heads, seq, last - first, dtype=r.dtype, device=r.device)
-            weights[:, ix.row_q[rows], ix.row_knockout[rows] - first] = self.row_weight[:, rows].to(r.dtype)
-            out[:, first:last] += (r @ weights.reshape(heads * seq, -1)).double()
+            if rows.start == rows.stop:
+                continue
+            low = int(ix.row_q[rows].min())  # the block's first query: none before it has a weight
+            weights = torch.zeros(heads, seq - low, last - first, dtype=r.dtype, device=r.device)
+            weights[:, ix.row_q[rows] - low, ix.row_knockout[rows] - first] = self.row_weight[:, rows].to(r.dtype)
+            out[:, first:last] += (r[:, :, low:].reshape(buckets, -1) @ weights.reshape(-1, last - first)).double()
         for first in range(0, len(ix.pair_key), step):  # the t terms, a block of pairs at a time
             last = min(first + step, len(ix.pair_key))
             edges = slice(ix.pair_start[first], ix.pair_start[last])
-            weights = torch.zeros(heads, last - first, seq, dtype=dtype, device=grads.device)
-            weights[:, ix.pair[edges] - first, ix.q[edges]] = self.edge_weight[:, edges].to(dtype)
-            mixed = weights[None] @ grads  # (bucket, head, pair, head_dim): sum_q weight * g_q
+            low = int(ix.q[edges].min())
+            weights = torch.zeros(heads, last - first, seq - low, dtype=dtype, device=grads.device)
+            weights[:, ix.pair[edges] - first, ix.q[edges] - low] = self.edge_weight[:, edges].to(dtype)
+            mixed = weights[None] @ grads[:, :, low:]  # (bucket, head, pair, head_dim): sum_q weight * g_q
             t = (mixed * values[:, ix.pair_key[first:last]][None]).sum((1, 3))  # (bucket, pair)
             out.index_add_(1, ix.pair_knockout[first:last], -t.double())
         return out
 
 
-def _layers(probs: list[torch.Tensor], edges: list[torch.Tensor | None]) -> list[_Layer | None]:
-    """Each layer's :class:`_Layer` (None where no knockout cuts an edge); layers sharing edges share gathers."""
+def _keeper(edges: list[torch.Tensor | None]) -> Callable[[int, torch.Tensor], _Layer | None]:
+    """``keep(layer, probs)`` for :func:`traced_forward`: the layer's :class:`_Layer` of ``probs (1, head, seq, seq)``
+    (None where no knockout cuts an edge), made as the forward reaches it; layers sharing edges share gathers."""
     indices: dict[tuple[int, torch.device], _Index] = {}
-    out: list[_Layer | None] = []
-    for p, e in zip(probs, edges, strict=True):
-        if e is None:
-            out.append(None)
-            continue
-        key = id(e), p.device  # a model split over devices: each device its own gathers
+
+    def keep(layer: int, probs: torch.Tensor) -> _Layer | None:
+        if edges[layer] is None:
+            return None
+        key = id(edges[layer]), probs.device  # a model split over devices: each device its own gathers
         if key not in indices:
-            indices[key] = _Index.of(e, p.shape[-1], p.device)
-        out.append(_Layer.of(p, indices[key]))
-    return out
+            indices[key] = _Index.of(edges[layer], probs.shape[-1], probs.device)
+        return _Layer.of(probs[0], indices[key])
+
+    return keep
 
 
 def _buckets(logits: torch.Tensor, k: int, target: int | None = None) -> torch.Tensor:
@@ -365,7 +392,8 @@ def _bucket_changes(
     count: int,
     targets: Sequence[int] | None,
 ) -> torch.Tensor:
-    """``(step, bucket, knockout)``: each bucket's first-order change under each knockout (one backward per step)."""
+    """``(step, bucket, knockout)``: each bucket's first-order change under each knockout, less the last bucket's
+    (one batched backward per step, of the ``k`` differences)."""
     mixed = [m[0] for m in traced.mixed]
     values = [v[0] for v in traced.values]
     features = [f.detach() for f in traced.deepstack]
@@ -373,8 +401,9 @@ def _bucket_changes(
     out = torch.zeros(traced.logits.shape[0], k + 1, count, dtype=torch.float64)
     for step, logits in enumerate(traced.logits):
         buckets = _buckets(logits, k, None if targets is None else targets[step])
-        grads = _grads(buckets, traced.outputs + traced.deepstack)
-        change = torch.zeros(k + 1, count, dtype=torch.float64, device=logits.device)
+        # each bucket's change less the last one's: the KL and log-prob forms do not see a shift of every bucket
+        grads = _grads(buckets[:-1] - buckets[-1], traced.outputs + traced.deepstack)
+        change = torch.zeros(k, count, dtype=torch.float64, device=logits.device)
         for layer, o, v, g in zip(layers, mixed, values, grads[: len(mixed)], strict=True):
             if layer is not None and g is not None:
                 change += layer.changes(g[:, 0], o, v, count).to(change.device)
@@ -382,7 +411,7 @@ def _bucket_changes(
             if g is not None and len(rank):  # withheld DeepStack features: -g . f at each removed vision row
                 gf = (g * f).sum(-1).double()[:, rank.to(g.device)]  # (bucket, withheld row)
                 change.index_add_(1, owner.to(change.device), -gf.to(change.device))
-        out[step] = change.cpu()
+        out[step, :k] = change.cpu()  # the last bucket's row stays 0
     return out
 
 
@@ -417,9 +446,8 @@ def estimate(
     """
     check_estimable(values, vl.num_layers)
     removed = list(removed) or [() for _ in values]
-    traced = traced_forward(vl, dec, plan, read)
-    layers = _layers([p[0] for p in traced.probs], _edges(values, plan.allowed, dec.seq_len))
-    traced.probs.clear()  # layers x heads x seq^2: not needed through the backward passes
+    traced = traced_forward(vl, dec, plan, read, _keeper(_edges(values, plan.allowed, dec.seq_len)))
+    layers = traced.kept
     k = min(TOP_K, traced.logits.shape[-1] - 1)
     changes = _bucket_changes(traced, layers, _deepstack_index(dec, removed), k, len(values), targets)
     picked = [None] * len(traced.logits) if targets is None else targets
