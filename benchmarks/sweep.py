@@ -485,7 +485,12 @@ def _parser() -> argparse.ArgumentParser:
         const=20,
         help="instead: triage with this K (default 20) vs the exhaustive exact sweep, S2 and S5 (benchmarks/triage.py)",
     )
-    parser.add_argument("--triage-s5-sample", type=int, default=32, help="S5's exact sample (0: skip S5)")
+    parser.add_argument(
+        "--triage-s5-sample",
+        type=int,
+        default=0,
+        help="S5's exhaustive sweep extrapolated from this many exact knockouts (default 0: run it in full, ~200 s)",
+    )
     parser.add_argument("--limit", type=int, help=argparse.SUPPRESS)
     parser.add_argument(
         "--before",

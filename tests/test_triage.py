@@ -64,6 +64,8 @@ def _scaled(vl: VLModel, layer: int, key: int, eps: float):
 
     def wrapper(module, query, k, v, mask, **kw):
         if module is target:
+            if mask is None:  # triage hands sdpa a plain causal mask as none (its causal kernel)
+                mask = torch.ones(query.shape[-2], k.shape[-2], dtype=torch.bool).tril()[None, None]
             additive = (
                 mask
                 if mask.dtype != torch.bool
@@ -364,3 +366,31 @@ def test_a_16_bit_model_is_estimated_in_float32_sums():
     assert bool(estimate_kl.notnull().all()) and float(estimate_kl.max()) > 0
     exact_top = int(ds["kl"].sel(step=0).fillna(-1).argmax("token"))
     assert int(estimate_kl.argmax("token")) == exact_top and bool(ds["confirmed"].isel(token=exact_top))
+
+
+def test_a_plain_causal_mask_reaches_sdpa_as_none(tiny64, images, monkeypatch):
+    """Under sdpa, the clean forward's plain causal mask is handed over as none (the causal kernel) and gives the
+    same estimates as the mask itself; a base that cuts edges keeps its mask; eager always gets its mask."""
+    built, clean, plan, seq = _setup(tiny64, images["square"])
+    vision = [p for p, kind in enumerate(built.tokens.kind) if kind == "vision"]
+    values = [BlockKeys((p,)) for p in vision[:4]]
+    seen, own = [], triage.model_function
+
+    def spied(module, implementation, before):
+        call = own(module, implementation, before)
+        return lambda m, q, k, v, mask, **kw: (seen.append(mask is None), call(m, q, k, v, mask, **kw))[1]
+
+    monkeypatch.setattr(triage, "model_function", spied)
+    fast = estimate(tiny64, clean.inputs, plan, values, [seq - 1])
+    assert seen and all(seen) == (tiny64.attn_implementation == "sdpa") and any(seen) == all(seen)
+    monkeypatch.setattr(triage._Tap, "_causal", lambda self, mask, query, key: False)
+    masked = estimate(tiny64, clean.inputs, plan, values, [seq - 1])
+    assert torch.allclose(fast.kl, masked.kl, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(fast.logprob_drop, masked.logprob_drop, rtol=1e-9, atol=1e-12)
+    monkeypatch.undo()
+    monkeypatch.setattr(triage, "model_function", spied)
+    base = BlockKeys((vision[-1],))
+    built, clean, plan, seq = _setup(tiny64, images["square"], base)
+    seen.clear()
+    estimate(tiny64, clean.inputs, plan, values, [seq - 1])
+    assert seen and not any(seen)  # the base's mask is not plain causal

@@ -97,6 +97,7 @@ class _Tap:
         self.mixed: list[torch.Tensor | None] = [None] * len(self.layers)
         self.values: list[torch.Tensor | None] = [None] * len(self.layers)
         self.difference = 0.0  # the largest |A @ V - model's own output| seen
+        self.causal: dict[int, tuple[torch.Tensor, bool]] = {}  # id(mask): (mask, whether plain causal)
 
     def _attend(self, module: Any, own: torch.Tensor, query, key, value, mask, scaling) -> torch.Tensor:
         with torch.no_grad():
@@ -115,12 +116,26 @@ class _Tap:
         self.outputs[layer], self.mixed[layer], self.values[layer] = outputs, mixed, values
         return outputs.transpose(1, 2)
 
+    def _causal(self, mask: Any, query: torch.Tensor, key: torch.Tensor) -> bool:
+        """Whether boolean ``mask`` lets each query see exactly the keys up to its own (queries and keys the same)."""
+        seq = query.shape[-2]
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or key.shape[-2] != seq or seq < 2:
+            return False
+        if mask.shape[-2:] != (seq, seq) or mask.numel() != seq * seq:
+            return False
+        if id(mask) not in self.causal:  # layers share their masks: each one compared once
+            plain = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril_()
+            self.causal[id(mask)] = (mask, torch.equal(mask.reshape(seq, seq), plain))
+        return self.causal[id(mask)][1]
+
     def tapping(self) -> contextlib.AbstractContextManager[None]:
         """While in the block, each decoder layer's attention is the model's own, its probabilities in the graph."""
         implementation = self.vl.attn_implementation
 
         def wrapper(before: Any, module: Any, query, key, value, mask: Any, **kw: Any):
-            own, weights = model_function(module, implementation, before)(module, query, key, value, mask, **kw)
+            # a plain causal mask goes to sdpa as none: its causal kernel (about half the work, forward and backward)
+            given = None if implementation == "sdpa" and self._causal(mask, query, key) else mask
+            own, weights = model_function(module, implementation, before)(module, query, key, value, given, **kw)
             if id(module) in self.layers:
                 own = self._attend(module, own, query, key, value, mask, kw.get("scaling"))
             return own, weights
