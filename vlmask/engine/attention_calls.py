@@ -114,10 +114,12 @@ class AttentionCalls:
     def swapped(self) -> contextlib.AbstractContextManager[None]:
         """While in the block, every decoder layer's attention call is the pass's (other modules' are not touched)."""
 
+        implementation = self.vl.attn_implementation  # once per pass, not per call
+
         def wrapper(
             before: Any, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, **kw: Any
         ):
-            own = model_function(module, self.vl.attn_implementation, before)
+            own = model_function(module, implementation, before)
             layer = self.layers.get(id(module))
             if layer is None:
                 return own(module, query, key, value, mask, **kw)
@@ -128,7 +130,7 @@ class AttentionCalls:
                 self.reader.read(layer, query, key, mask, kw.get("scaling"))
             return own(module, query, key, value, mask, **kw)
 
-        return swapping(self.vl.attn_implementation, wrapper)
+        return swapping(implementation, wrapper)
 
 
 SWAP_LOCK = threading.RLock()

@@ -65,6 +65,9 @@ SATURATED = 0.9
 """A query row is saturated where a knockout removes at least this share of its attention (counted, see README)."""
 
 
+CHECKED = 8
+"""Triage compares ``A @ V`` with the model's own attention output on every this-many-th query row (and the last):
+a sliding window, a softcap or sinks change rows throughout, so a sample finds them at an eighth of the work."""
 REPRODUCED = (1e-3, 5e-2)
 """How far ``A @ V`` may be from the model's own attention output (float32/64, then 16-bit models) before
 triage refuses the model: its attention then does more than a masked softmax (a sliding window, a
@@ -84,8 +87,9 @@ class Estimates:
 class _Tap:
     """While in :meth:`tapping`, each decoder layer's attention output (the model's own, in the graph) is kept, with
     ``keep(layer, A)`` of its probabilities ``A`` (``A`` itself by default: each layer's is ``head x seq^2``, so
-    :func:`estimate` keeps only what it needs of it), values ``V`` and ``A @ V`` (detached, rebuilt from the model's
-    query and key)."""
+    :func:`estimate` keeps only what it needs of it) and values ``V`` (detached, rebuilt from the model's query and
+    key); ``difference`` is the largest gap between ``A @ V`` and the model's own output, on the last query row and
+    every :data:`CHECKED`-th before it."""
 
     def __init__(self, vl: VLModel, keep: Callable[[int, torch.Tensor], Any] | None = None) -> None:
         self.vl = vl
@@ -94,7 +98,6 @@ class _Tap:
         self.seen: set[int] = set()
         self.kept: list[Any] = [None] * len(self.layers)
         self.outputs: list[torch.Tensor | None] = [None] * len(self.layers)
-        self.mixed: list[torch.Tensor | None] = [None] * len(self.layers)
         self.values: list[torch.Tensor | None] = [None] * len(self.layers)
         self.difference = 0.0  # the largest |A @ V - model's own output| seen
         self.causal: dict[int, tuple[torch.Tensor, bool]] = {}  # id(mask): (mask, whether plain causal)
@@ -107,13 +110,14 @@ class _Tap:
             mask = None if mask is None else mask[..., : key.shape[-2]]
             probs = attention_probabilities(query, key, mask, scale, dtype)
             values = value.to(dtype).repeat_interleave(rep, 1)
-            mixed = probs @ values  # (1, head, seq, head_dim)
-            self.difference = max(self.difference, float((mixed.transpose(1, 2) - own).abs().max()))
+            rows = torch.arange(query.shape[-2] - 1, -1, -CHECKED, device=probs.device)  # the last row, every 8th
+            mixed = probs[:, :, rows] @ values  # (1, head, row, head_dim)
+            self.difference = max(self.difference, float((mixed.transpose(1, 2) - own[:, rows]).abs().max()))
             layer = self.layers[id(module)]
             self.kept[layer] = self.keep(layer, probs)
         self.seen.add(layer)
         outputs = own.transpose(1, 2)  # what the layer reads on: the gradient's way to this layer's output
-        self.outputs[layer], self.mixed[layer], self.values[layer] = outputs, mixed, values
+        self.outputs[layer], self.values[layer] = outputs, values
         return outputs.transpose(1, 2)
 
     def _causal(self, mask: Any, query: torch.Tensor, key: torch.Tensor) -> bool:
@@ -148,14 +152,13 @@ class Traced:
     """The autograd forward: ``logits (read, vocab)``; per layer its attention output ``outputs (1, head, seq,
     head_dim)`` (the model's own, in the graph: ``dM/dA = (dM/d outputs) V^T``), and, detached, ``kept``
     (``keep(layer, A)`` of the probabilities ``A (1, head, seq, seq)``: ``A`` by default), ``values`` ``V`` (one
-    per query head) and ``mixed`` ``A @ V``; the DeepStack features ``deepstack[level] (vision, hidden)`` (leaves;
+    per query head); the DeepStack features ``deepstack[level] (vision, hidden)`` (leaves;
     empty without) and ``difference`` (see :class:`_Tap`)."""
 
     logits: torch.Tensor
     outputs: list[torch.Tensor]
     kept: list[Any]
     values: list[torch.Tensor]
-    mixed: list[torch.Tensor]
     deepstack: list[torch.Tensor]
     difference: float
 
@@ -195,7 +198,7 @@ def traced_forward(
             f"(more than {tolerance:g}): the model's attention does more than a masked softmax, so the "
             "estimates would be for another model; run the exact sweep (no triage)"
         )
-    return Traced(logits, list(tap.outputs), tap.kept, list(tap.values), list(tap.mixed), deepstack, tap.difference)
+    return Traced(logits, list(tap.outputs), tap.kept, list(tap.values), deepstack, tap.difference)
 
 
 @contextlib.contextmanager
@@ -409,7 +412,7 @@ def _bucket_changes(
 ) -> torch.Tensor:
     """``(step, bucket, knockout)``: each bucket's first-order change under each knockout, less the last bucket's
     (one batched backward per step, of the ``k`` differences)."""
-    mixed = [m[0] for m in traced.mixed]
+    mixed = [o.detach()[0] for o in traced.outputs]  # A @ V: the model's own, within REPRODUCED
     values = [v[0] for v in traced.values]
     features = [f.detach() for f in traced.deepstack]
     rank, owner = withheld
