@@ -293,13 +293,14 @@ class _Layer:
 
     A knockout's first-order change of ``M`` is ``sum_rows row_weight * r[row_q] - sum_edges edge_weight *
     (g_q . V_k)`` (and over heads), with ``r_q = g_q . (A @ V)_q = sum_k A_qk dM/dA_qk``: the row's
-    ``(s r - t) / (1 - s)``, split into its terms. ``lost (head, row)`` is each row's share of attention cut.
+    ``(s r - t) / (1 - s)``, split into its terms (one tensor where each row is one edge: the weights are the
+    same). ``saturated (row,)`` counts the heads where the row lost at least :data:`SATURATED` of its attention.
     """
 
     index: _Index
     row_weight: torch.Tensor
     edge_weight: torch.Tensor
-    lost: torch.Tensor
+    saturated: torch.Tensor
 
     @staticmethod
     def of(probs: torch.Tensor, index: _Index) -> _Layer:
@@ -312,7 +313,9 @@ class _Layer:
         if not single:
             lost.index_add_(1, index.row, cut)
         rest = (probs.sum(-1).to(dtype)[:, index.row_q] - lost).clamp_min(torch.finfo(dtype).tiny)
-        return _Layer(index, lost / rest, cut / (rest if single else rest[:, index.row]), lost)
+        saturated = (lost >= SATURATED).sum(0, dtype=torch.int32)
+        row_weight = lost.div_(rest) if single else lost / rest  # single: lost is cut, no longer needed
+        return _Layer(index, row_weight, row_weight if single else cut / rest[:, index.row], saturated)
 
     def changes(self, grads: torch.Tensor, outputs: torch.Tensor, values: torch.Tensor, count: int) -> torch.Tensor:
         """``(bucket, knockout)`` for ``grads (bucket, head, seq, head_dim)``, at ``outputs`` ``A @ V`` and ``values``
@@ -478,6 +481,6 @@ def estimate(
     saturated = torch.zeros(len(values), dtype=torch.long)
     for layer in layers:
         if layer is not None:
-            rows = (layer.lost >= SATURATED).sum(0).cpu()
+            rows = layer.saturated.long().cpu()
             saturated.index_add_(0, layer.index.row_knockout.cpu(), rows)
     return Estimates(kl.T.contiguous(), -logprob.T.contiguous(), saturated)
