@@ -232,6 +232,7 @@ def ideals(runs: list[dict], median: dict[str, float], steps: int) -> dict:
         "needed_speedup": round(median["naive"] / needed, 2),
         "vlmask_vs_needed": round(needed / median["vlmask"], 3),
         "needed_sequential_s": round((steps - 1) * raw_step["1"] + generated, 3),
+        "left_rows_per_step": fast["left_rows_per_step"],
         "needed_no_steps_s": round(loose, 3),
         "vlmask_vs_needed_no_steps": round(loose / median["vlmask"], 3),
         "attention_share_of_decoder": round(fast["layers"] * attention / decoder, 3),
