@@ -56,18 +56,24 @@ def packed_allowed(allowed: torch.Tensor, start: int, starts: Sequence[int], cac
     return out[None]
 
 
-def layer_masks(vl: VLModel, allowed: list[torch.Tensor], pack: Callable | None = None) -> list[torch.Tensor]:
+def layer_masks(
+    vl: VLModel, allowed: list[torch.Tensor], pack: Callable | None = None, bare: bool = False
+) -> list[torch.Tensor | None]:
     """Attention masks in the implementation's format, each on its layer's device; layers sharing an ``allowed``
     tensor (and a device) share a mask.
 
-    ``pack``, if given, turns each ``allowed`` into its packed form first.
+    ``pack``, if given, turns each ``allowed`` into its packed form first. With ``bare``, a layer whose every
+    query is one position that sees every key gets no mask (None), as in the model's own decoding step.
     """
-    converted: dict[tuple[int, torch.device], torch.Tensor] = {}
+    converted: dict[tuple[int, torch.device], torch.Tensor | None] = {}
     out = []
     for a, device in zip(allowed, vl.layer_devices, strict=True):
         if (id(a), device) not in converted:
             edges = a if pack is None else pack(a)
-            converted[id(a), device] = attention_mask(edges, vl.attn_implementation, vl.dtype).to(device)
+            free = bare and edges.shape[-2] == 1 and bool(edges.all())
+            converted[id(a), device] = (
+                None if free else attention_mask(edges, vl.attn_implementation, vl.dtype).to(device)
+            )
         out.append(converted[id(a), device])
     return out
 
@@ -324,5 +330,5 @@ def decoder_call(vl: VLModel, dec: DecoderInputs, plan: PassPlan) -> DecoderCall
         masks = segment_masks(vl, plan.allowed, plan.start, starts, cached)
     else:
         pack = (lambda a: packed_allowed(a, plan.start, starts, cached)) if packed else None
-        masks = layer_masks(vl, plan.allowed, pack)
+        masks = layer_masks(vl, plan.allowed, pack, bare=not plan.attention)  # a reader reads the mask
     return DecoderCall(decode, embeds, positions, index, cache, masks, buffers)
