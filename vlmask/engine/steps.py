@@ -330,5 +330,5 @@ def decoder_call(vl: VLModel, dec: DecoderInputs, plan: PassPlan) -> DecoderCall
         masks = segment_masks(vl, plan.allowed, plan.start, starts, cached)
     else:
         pack = (lambda a: packed_allowed(a, plan.start, starts, cached)) if packed else None
-        masks = layer_masks(vl, plan.allowed, pack, bare=not plan.attention)  # a reader reads the mask
+        masks = layer_masks(vl, plan.allowed, pack, bare=True)
     return DecoderCall(decode, embeds, positions, index, cache, masks, buffers)
