@@ -4,14 +4,14 @@ Both are measured on the model being benchmarked, with its own kernels (see benc
 
 - ideal: one clean pass of the whole model, plus, for each knockout, the positions after the
   blocked one at the language decoder's cost per position in the clean pass.
-- needed: the work itself. The clean continuation is generated as the raw model does it (the
-  prompt's forward, then one cached step per further token: greedy decoding is sequential).
-  Each knockout's teacher-forced positions, up to where its own continuation leaves the clean
-  one, cost their linear layers (the decoder's cost per position with its attention kernel's time
-  taken out) plus attention over only the query-key pairs the knockout allows (the kernel's
-  measured cost per pair). Every step after a knockout has left, its next token is one more
-  position on its own cache; the knockouts that have left by a step are priced as one raw
-  cached step of that many rows (they cannot share a step with the next one).
+- needed: the work itself. The prompt's forward; each knockout's teacher-forced positions, up to
+  where its own continuation leaves the clean one, at their linear layers' cost (the decoder's
+  cost per position with its attention kernel's time taken out) plus attention over only the
+  query-key pairs the knockout allows (the kernel's measured cost per pair); and, greedy decoding
+  being sequential, one raw cached step per further token, over the clean continuation's row and
+  every knockout that has left by then (each of those needs its own next position; a step cannot
+  share a pass with the next one, and the knockouts still on the clean tokens are in the
+  teacher-forced positions already).
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def needed_figures(run: dict, vl, prompt, images, steps: int, tokens: int) -> di
     rows = rows_per_step(left, steps)
     out: dict = {"left_rows_per_step": rows}
     out["one_position_s"], out["raw_one_position_s"] = timer.one_position()
-    out["raw_step_s"] = {str(n): timer.raw_seconds(n) for n in sorted({1, *rows} - {0})}
+    out["raw_step_s"] = {str(n): timer.raw_seconds(n) for n in sorted({1 + n for n in rows})}
     out["clean_forward_s"], out["clean_decoder_s"], out["prompt_forward_s"] = clean_forward(vl, prompt, images, steps)
     out["attention_layer_s"] = attention_seconds(vl, seq)
     out["layers"] = vl.num_layers
@@ -204,11 +204,12 @@ def needed_figures(run: dict, vl, prompt, images, steps: int, tokens: int) -> di
     return out
 
 
-def ideals(runs: list[dict], median: dict[str, float], steps: int) -> dict:
+def ideals(runs: list[dict], median: dict[str, float]) -> dict:
     """The two ideals (per position, and by the work strictly needed), from vlmask's own measurements.
 
     "needed (no steps)" is the earlier, looser figure: the clean continuation teacher-forced in one
     forward and no sequential steps for the knockouts that leave (a lower bound, kept for comparison).
+    Step ``s``'s one pass: the clean row and the ``rows_per_step`` knockouts that have left.
     """
     med = lambda key: float(np.median([r[key] for r in runs]))  # noqa: E731
     forward, decoder, attention, prompt_only = (
@@ -219,11 +220,11 @@ def ideals(runs: list[dict], median: dict[str, float], steps: int) -> dict:
     linear = max(decoder - fast["layers"] * attention, 0.0) / fast["seq"]
     per_pair = attention / fast["seq"] ** 2  # the kernel computes every pair, masked or not
     raw_step = {n: float(np.median([r["raw_step_s"][n] for r in runs])) for n in fast["raw_step_s"]}
-    clean = prompt_only + (steps - 1) * raw_step["1"]
-    generated = sum(raw_step[str(n)] for n in fast["left_rows_per_step"] if n)
+    generated = sum(raw_step[str(1 + n)] for n in fast["left_rows_per_step"])  # steps 1..steps-1
     ideal = forward + fast["recomputed"] * per_position
     loose = forward + fast["recomputed"] * linear + fast["layers"] * fast["allowed_pairs"] * per_pair
-    needed = clean + fast["needed_positions"] * linear + fast["layers"] * fast["needed_pairs"] * per_pair + generated
+    pairs = fast["layers"] * fast["needed_pairs"] * per_pair
+    needed = prompt_only + fast["needed_positions"] * linear + pairs + generated
     return {
         "ideal_s": round(ideal, 3),
         "ideal_speedup": round(median["naive"] / ideal, 2),
@@ -231,7 +232,7 @@ def ideals(runs: list[dict], median: dict[str, float], steps: int) -> dict:
         "needed_s": round(needed, 3),
         "needed_speedup": round(median["naive"] / needed, 2),
         "vlmask_vs_needed": round(needed / median["vlmask"], 3),
-        "needed_sequential_s": round((steps - 1) * raw_step["1"] + generated, 3),
+        "needed_sequential_s": round(generated, 3),
         "left_rows_per_step": fast["left_rows_per_step"],
         "needed_no_steps_s": round(loose, 3),
         "vlmask_vs_needed_no_steps": round(loose / median["vlmask"], 3),

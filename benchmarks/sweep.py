@@ -25,12 +25,12 @@ Every method's KL and log-prob drop must agree with naive to 1e-4, and its maske
 continuations token for token, or the run fails.
 "ideal" and "needed" price the least work a sweep must do (benchmarks/needed.py has both):
 "ideal" at the language decoder's cost per position in the clean pass; "needed" by the work
-itself, measured with the same kernels: the clean continuation generated one cached step at a
-time as the raw model does, each knockout's teacher-forced positions (up to where its own
-continuation leaves the clean one) at their linear layers' cost plus attention over only the
-query-key pairs the knockout allows, and one raw cached step per generated token for the
-knockouts that have left, those that left by a step sharing its one step. So a pass that spends
-time on masked-out pairs cannot look ideal, nor can sequential steps be priced as if batched.
+itself, measured with the same kernels: the prompt's forward, each knockout's teacher-forced
+positions (up to where its own continuation leaves the clean one) at their linear layers' cost
+plus attention over only the query-key pairs the knockout allows, and, greedy decoding being
+sequential, one raw cached step per further token over the clean row and every knockout that has
+left by then. So a pass that spends time on masked-out pairs cannot look ideal, nor can
+sequential steps be priced as if batched.
 "needed (no steps)" is the earlier, looser figure (everything teacher-forced), kept beside it.
 
 ``--triage [K]``: triage (estimate every knockout, confirm the top K exactly) against the
@@ -354,6 +354,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.method == "vlmask":
         out.update(needed_figures(result, vl, prompt, images, sc["steps"], len(built.tokens)))
     out["threads"] = torch.get_num_threads()
+    out["vlmask_file"] = vlmask.__file__  # which engine ran (--before: the extracted one)
     print("RESULT " + json.dumps(out))
 
 
@@ -389,7 +390,10 @@ def _spawn(
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode or not lines:
         raise SystemExit(f"{method} on {scenario} failed:\n{out.stderr[-3000:]}")
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    if method == BEFORE and not Path(result["vlmask_file"]).resolve().is_relative_to(Path(cwd).resolve()):
+        raise SystemExit(f"{BEFORE} ran the engine at {result['vlmask_file']}, not the one in {cwd}")
+    return result
 
 
 def _engine_at(rev: str, root: Path) -> Path:
@@ -403,6 +407,7 @@ def _engine_at(rev: str, root: Path) -> Path:
         raise SystemExit(f"--before {rev!r}: git archive failed: {archive.stderr.decode()[-500:]}")
     subprocess.run(["tar", "-x", "-C", str(root)], input=archive.stdout, check=True)
     shutil.copytree(repo / "benchmarks", root / "benchmarks", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(root)], check=True)  # not inside a timed run
     return root
 
 
@@ -533,7 +538,7 @@ def _scenario_row(scenario: str, runs: dict[str, list[dict]]) -> dict:
         if results[0]["measured_knockouts"] != results[0]["knockouts"]:
             row[f"{method}_measured_knockouts"] = results[0]["measured_knockouts"]
     if "vlmask" in runs:
-        row.update(ideals(runs["vlmask"], median, SCENARIOS[scenario]["steps"]))
+        row.update(ideals(runs["vlmask"], median))
     if "vlmask" in runs and "hooks" in runs:
         row["nnsight_overhead"] = round(median["vlmask"] / median["hooks"] - 1, 3)
     if "vlmask" in runs and BEFORE in runs:
@@ -615,8 +620,6 @@ def main() -> None:
     methods += [BEFORE] if args.before else []
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        if args.before:
-            args.before_root = _engine_at(args.before, Path(tmp) / "before")
         model, image = Path(tmp) / "model", Path(tmp) / "image.png"
         build_model(model, args.size)
         pixels = np.random.default_rng(0).integers(0, 255, (448, 448, 3), dtype=np.uint8)
@@ -635,6 +638,8 @@ def main() -> None:
                     json.dumps({"machine": _machine(args), "size": args.size, "triage": rows}, indent=2)
                 )
             return
+        if args.before:
+            args.before_root = _engine_at(args.before, Path(tmp) / "before")
         for scenario in args.scenario or sorted(SCENARIOS):
             runs: dict[str, list[dict]] = {m: [] for m in methods}
             for _ in range(args.repeats):  # strictly interleaved: a drifting machine moves every method alike

@@ -104,8 +104,8 @@ class Segments:
 
 
 class AttentionCalls:
-    """The attention calls of one pass: each decoder layer gets ``masks[layer]`` (a mask, None for none, or :class:`Segments`),
-    and ``reader`` (if any) reads each call first."""
+    """The attention calls of one pass: each decoder layer gets ``masks[layer]`` (a mask, None for none, or
+    :class:`Segments`), and ``reader`` (if any) reads each call first."""
 
     def __init__(self, vl: VLModel, masks: Sequence[torch.Tensor | Segments], reader: Any = None) -> None:
         self.vl, self.masks, self.reader = vl, masks, reader

@@ -96,6 +96,7 @@ class _Tap:
         self.keep = keep or (lambda layer, probs: probs)
         self.layers = {id(layer.self_attn): i for i, layer in enumerate(vl.decoder.layers)}
         self.seen: set[int] = set()
+        self.mixed: list[torch.Tensor | None] = [None] * len(self.layers)  # float32 A @ V of a 16-bit model
         self.kept: list[Any] = [None] * len(self.layers)
         self.outputs: list[torch.Tensor | None] = [None] * len(self.layers)
         self.values: list[torch.Tensor | None] = [None] * len(self.layers)
@@ -110,10 +111,14 @@ class _Tap:
             mask = None if mask is None else mask[..., : key.shape[-2]]
             probs = attention_probabilities(query, key, mask, scale, dtype)
             values = value.to(dtype).repeat_interleave(rep, 1)
-            rows = torch.arange(query.shape[-2] - 1, -1, -CHECKED, device=probs.device)  # the last row, every 8th
-            mixed = probs[:, :, rows] @ values  # (1, head, row, head_dim)
-            self.difference = max(self.difference, float((mixed.transpose(1, 2) - own[:, rows]).abs().max()))
             layer = self.layers[id(module)]
+            if own.dtype.itemsize < 4:  # a 16-bit output is too coarse for r where a row loses most of its attention
+                mixed = self.mixed[layer] = probs @ values  # (1, head, seq, head_dim), in float32
+                self.difference = max(self.difference, float((mixed.transpose(1, 2) - own).abs().max()))
+            else:  # the model's own output is A @ V: checked on the last row and every CHECKED-th
+                rows = torch.arange(query.shape[-2] - 1, -1, -CHECKED, device=probs.device)
+                mixed = probs[:, :, rows] @ values  # (1, head, row, head_dim)
+                self.difference = max(self.difference, float((mixed.transpose(1, 2) - own[:, rows]).abs().max()))
             self.kept[layer] = self.keep(layer, probs)
         self.seen.add(layer)
         outputs = own.transpose(1, 2)  # what the layer reads on: the gradient's way to this layer's output
@@ -137,8 +142,11 @@ class _Tap:
         implementation = self.vl.attn_implementation
 
         def wrapper(before: Any, module: Any, query, key, value, mask: Any, **kw: Any):
-            # a plain causal mask goes to sdpa as none: its causal kernel (about half the work, forward and backward)
-            given = None if implementation == "sdpa" and self._causal(mask, query, key) else mask
+            # a plain causal mask goes to transformers' own sdpa as none: its causal kernel (about half the work,
+            # forward and backward), for the decoder's layers only, where the module is causal
+            bare = implementation == "sdpa" and before is None and id(module) in self.layers and "is_causal" not in kw
+            bare = bare and getattr(module, "is_causal", True) and self._causal(mask, query, key)
+            given = None if bare else mask
             own, weights = model_function(module, implementation, before)(module, query, key, value, given, **kw)
             if id(module) in self.layers:
                 own = self._attend(module, own, query, key, value, mask, kw.get("scaling"))
@@ -152,13 +160,15 @@ class Traced:
     """The autograd forward: ``logits (read, vocab)``; per layer its attention output ``outputs (1, head, seq,
     head_dim)`` (the model's own, in the graph: ``dM/dA = (dM/d outputs) V^T``), and, detached, ``kept``
     (``keep(layer, A)`` of the probabilities ``A (1, head, seq, seq)``: ``A`` by default), ``values`` ``V`` (one
-    per query head); the DeepStack features ``deepstack[level] (vision, hidden)`` (leaves;
-    empty without) and ``difference`` (see :class:`_Tap`)."""
+    per query head), ``mixed`` (a 16-bit model's ``A @ V`` in float32, else None: its own output is ``A @ V``); the
+    DeepStack features ``deepstack[level] (vision, hidden)`` (leaves; empty without) and ``difference`` (see
+    :class:`_Tap`)."""
 
     logits: torch.Tensor
     outputs: list[torch.Tensor]
     kept: list[Any]
     values: list[torch.Tensor]
+    mixed: list[torch.Tensor | None]
     deepstack: list[torch.Tensor]
     difference: float
 
@@ -198,7 +208,7 @@ def traced_forward(
             f"(more than {tolerance:g}): the model's attention does more than a masked softmax, so the "
             "estimates would be for another model; run the exact sweep (no triage)"
         )
-    return Traced(logits, list(tap.outputs), tap.kept, list(tap.values), deepstack, tap.difference)
+    return Traced(logits, list(tap.outputs), tap.kept, list(tap.values), tap.mixed, deepstack, tap.difference)
 
 
 @contextlib.contextmanager
@@ -252,7 +262,7 @@ CHUNK = 2**24
 """The most elements of one dense block of edge weights ``(head, query, pair)`` (see :meth:`_Layer.changes`)."""
 BLOCK = 128
 """The most knockouts (``r`` terms) or pairs (``t`` terms) in one block of :meth:`_Layer.changes`: a block's
-queries start at its first edge's, so smaller blocks skip more of the rows before each key (a causal model's
+queries start at its lowest edge's, so smaller blocks skip more of the rows before each key (a causal model's
 weights are zero there)."""
 
 
@@ -415,7 +425,7 @@ def _bucket_changes(
 ) -> torch.Tensor:
     """``(step, bucket, knockout)``: each bucket's first-order change under each knockout, less the last bucket's
     (one batched backward per step, of the ``k`` differences)."""
-    mixed = [o.detach()[0] for o in traced.outputs]  # A @ V: the model's own, within REPRODUCED
+    mixed = [(o.detach() if m is None else m)[0] for o, m in zip(traced.outputs, traced.mixed, strict=True)]
     values = [v[0] for v in traced.values]
     features = [f.detach() for f in traced.deepstack]
     rank, owner = withheld
