@@ -11,11 +11,12 @@ MIN_PACKED = 1024
 def packed_cap(seq_len: int) -> int:
     """The most positions one packed pass recomputes: twice the sequence, and at least 1,024.
 
-    A packed pass's attention covers the cached keys plus every packed position (dense,
-    though each row sees only its own), so its waste grows with the packed length; at
-    about twice ``seq_len`` it stays a fraction of the linear layers' cost, while passes
-    stay large enough that per-pass costs do not count (measured on CPU: 222- and
-    512-token sequences were fastest at 1,024, and ~2x slower at 4,096 for the former).
+    Passes this large keep per-pass costs small against the linear layers'. With one attention call
+    over the whole pack (``VLMASK_PACKED_ATTENTION=dense``) its waste grew with the packed length:
+    222- and 512-token sequences were fastest at 1,024 on CPU, and ~2x slower at 4,096 for the
+    former. With per-knockout segments the cap matters less, but larger is still not faster
+    (S2 of the benchmark, 196 knockouts over 222 tokens, 2 CPU threads: 6.1 s at 1,024, 6.2 s at
+    2,048, 6.8 s at 4,096 and 8,192).
 
     Example:
         >>> packed_cap(222), packed_cap(2000)
