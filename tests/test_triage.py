@@ -395,3 +395,16 @@ def test_a_plain_causal_mask_reaches_sdpa_as_none(tiny64, images, monkeypatch):
     seen.clear()
     estimate(tiny64, clean.inputs, plan, values, [seq - 1])
     assert seen and not any(seen)  # the base's mask is not plain causal
+
+
+def test_check_mode_prices_the_exhaustive_sweep_with_its_own_head_means(tiny, images, monkeypatch):
+    """Under a mean-ablation base, the check's exhaustive sweep computes its own head means, as a sweep would."""
+    calls, made = [], PromptPasses.with_head_means
+
+    def counted(self, prompt_ids):
+        calls.append(prompt_ids.shape)
+        return made(self, prompt_ids)
+
+    monkeypatch.setattr(PromptPasses, "with_head_means", counted)
+    _checked(tiny, images=[images["square"]], mask="vision", base=AblateHeads(layer=0, heads=(0,), mode="mean"))
+    assert len(calls) == 2  # the triage's, then the exhaustive sweep's

@@ -207,7 +207,7 @@ def triage_measure(
 
     With ``spec.triage_check``, every knockout is also run exactly, to compare (figures ``triage_check_*``).
     """
-    started = time.perf_counter()
+    started, given = time.perf_counter(), passes
     if PassPlan.needs_head_means([base, *values]):
         passes = passes.with_head_means(prompt_ids)
     with stage("clean pass"):  # one clean pass, for the estimates and the exact knockouts
@@ -220,7 +220,9 @@ def triage_measure(
     rows = np.flatnonzero(confirmed | audited)
 
     def exact(which: Sequence[Any], reused: CleanRun | None = clean) -> Measured:
-        return passes.measure_spec(prompt_ids, spec, base, which, progress=progress, answer=answer, clean=reused)
+        # without the clean run (the check's exhaustive sweep), from the passes as given: its own head means too
+        runs = passes if reused is not None else given
+        return runs.measure_spec(prompt_ids, spec, base, which, progress=progress, answer=answer, clean=reused)
 
     measured = spread(exact([values[i] for i in rows]), rows, len(values))
     elapsed = time.perf_counter() - started
