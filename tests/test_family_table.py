@@ -59,3 +59,42 @@ def test_qwen2_5_vl_video_knockout_equals_reference(built, tmp_path):
         masked = torch.log_softmax(reference_run(vl, prompt.inputs, {int(p)})[2][-1].double(), -1)
         kl = float((clean.exp() * (clean - masked)).sum())
         assert kl > 1e-6 and float(ds["kl"].sel(token=p, step=0)) == pytest.approx(kl, abs=1e-5)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_triage_on_every_family(built, images, model_type):
+    """Triage reads every family's own attention (sdpa and eager: A @ V is its output, or it would refuse),
+    gives finite estimates for every unit, and its confirmed values equal the exhaustive sweep's."""
+    for vl in built(model_type):
+        text_only = model_type in ("qwen3", "llama")
+        ds = vlmask.sweep(
+            vl,
+            "what color is the circle ?",
+            [] if text_only else [images["square"]],
+            mask="prompt" if text_only else "vision",
+            triage=2,
+            triage_check=True,
+            progress=False,
+        )
+        estimates = ds["estimate_kl"].values
+        assert np.isfinite(estimates).all() and (estimates >= 0).all() and estimates.max() > 0
+        assert int(ds["confirmed"].sum()) >= 2 and ds.attrs["triage_check_max_difference"] < 1e-4
+
+
+def test_triage_on_a_video(built, tmp_path):
+    """A Qwen2.5-VL video's frame tokens are units like any other: estimated, confirmed, equal to the exhaustive."""
+    for frame in range(4):
+        pixels = np.random.default_rng(frame).integers(0, 255, (56, 84, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{frame:03d}.png")
+    for vl in built("qwen2_5_vl"):
+        ds = vlmask.sweep(
+            vl,
+            "what color is the circle ?",
+            videos=[tmp_path],
+            video_fps=4.0,
+            mask="vision",
+            triage=2,
+            triage_check=True,
+            progress=False,
+        )
+        assert np.isfinite(ds["estimate_kl"].values).all() and ds.attrs["triage_check_max_difference"] < 1e-4
