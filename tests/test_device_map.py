@@ -45,6 +45,18 @@ def test_disk_offloaded_layers_give_the_single_device_results(single, tmp_path):
     assert json.loads(b.attrs["device"])["model.language_model.norm"] == "disk"  # the placement is recorded
 
 
+def test_triage_on_disk_offloaded_layers_gives_the_single_device_estimates(single, tmp_path):
+    """The autograd forward runs through accelerate's offload hooks (weights loaded as each layer runs) and leaves
+    the weights as it found them; estimates, the confirmed units and their exact values are the single device's."""
+    spread = vlmask.load_model(device_map=_split(single.num_layers), offload_folder=tmp_path / "offload")
+    kwargs = dict(mask="vision", triage=3, progress=False)
+    a, b = vlmask.sweep(single, QUESTION, [IMAGE], **kwargs), vlmask.sweep(spread, QUESTION, [IMAGE], **kwargs)
+    xr.testing.assert_allclose(a["estimate_kl"], b["estimate_kl"], atol=1e-9, rtol=1e-6)
+    xr.testing.assert_equal(a["confirmed"], b["confirmed"])
+    xr.testing.assert_allclose(a["kl"], b["kl"], atol=1e-6, rtol=0)
+    assert all(p.requires_grad for p in spread.hf.parameters())  # as loaded
+
+
 def test_cli_takes_a_device_map_file(tmp_path, single, capsys):
     mapping = tmp_path / "map.json"
     mapping.write_text(json.dumps(_split(single.num_layers)))

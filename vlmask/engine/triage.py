@@ -213,15 +213,22 @@ def traced_forward(
 
 @contextlib.contextmanager
 def _frozen(model: torch.nn.Module) -> Iterator[None]:
-    """No gradient for the weights while in the block (the backward passes need the activations' only)."""
-    wanted = [p for p in model.parameters() if p.requires_grad]
-    for p in wanted:
-        p.requires_grad_(False)
+    """No gradient for the weights while in the block (the backward passes need the activations' only).
+
+    Restored by name: a device map's offload hooks replace a layer's weights as it runs (their placeholders are
+    made again from the frozen ones, some in an earlier pass's inference mode, where theirs is restored).
+    """
+    wanted = {name for name, p in model.named_parameters() if p.requires_grad}
+    for name, p in model.named_parameters():
+        if name in wanted:
+            p.requires_grad_(False)
     try:
         yield
     finally:
-        for p in wanted:
-            p.requires_grad_(True)
+        for name, p in model.named_parameters():
+            if name in wanted and not p.requires_grad:
+                with torch.inference_mode(p.is_inference()):
+                    p.requires_grad_(True)
 
 
 def check_estimable(values: Sequence[Intervention], num_layers: int) -> None:
