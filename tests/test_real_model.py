@@ -137,6 +137,20 @@ def test_subject_to_last_flow_runs_through_the_upper_middle_layers(smollm2, prom
     assert float(drop[19:26].min()) > 0.25
 
 
+@pytest.mark.real
+@pytest.mark.parametrize("prompt", list(FACTS))
+def test_triage_ranks_token_windows_on_real_weights(smollm2, prompt):
+    """Triage in check mode on every token x 9-layer window (300 units): its exact values are the exhaustive
+    sweep's, and the estimate ranks the units as the exact KL does (Spearman 0.87-0.96 measured over the six
+    prompts). Not asserted, because it is not so: on "The Eiffel Tower ..." the exact top 10 are mostly " iffel"
+    blocked in windows centred 19-27 (exact KL ~3.8, estimated ~0.04: a head of the last row gives it 29-75 % of
+    its attention at layers 21-24, below the 90 % that triggers exact confirmation), so K = 10 confirms 2 of them.
+    """
+    ds = _sweep(smollm2, prompt, mask="all", layers=vlmask.windows(9), triage=10, triage_check=True)
+    assert ds.attrs["triage_check_max_difference"] < 1e-4
+    assert ds.attrs["triage_check_spearman"] > 0.8
+
+
 # --- the GGUF paths that need no real model --------------------------------------------------
 
 
