@@ -112,13 +112,14 @@ class _Tap:
             probs = attention_probabilities(query, key, mask, scale, dtype)
             values = value.to(dtype).repeat_interleave(rep, 1)
             layer = self.layers[id(module)]
-            if own.dtype.itemsize < 4:  # a 16-bit output is too coarse for r where a row loses most of its attention
-                mixed = self.mixed[layer] = probs @ values  # (1, head, seq, head_dim), in float32
-                self.difference = max(self.difference, float((mixed.transpose(1, 2) - own).abs().max()))
-            else:  # the model's own output is A @ V: checked on the last row and every CHECKED-th
-                rows = torch.arange(query.shape[-2] - 1, -1, -CHECKED, device=probs.device)
-                mixed = probs[:, :, rows] @ values  # (1, head, row, head_dim)
-                self.difference = max(self.difference, float((mixed.transpose(1, 2) - own[:, rows]).abs().max()))
+            # a 16-bit output is too coarse for r where a row loses most of its attention: A @ V kept, every row;
+            # else the model's own output is A @ V, checked on the last row and every CHECKED-th
+            coarse = own.dtype.itemsize < 4
+            rows = slice(None) if coarse else torch.arange(query.shape[-2] - 1, -1, -CHECKED, device=probs.device)
+            mixed = probs[:, :, rows] @ values  # (1, head, row, head_dim), in float32 at least
+            self.difference = max(self.difference, float((mixed.transpose(1, 2) - own[:, rows]).abs().max()))
+            if coarse:
+                self.mixed[layer] = mixed
             self.kept[layer] = self.keep(layer, probs)
         self.seen.add(layer)
         outputs = own.transpose(1, 2)  # what the layer reads on: the gradient's way to this layer's output
