@@ -16,10 +16,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 import vlmask
 from interventions import AblateHeads, At, BlockEdges, BlockKeys
 from vlmask import VLModel
-from vlmask.engine import triage
+from vlmask.engine import edge_weights, triage
 from vlmask.engine.attention_calls import model_function
+from vlmask.engine.edge_weights import EdgeIndex, LayerEdges, cut_edges
 from vlmask.engine.passes import NOTHING, PromptPasses
-from vlmask.engine.triage import _edges, _Index, _Layer, estimate, traced_forward
+from vlmask.engine.triage import estimate, traced_forward
 from vlmask.engine.triage_run import audit_figures, choose, clopper_pearson_upper
 from vlmask.inputs.prompt import build_prompt
 from vlmask.model.families import family_of
@@ -151,7 +152,7 @@ def test_first_order_is_the_exact_row_change(tiny64, images, monkeypatch, chunke
     """Each knockout's first-order term, for several knockouts gathered at once, is ``G`` times its exact row change
     (also with one knockout key per block of edge weights)."""
     if chunked:
-        monkeypatch.setattr(triage, "CHUNK", 1)
+        monkeypatch.setattr(edge_weights, "CHUNK", 1)
     built, clean, plan, seq = _setup(tiny64, images["square"])
     vision = [p for p, kind in enumerate(built.tokens.kind) if kind == "vision"]
     values = [BlockKeys((vision[1], vision[3])), BlockEdges(sources=(vision[0],), targets=(seq - 1, seq - 3))]
@@ -163,11 +164,11 @@ def test_first_order_is_the_exact_row_change(tiny64, images, monkeypatch, chunke
         [torch.autograd.grad(traced.logits[0, i], [traced.outputs[layer]], retain_graph=True)[0] for i in (0, 5)]
     )
     for chosen in (values, values[1:]):  # rows of several edges; each row one edge (rows_are_edges)
-        edges = _edges(chosen, plan.allowed, seq)[layer]
-        index = _Index.of(edges, seq, a.device)
+        edges = cut_edges(chosen, plan.allowed, seq)[layer]
+        index = EdgeIndex.of(edges, seq, a.device)
         assert index.rows_are_edges == (len(chosen) == 1)
         mixed = a @ traced.values[layer][0]  # A @ V (the estimate takes the model's own output, equal to ~1e-9)
-        got = _Layer.of(a, index).changes(outputs, mixed, traced.values[layer][0], len(chosen))
+        got = LayerEdges.of(a, index).changes(outputs, mixed, traced.values[layer][0], len(chosen))
         for i, iv in enumerate(chosen):
             cut = iv.blocked_edges(At(layer, seq))
             pairs = sorted(map(tuple, iv.blocked_pairs(At(layer, seq)).tolist()))

@@ -44,9 +44,10 @@ from typing import Any
 
 import torch
 
-from interventions import At, Intervention
+from interventions import Intervention
 from vlmask.engine.attention_calls import model_function, swapping
 from vlmask.engine.attention_read import attention_probabilities
+from vlmask.engine.edge_weights import LayerEdges, cut_edges, keeper
 from vlmask.engine.hooks_backend import installed, layer_hooks
 from vlmask.engine.state import DecoderInputs
 from vlmask.engine.steps import LayerSteps, layer_masks
@@ -61,8 +62,6 @@ TOP_K = 4
 Each adds a gradient to each step's batched backward pass. Measured on the benchmark model (S2, 196 vision
 knockouts, two images), 4 and 8 put the exact top 10 inside the estimated top 20 (Spearman 0.94-0.98 against the
 exact KL); 3 missed 2 of 10."""
-SATURATED = 0.9
-"""A query row is saturated where a knockout removes at least this share of its attention (counted, see README)."""
 
 
 CHECKED = 8
@@ -77,7 +76,8 @@ softcap, sinks), and the gradients would be another model's."""
 @dataclass(frozen=True)
 class Estimates:
     """First-order estimates per knockout and step: ``kl``, ``logprob_drop`` ``(knockout, step)`` (float64);
-    ``saturated (knockout,)`` how many (layer, head, query) rows lost at least :data:`SATURATED` of their attention."""
+    ``saturated (knockout,)`` how many (layer, head, query) rows lost at least
+    :data:`~vlmask.engine.edge_weights.SATURATED` of their attention."""
 
     kl: torch.Tensor
     logprob_drop: torch.Tensor
@@ -243,145 +243,6 @@ def check_estimable(values: Sequence[Intervention], num_layers: int) -> None:
             )
 
 
-def _edges(values: Sequence[Intervention], allowed: list[torch.Tensor], seq: int) -> list[torch.Tensor | None]:
-    """Per layer, every knockout's blocked edges that the pass allows, as rows ``(knockout, q, k)`` (None: none).
-
-    ``allowed[layer] (1, seq, seq)`` are the base pass's edges; layers where every knockout has the
-    same ``attention_key`` share one tensor, as in :meth:`~vlmask.engine.state.PassPlan.build`.
-    """
-    shared: dict[tuple[Any, ...], torch.Tensor | None] = {}
-    out = []
-    for layer, edges in enumerate(allowed):
-        keys = tuple(iv.attention_key(layer) for iv in values)
-        if (keys, id(edges)) not in shared:
-            found = []
-            kept = edges[0].cpu()
-            for i, (iv, key) in enumerate(zip(values, keys, strict=True)):
-                pairs = None if key is None else iv.blocked_pairs(At(layer, seq))
-                if pairs is not None and len(pairs):
-                    pairs = pairs[kept[pairs[:, 0], pairs[:, 1]]]
-                    found.append(torch.cat([torch.full_like(pairs[:, :1], i), pairs], dim=1))
-            shared[keys, id(edges)] = torch.cat(found) if found else None
-        out.append(shared[keys, id(edges)])
-    return out
-
-
-CHUNK = 2**24
-"""The most elements of one dense block of edge weights ``(head, query, pair)`` (see :meth:`_Layer.changes`)."""
-BLOCK = 128
-"""The most knockouts (``r`` terms) or pairs (``t`` terms) in one block of :meth:`_Layer.changes`: a block's
-queries start at its lowest edge's, so smaller blocks skip more of the rows before each key (a causal model's
-weights are zero there)."""
-
-
-@dataclass(frozen=True)
-class _Index:
-    """One edge list of :func:`_edges` as gathers, edges sorted by (knockout, key): each edge's query ``q``, flat
-    ``(k, q)`` index ``flat`` (key-major: a pair's edges lie together), ``row`` and ``pair``; per row (a knockout's
-    query) its query ``row_q`` and knockout ``row_knockout``; per pair (a knockout's key) its key ``pair_key``,
-    knockout ``pair_knockout`` and first edge ``pair_start`` (one more entry: the edge count); ``rows_are_edges``:
-    each row is one edge, the rows in order."""
-
-    q: torch.Tensor
-    flat: torch.Tensor
-    row: torch.Tensor
-    pair: torch.Tensor
-    row_q: torch.Tensor
-    row_knockout: torch.Tensor
-    pair_key: torch.Tensor
-    pair_knockout: torch.Tensor
-    pair_start: list[int]
-    rows_are_edges: bool
-
-    @staticmethod
-    def of(edges: torch.Tensor, seq: int, device: torch.device) -> _Index:
-        knockout, q, k = edges.to(device).unbind(1)
-        order = torch.argsort(knockout * seq + k, stable=True)
-        knockout, q, k = knockout[order], q[order], k[order]
-        rows, row = torch.unique(knockout * seq + q, return_inverse=True)
-        pairs, pair, counts = torch.unique_consecutive(knockout * seq + k, return_inverse=True, return_counts=True)
-        starts = [0, *counts.cumsum(0).tolist()]
-        same = len(rows) == len(row) and bool((row == torch.arange(len(row), device=device)).all())
-        return _Index(q, k * seq + q, row, pair, rows % seq, rows // seq, pairs % seq, pairs // seq, starts, same)
-
-
-@dataclass(frozen=True)
-class _Layer:
-    """What one layer's knockouts change, for any gradient ``g = dM/d(A @ V)`` (so ``dM/dA = g V^T``).
-
-    A knockout's first-order change of ``M`` is ``sum_rows row_weight * r[row_q] - sum_edges edge_weight *
-    (g_q . V_k)`` (and over heads), with ``r_q = g_q . (A @ V)_q = sum_k A_qk dM/dA_qk``: the row's
-    ``(s r - t) / (1 - s)``, split into its terms (one tensor where each row is one edge: the weights are the
-    same). ``saturated (row,)`` counts the heads where the row lost at least :data:`SATURATED` of its attention.
-    """
-
-    index: _Index
-    row_weight: torch.Tensor
-    edge_weight: torch.Tensor
-    saturated: torch.Tensor
-
-    @staticmethod
-    def of(probs: torch.Tensor, index: _Index) -> _Layer:
-        """From one layer's ``probs (head, seq, seq)`` (sums in its precision, at least float32's)."""
-        heads, dtype = probs.shape[0], torch.promote_types(probs.dtype, torch.float32)
-        by_key = probs.transpose(-1, -2).reshape(heads, -1)  # a copy, key-major: each pair's edges read in a run
-        cut = by_key[:, index.flat].to(dtype)  # (head, edge): A at each cut edge
-        single = index.rows_are_edges  # one edge per row, in order (one key per knockout)
-        lost = cut if single else torch.zeros(heads, len(index.row_q), dtype=dtype, device=probs.device)
-        if not single:
-            lost.index_add_(1, index.row, cut)
-        rest = (probs.sum(-1).to(dtype)[:, index.row_q] - lost).clamp_min(torch.finfo(dtype).tiny)
-        saturated = (lost >= SATURATED).sum(0, dtype=torch.int32)
-        row_weight = lost.div_(rest) if single else lost / rest  # single: lost is cut, no longer needed
-        return _Layer(index, row_weight, row_weight if single else cut / rest[:, index.row], saturated)
-
-    def changes(self, grads: torch.Tensor, outputs: torch.Tensor, values: torch.Tensor, count: int) -> torch.Tensor:
-        """``(bucket, knockout)`` for ``grads (bucket, head, seq, head_dim)``, at ``outputs`` ``A @ V`` and ``values``
-        ``V`` ``(head, seq, head_dim)``: each term a matrix product per block of knockouts or pairs (:data:`BLOCK`,
-        :data:`CHUNK`)."""
-        ix, (buckets, heads, seq, _) = self.index, grads.shape
-        dtype = torch.promote_types(grads.dtype, torch.float32)  # a 16-bit model's gradients: summed in float32
-        grads, outputs, values = grads.to(dtype), outputs.to(dtype), values.to(dtype)
-        r = (grads * outputs[None]).sum(-1)  # (bucket, head, query)
-        out = torch.zeros(buckets, count, dtype=torch.float64, device=grads.device)
-        step = min(max(1, CHUNK // (heads * seq)), BLOCK)
-        for first in range(0, count, step):  # the r terms, a block of knockouts at a time
-            last = min(first + step, count)
-            rows = slice(*torch.searchsorted(ix.row_knockout, torch.tensor([first, last], device=r.device)).tolist())
-            if rows.start == rows.stop:
-                continue
-            low = int(ix.row_q[rows].min())  # the block's first query: none before it has a weight
-            weights = torch.zeros(heads, seq - low, last - first, dtype=r.dtype, device=r.device)
-            weights[:, ix.row_q[rows] - low, ix.row_knockout[rows] - first] = self.row_weight[:, rows].to(r.dtype)
-            out[:, first:last] += (r[:, :, low:].reshape(buckets, -1) @ weights.reshape(-1, last - first)).double()
-        for first in range(0, len(ix.pair_key), step):  # the t terms, a block of pairs at a time
-            last = min(first + step, len(ix.pair_key))
-            edges = slice(ix.pair_start[first], ix.pair_start[last])
-            low = int(ix.q[edges].min())
-            weights = torch.zeros(heads, last - first, seq - low, dtype=dtype, device=grads.device)
-            weights[:, ix.pair[edges] - first, ix.q[edges] - low] = self.edge_weight[:, edges].to(dtype)
-            mixed = weights[None] @ grads[:, :, low:]  # (bucket, head, pair, head_dim): sum_q weight * g_q
-            t = (mixed * values[:, ix.pair_key[first:last]][None]).sum((1, 3))  # (bucket, pair)
-            out.index_add_(1, ix.pair_knockout[first:last], -t.double())
-        return out
-
-
-def _keeper(edges: list[torch.Tensor | None]) -> Callable[[int, torch.Tensor], _Layer | None]:
-    """``keep(layer, probs)`` for :func:`traced_forward`: the layer's :class:`_Layer` of ``probs (1, head, seq, seq)``
-    (None where no knockout cuts an edge), made as the forward reaches it; layers sharing edges share gathers."""
-    indices: dict[tuple[int, torch.device], _Index] = {}
-
-    def keep(layer: int, probs: torch.Tensor) -> _Layer | None:
-        if edges[layer] is None:
-            return None
-        key = id(edges[layer]), probs.device  # a model split over devices: each device its own gathers
-        if key not in indices:
-            indices[key] = _Index.of(edges[layer], probs.shape[-1], probs.device)
-        return _Layer.of(probs[0], indices[key])
-
-    return keep
-
-
 def _buckets(logits: torch.Tensor, k: int, target: int | None = None) -> torch.Tensor:
     """``(k + 1,)``: the ``k`` largest logits (the clean top token first), then the log-sum-exp of all others.
 
@@ -425,7 +286,7 @@ def _grads(outputs: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tens
 
 def _bucket_changes(
     traced: Traced,
-    layers: list[_Layer | None],
+    layers: list[LayerEdges | None],
     withheld: tuple[torch.Tensor, torch.Tensor],
     k: int,
     count: int,
@@ -485,7 +346,7 @@ def estimate(
     """
     check_estimable(values, vl.num_layers)
     removed = list(removed) or [() for _ in values]
-    traced = traced_forward(vl, dec, plan, read, _keeper(_edges(values, plan.allowed, dec.seq_len)))
+    traced = traced_forward(vl, dec, plan, read, keeper(cut_edges(values, plan.allowed, dec.seq_len)))
     layers = traced.kept
     k = min(TOP_K, traced.logits.shape[-1] - 1)
     changes = _bucket_changes(traced, layers, _deepstack_index(dec, removed), k, len(values), targets)

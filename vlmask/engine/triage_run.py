@@ -27,10 +27,11 @@ import numpy as np
 import torch
 
 from interventions import Intervention
+from vlmask.engine.edge_weights import SATURATED
 from vlmask.engine.passes import CleanRun, PromptPasses
 from vlmask.engine.stages import stage
 from vlmask.engine.state import PassPlan
-from vlmask.engine.triage import SATURATED, TOP_K, Estimates, estimate
+from vlmask.engine.triage import TOP_K, Estimates, estimate
 from vlmask.results.agreement import spearman
 from vlmask.results.dataset import Measured
 from vlmask.spec import SweepSpec
