@@ -124,6 +124,15 @@ def attention_seconds(vl, seq: int) -> float:
         return _timed(vl, run, repeats=5)
 
 
+def _once(vl, fn) -> float:
+    """Seconds of one call of ``fn`` (the device synchronized at both ends)."""
+    sync(vl)
+    start = time.perf_counter()
+    fn()
+    sync(vl)
+    return time.perf_counter() - start
+
+
 class Steps:
     """One decoder pass of one position per row (a generation step, logits only) after a prompt:
     through vlmask, and as the raw model's own cached step (its decoder and lm_head) over ``rows`` rows."""
@@ -163,12 +172,7 @@ class Steps:
         with torch.inference_mode():
             for _ in range(repeats + 2):  # the first two of each: warm-up
                 for name in times:
-                    step = self.raw() if name == "raw" else self.ours
-                    sync(self.vl)
-                    start = time.perf_counter()
-                    step()
-                    sync(self.vl)
-                    times[name].append(time.perf_counter() - start)
+                    times[name].append(_once(self.vl, self.raw() if name == "raw" else self.ours))
         return float(np.median(times["vlmask"][2:])), float(np.median(times["raw"][2:]))
 
     def raw_seconds(self, rows: int, repeats: int = 7) -> float:
@@ -176,12 +180,7 @@ class Steps:
         times = []
         with torch.inference_mode():
             for _ in range(repeats + 1):
-                step = self.raw(rows)
-                sync(self.vl)
-                start = time.perf_counter()
-                step()
-                sync(self.vl)
-                times.append(time.perf_counter() - start)
+                times.append(_once(self.vl, self.raw(rows)))
         return float(np.median(times[1:]))
 
 
