@@ -303,13 +303,14 @@ def worker(args: argparse.Namespace) -> None:
     mask = sc["mask"]
     if args.limit:  # the first ``limit`` of the scenario's knockouts
         mask = ",".join(map(str, _positions(vl, prompt, images, mask)[: args.limit]))
-    run = {
+    shipped = lambda: _vlmask(vl, prompt, images, mask, sc["steps"], args.batch_size)  # noqa: E731
+    run = {  # vlmask-dense and vlmask-before: the same call, under the env switch or from the extracted engine
         "naive": lambda: _knockout_loop(vl, prompt, images, mask, sc["steps"], _hooked_logits, sample),
         "naive-nnsight": lambda: _knockout_loop(vl, prompt, images, mask, sc["steps"], _traced_logits, sample),
         "hooks": lambda: _vlmask(vl, prompt, images, mask, sc["steps"], args.batch_size, backend="hooks"),
-        "vlmask": lambda: _vlmask(vl, prompt, images, mask, sc["steps"], args.batch_size),
-        "vlmask-dense": lambda: _vlmask(vl, prompt, images, mask, sc["steps"], args.batch_size),
-        BEFORE: lambda: _vlmask(vl, prompt, images, mask, sc["steps"], args.batch_size),
+        "vlmask": shipped,
+        "vlmask-dense": shipped,
+        BEFORE: shipped,
     }[args.method]
     if args.method == "vlmask-dense":
         os.environ["VLMASK_PACKED_ATTENTION"] = "dense"
