@@ -45,11 +45,16 @@ def test_family_table(built, images, model_type, check):
     check(sdpa, eager, images)
 
 
-def test_qwen2_5_vl_video_knockout_equals_reference(built, tmp_path):
-    """Videos carry ``second_per_grid_ts`` (seconds per frame group), which Qwen2.5-VL's positions use."""
+def _frames(folder) -> None:
+    """Four 56x84 random frames, a video as a folder of images."""
     for frame in range(4):
         pixels = np.random.default_rng(frame).integers(0, 255, (56, 84, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(tmp_path / f"{frame:03d}.png")
+        Image.fromarray(pixels).save(folder / f"{frame:03d}.png")
+
+
+def test_qwen2_5_vl_video_knockout_equals_reference(built, tmp_path):
+    """Videos carry ``second_per_grid_ts`` (seconds per frame group), which Qwen2.5-VL's positions use."""
+    _frames(tmp_path)
     vl = built("qwen2_5_vl")[0]
     prompt = build_prompt(vl.processor, "what color is the circle ?", videos=[tmp_path], video_fps=4.0)
     assert prompt.inputs["second_per_grid_ts"].tolist() == [0.5]
@@ -83,9 +88,7 @@ def test_triage_on_every_family(built, images, model_type):
 
 def test_triage_on_a_video(built, tmp_path):
     """A Qwen2.5-VL video's frame tokens are units like any other: estimated, confirmed, equal to the exhaustive."""
-    for frame in range(4):
-        pixels = np.random.default_rng(frame).integers(0, 255, (56, 84, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(tmp_path / f"{frame:03d}.png")
+    _frames(tmp_path)
     for vl in built("qwen2_5_vl"):
         ds = vlmask.sweep(
             vl,
