@@ -104,3 +104,40 @@ def test_swaps_in_other_threads_wait_and_leave_nothing_behind():
         t.join()
     assert order == ["first out", "second in"]
     assert ("sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping) == had
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_the_last_layer_computes_only_the_read_positions_and_the_first_each_position_once(
+    tiny, tiny_eager, images, implementation, monkeypatch
+):
+    """Past the last layer's keys and values only the read positions matter: its MLP sees just those rows. A packed
+    pass's first-layer projections see each position once, not once per row. Every number is what the pass that
+    computes every row gives."""
+    from vlmask.engine import steps
+    from vlmask.engine.steps import LayerSteps
+
+    vl = tiny if implementation == "sdpa" else tiny_eager
+    rows: dict[str, list[int]] = {"mlp": [], "q": []}
+    hooks = [
+        vl.decoder.layers[-1].mlp.register_forward_hook(lambda m, a, y: rows["mlp"].append(y.shape[1])),
+        vl.decoder.layers[0].self_attn.q_proj.register_forward_hook(lambda m, a, y: rows["q"].append(y.shape[1])),
+    ]
+    try:
+        narrowed = _sweep(vl, images, batch_size=6)
+        seen = {k: max(v) for k, v in rows.items()}
+        for v in rows.values():
+            v.clear()
+        monkeypatch.setattr(LayerSteps, "_narrowed", lambda self, vl, attention: [])
+        monkeypatch.setattr(steps, "first_projections", lambda vl: [])
+        full = _sweep(vl, images, batch_size=6)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    seq = narrowed.sizes["token"] + 2  # the prompt and the first two steps' tokens
+    assert seen["mlp"] == 6 * 3  # a packed pass of 6 knockouts, each read at its 3 steps' positions
+    assert seen["q"] <= seq < max(rows["q"])  # untrimmed: every recomputed position of every row
+    assert max(rows["mlp"]) > 100
+    assert float(full["kl"].max()) > 1e-3
+    for name in ("residual", "heads", "kl", "logprob_drop"):
+        xr.testing.assert_allclose(narrowed[name], full[name], atol=1e-6, rtol=1e-5)
+    xr.testing.assert_equal(narrowed["masked_token_id"], full["masked_token_id"])

@@ -90,26 +90,64 @@ class Segments:
         return Segments(cached, tuple(starts), tuple(offsets), tuple(masks))
 
     def attend(
-        self, own: Callable, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kw: Any
+        self,
+        own: Callable,
+        module: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        **kw: Any,
     ) -> tuple[torch.Tensor, None]:
-        """``own``'s output ``(1, packed, head, head_dim)`` for ``query (1, head, packed, d)``, row by row."""
-        outs = []
-        for first, offset, mask in zip(self.firsts, self.offsets, self.masks, strict=True):
-            n = mask.shape[-2]
+        """``own``'s output ``(1, packed, head, head_dim)`` for ``query (1, head, packed, d)``, row by row; with
+        ``rows`` (packed positions), only those queries are computed (the output is zero at the others).
+
+        Each row's keys are laid in one buffer per call, rows taken by decreasing start: a row
+        writes its own keys from its start on, over positions that only rows already done
+        needed, so each clean key is copied once, not once per row.
+        """
+        order = sorted(range(len(self.firsts)), key=lambda i: -self.firsts[i])
+        ends = [first + mask.shape[-2] for first, mask in zip(self.firsts, self.masks, strict=True)]
+        keys, values = (x.new_empty(*x.shape[:2], max(ends), x.shape[-1]) for x in (key, value))
+        top = max(self.firsts)
+        keys[:, :, :top], values[:, :, :top] = key[:, :, :top], value[:, :, :top]
+        wanted = None if rows is None else set(rows.tolist())
+        outs: list[torch.Tensor | None] = [None] * len(order)
+        for i in order:
+            first, offset, mask, end = self.firsts[i], self.offsets[i], self.masks[i], ends[i]
+            n = end - first
             own_keys = slice(self.cached + offset, self.cached + offset + n)
-            k = torch.cat([key[:, :, :first], key[:, :, own_keys]], dim=2)
-            v = torch.cat([value[:, :, :first], value[:, :, own_keys]], dim=2)
-            outs.append(own(module, query[:, :, offset : offset + n], k, v, mask, **kw)[0])
+            keys[:, :, first:end], values[:, :, first:end] = key[:, :, own_keys], value[:, :, own_keys]
+            picked = None if wanted is None else [q for q in range(n) if offset + q in wanted]
+            if picked == []:  # nothing read in this row
+                outs[i] = query.new_zeros(query.shape[0], n, query.shape[1], value.shape[-1])
+                continue
+            if picked is None or len(picked) == n:
+                outs[i] = own(
+                    module, query[:, :, offset : offset + n], keys[:, :, :end], values[:, :, :end], mask, **kw
+                )[0]
+                continue
+            at = torch.tensor(picked, device=query.device)
+            got = own(module, query[:, :, offset + at], keys[:, :, :end], values[:, :, :end], mask[..., at, :], **kw)[0]
+            outs[i] = got.new_zeros(got.shape[0], n, *got.shape[2:]).index_copy(1, at, got)
         return torch.cat(outs, dim=1), None
 
 
 class AttentionCalls:
     """The attention calls of one pass: each decoder layer gets ``masks[layer]`` (a mask, None for none, or
-    :class:`Segments`), and ``reader`` (if any) reads each call first."""
+    :class:`Segments`), and ``reader`` (if any) reads each call first; with ``last_rows``, the last layer
+    computes only those query rows (see :func:`~vlmask.engine.steps.read_rows_only`)."""
 
-    def __init__(self, vl: VLModel, masks: Sequence[torch.Tensor | Segments], reader: Any = None) -> None:
-        self.vl, self.masks, self.reader = vl, masks, reader
+    def __init__(
+        self,
+        vl: VLModel,
+        masks: Sequence[torch.Tensor | Segments],
+        reader: Any = None,
+        last_rows: torch.Tensor | None = None,
+    ) -> None:
+        self.vl, self.masks, self.reader, self.last_rows = vl, masks, reader, last_rows
         self.layers = {id(layer.self_attn): i for i, layer in enumerate(vl.decoder.layers)}
+        self.last = len(self.layers) - 1
 
     def swapped(self) -> contextlib.AbstractContextManager[None]:
         """While in the block, every decoder layer's attention call is the pass's (other modules' are not touched)."""
@@ -123,12 +161,17 @@ class AttentionCalls:
             layer = self.layers.get(id(module))
             if layer is None:
                 return own(module, query, key, value, mask, **kw)
-            mask = self.masks[layer]
+            mask, rows = self.masks[layer], self.last_rows if layer == self.last else None
             if isinstance(mask, Segments):
-                return mask.attend(own, module, query, key, value, **kw)
+                return mask.attend(own, module, query, key, value, rows, **kw)
             if self.reader is not None:
                 self.reader.read(layer, query, key, mask, kw.get("scaling"))
-            return own(module, query, key, value, mask, **kw)
+            if rows is None or mask is None:  # no mask: the causal kernel needs every query
+                return own(module, query, key, value, mask, **kw)
+            at = rows.to(query.device)
+            picked = mask[..., at, :] if mask.shape[-2] == query.shape[-2] else mask
+            got = own(module, query[:, :, at], key, value, picked, **kw)[0]
+            return got.new_zeros(got.shape[0], query.shape[-2], *got.shape[2:]).index_copy(1, at, got), None
 
         return swapping(implementation, wrapper)
 

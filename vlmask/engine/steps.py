@@ -16,7 +16,7 @@ whose attention mask keeps them apart.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from transformers.cache_utils import DynamicLayer
 
 from vlmask.engine.attention_calls import AttentionCalls, Segments, packed_attention
 from vlmask.engine.attention_read import AttentionReader
+from vlmask.engine.rows import first_projections, read_rows_only, shared_rows
 from vlmask.engine.state import DecoderInputs, ModelInputs, PassPlan, Readout
 from vlmask.model.attention import attention_mask
 from vlmask.model.load import VLModel
@@ -116,6 +117,7 @@ class LayerSteps:
         index: torch.Tensor,
         mean_heads: bool = False,
         keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+        narrow_attention: bool = True,
     ) -> None:
         self.num_heads, self.plan, self.masks, self.index, self.keep = vl.num_heads, plan, masks, index, keep
         self.edits = {
@@ -125,12 +127,35 @@ class LayerSteps:
         self.head_reads: list[torch.Tensor] = []
         self.means: list[torch.Tensor] | None = [] if mean_heads else None
         self.reader = AttentionReader(vl, index) if plan.attention else None
-        self.calls = AttentionCalls(vl, masks, self.reader)
+        self.narrowed = self._narrowed(vl, narrow_attention and not mean_heads)
+        o_proj = getattr(vl.decoder.layers[-1].self_attn, "o_proj", None)
+        self.narrowed_heads = len(masks) - 1 if any(m is o_proj for m in self.narrowed) else None
+        rows = index if self.narrowed and narrow_attention and not mean_heads else None
+        self.calls = AttentionCalls(vl, masks, self.reader, last_rows=rows)
 
-    def attending(self) -> contextlib.AbstractContextManager[None]:
+    def _narrowed(self, vl: VLModel, attention: bool) -> list[torch.nn.Module]:
+        """The last layer's modules that compute only the read rows in this pass (:func:`read_rows_only`): none
+        where it reads every computed position; the MLP unless the pass edits its output; with ``attention``,
+        also the query projection and (unless the pass edits the heads) the output projection."""
+        plan = self.plan
+        computed = sum(plan.seq_len - s for s in plan.starts) if plan.starts else plan.seq_len - plan.start
+        if len(self.index) >= computed:
+            return []
+        last = vl.decoder.layers[-1]
+        out = [] if self.edits["mlp"][-1] else [last.mlp]
+        if attention:
+            linear = lambda name: isinstance(getattr(last.self_attn, name, None), torch.nn.Linear)  # noqa: E731
+            out += [last.self_attn.q_proj] if linear("q_proj") else []
+            out += [last.self_attn.o_proj] if linear("o_proj") and not self.edits["heads"][-1] else []
+        return out
+
+    @contextlib.contextmanager
+    def attending(self) -> Iterator[None]:
         """The context the forward runs in: each layer's attention call gets the pass's mask (and is read
-        where the plan asks for it)."""
-        return self.calls.swapped()
+        where the plan asks for it), and the last layer computes only the read positions where it can
+        (:attr:`narrowed`, :func:`read_rows_only`)."""
+        with self.calls.swapped(), read_rows_only(self.narrowed, self.index):
+            yield
 
     def attaches(self) -> bool:
         """Whether the pass edits or reads anything at any layer (else the plain forward, masks given by
@@ -145,7 +170,9 @@ class LayerSteps:
         edited = self.plan.edit_heads(layer, x, self.num_heads) if self.edits["heads"][layer] else None
         x = x if edited is None else edited
         if self.residual is not None:
-            self.head_reads.append(self.keep(x[:, self.index.to(x.device)].float().cpu()))
+            # where the last layer's output projection is narrowed, what reaches it is the read rows already
+            read = x if layer == self.narrowed_heads else x[:, self.index.to(x.device)]
+            self.head_reads.append(self.keep(read.float().cpu()))
         if self.means is not None:
             self.means.append(self.keep(x.float().mean(1).cpu()))
         return edited
@@ -293,6 +320,20 @@ def _packed(x: torch.Tensor, starts: Sequence[int], dim: int) -> torch.Tensor:
     return torch.cat([x.narrow(dim, first, x.shape[dim] - first) for first in starts], dim=dim)
 
 
+def _first_rows(starts: Sequence[int], seq: int) -> tuple[slice, torch.Tensor]:
+    """In a pack of rows ``starts`` (each to ``seq``), the rows of the one that starts first (every position once),
+    and, per packed row, its position's row among them: :func:`~vlmask.engine.rows.shared_rows`'s arguments.
+
+    Example:
+        >>> _first_rows([3, 1], seq=5)  # packed positions 3 4 | 1 2 3 4
+        (slice(2, 6, None), tensor([2, 3, 0, 1, 2, 3]))
+    """
+    low = min(range(len(starts)), key=lambda i: starts[i])
+    offset = sum(seq - first for first in starts[:low])
+    gather = torch.cat([torch.arange(first - starts[low], seq - starts[low]) for first in starts])
+    return slice(offset, offset + seq - starts[low]), gather
+
+
 def decoder_call(vl: VLModel, dec: DecoderInputs, plan: PassPlan) -> DecoderCall:
     """Set up a decoder pass: cache, inputs, positions, family extras, masks.
 
@@ -320,10 +361,14 @@ def decoder_call(vl: VLModel, dec: DecoderInputs, plan: PassPlan) -> DecoderCall
         offsets = [r - plan.start for r in plan.read]
     index = torch.tensor(offsets, device=vl.device)
 
+    first_rows = _first_rows(starts, seq) if len(starts) > 1 else None  # the first layer's projections: once each
+    projections = first_projections(vl)
+
     def decode(embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = vl.decoder(
-            inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True, **extra
-        ).last_hidden_state
+        with shared_rows(projections, *first_rows) if first_rows else contextlib.nullcontext():
+            hidden = vl.decoder(
+                inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True, **extra
+            ).last_hidden_state
         return vl.hf.lm_head(hidden[:, index.to(hidden.device)])
 
     if packed and len(starts) > 1 and not plan.attention and packed_attention() == "segments":
