@@ -193,9 +193,8 @@ def traced_forward(
     }
     deepstack = [t.requires_grad_() for t in extra.get("deepstack_visual_embeds", [])]
     index = torch.tensor(list(read), device=vl.device)
-    steps = LayerSteps(
-        vl, plan, layer_masks(vl, plan.allowed), index, narrow_attention=False
-    )  # the tap reads every row
+    # every query row to the tap: the last layer's attention is not narrowed to the read rows
+    steps = LayerSteps(vl, plan, layer_masks(vl, plan.allowed), index, narrow_attention=False)
     tap = _Tap(vl, keep)
     # the tap outside: the pass's call hands the base's mask to it, then to the model's own function
     with torch.enable_grad(), _frozen(vl.hf), tap.tapping(), steps.attending(), installed(layer_hooks(vl, steps)):
