@@ -96,7 +96,7 @@ class Segments:
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        rows: torch.Tensor | None = None,
+        rows: Sequence[int] | None = None,
         **kw: Any,
     ) -> tuple[torch.Tensor, None]:
         """``own``'s output ``(1, packed, head, head_dim)`` for ``query (1, head, packed, d)``, row by row; with
@@ -111,32 +111,45 @@ class Segments:
         keys, values = (x.new_empty(*x.shape[:2], max(ends), x.shape[-1]) for x in (key, value))
         top = max(self.firsts)
         keys[:, :, :top], values[:, :, :top] = key[:, :, :top], value[:, :, :top]
-        wanted = None if rows is None else set(rows.tolist())
-        outs: list[torch.Tensor | None] = [None] * len(order)
+        spans = [(0, mask.shape[-2]) for mask in self.masks] if rows is None else self.spans(rows)
+        outs: list[torch.Tensor] = [query] * len(order)
         for i in order:
             first, offset, mask, end = self.firsts[i], self.offsets[i], self.masks[i], ends[i]
-            n = end - first
+            n, (lo, hi) = end - first, spans[i]
             own_keys = slice(self.cached + offset, self.cached + offset + n)
             keys[:, :, first:end], values[:, :, first:end] = key[:, :, own_keys], value[:, :, own_keys]
-            picked = None if wanted is None else [q for q in range(n) if offset + q in wanted]
-            if picked == []:  # nothing read in this row
-                outs[i] = query.new_zeros(query.shape[0], n, query.shape[1], value.shape[-1])
+            got = None
+            if hi > lo:
+                q = query[:, :, offset + lo : offset + hi]
+                got = own(module, q, keys[:, :, :end], values[:, :, :end], mask[..., lo:hi, :], **kw)[0]
+            if (lo, hi) == (0, n):
+                outs[i] = got
                 continue
-            if picked is None or len(picked) == n:
-                outs[i] = own(
-                    module, query[:, :, offset : offset + n], keys[:, :, :end], values[:, :, :end], mask, **kw
-                )[0]
-                continue
-            at = torch.tensor(picked, device=query.device)
-            got = own(module, query[:, :, offset + at], keys[:, :, :end], values[:, :, :end], mask[..., at, :], **kw)[0]
-            outs[i] = got.new_zeros(got.shape[0], n, *got.shape[2:]).index_copy(1, at, got)
+            outs[i] = query.new_zeros(query.shape[0], n, query.shape[1], value.shape[-1])  # the rows not read: 0
+            if got is not None:
+                outs[i][:, lo:hi] = got
         return torch.cat(outs, dim=1), None
+
+    def spans(self, rows: Sequence[int]) -> list[tuple[int, int]]:
+        """Per row, the span ``lo, hi`` of its queries (counted from its offset) that covers every one of ``rows``
+        (packed positions) it holds; ``0, 0`` where it holds none.
+
+        Example:
+            >>> mask = torch.ones(1, 1, 3, 4, dtype=torch.bool)
+            >>> Segments(cached=4, firsts=(1, 1), offsets=(0, 3), masks=(mask, mask)).spans([2, 4])
+            [(2, 3), (1, 2)]
+        """
+        out = []
+        for offset, mask in zip(self.offsets, self.masks, strict=True):
+            own = [r - offset for r in rows if offset <= r < offset + mask.shape[-2]]
+            out.append((min(own), max(own) + 1) if own else (0, 0))
+        return out
 
 
 class AttentionCalls:
     """The attention calls of one pass: each decoder layer gets ``masks[layer]`` (a mask, None for none, or
     :class:`Segments`), and ``reader`` (if any) reads each call first; with ``last_rows``, the last layer
-    computes only those query rows (see :func:`~vlmask.engine.steps.read_rows_only`)."""
+    computes only those query rows (see :func:`~vlmask.engine.rows.read_rows_only`)."""
 
     def __init__(
         self,
@@ -148,6 +161,8 @@ class AttentionCalls:
         self.vl, self.masks, self.reader, self.last_rows = vl, masks, reader, last_rows
         self.layers = {id(layer.self_attn): i for i, layer in enumerate(vl.decoder.layers)}
         self.last = len(self.layers) - 1
+        # a packed pass's last layer picks each row's queries on the host: the read rows copied there once per pass
+        self.last_picked = last_rows.tolist() if last_rows is not None and isinstance(masks[-1], Segments) else None
 
     def swapped(self) -> contextlib.AbstractContextManager[None]:
         """While in the block, every decoder layer's attention call is the pass's (other modules' are not touched)."""
@@ -163,7 +178,7 @@ class AttentionCalls:
                 return own(module, query, key, value, mask, **kw)
             mask, rows = self.masks[layer], self.last_rows if layer == self.last else None
             if isinstance(mask, Segments):
-                return mask.attend(own, module, query, key, value, rows, **kw)
+                return mask.attend(own, module, query, key, value, self.last_picked if rows is not None else None, **kw)
             if self.reader is not None:
                 self.reader.read(layer, query, key, mask, kw.get("scaling"))
             if rows is None or mask is None:  # no mask: the causal kernel needs every query

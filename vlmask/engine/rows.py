@@ -23,7 +23,15 @@ from vlmask.model.load import VLModel
 
 @contextlib.contextmanager
 def hooked(modules: Sequence[torch.nn.Module], trim: Any, after: Any) -> Iterator[None]:
-    """While in the block, ``trim`` is each module's forward pre-hook and ``after`` its forward hook."""
+    """While in the block, ``trim`` is each module's forward pre-hook and ``after`` its forward hook.
+
+    Example:
+        >>> proj = torch.nn.Linear(2, 2)
+        >>> with hooked([proj], lambda m, args: (torch.zeros_like(args[0]),), lambda m, args, y: y - m.bias):
+        ...     y = proj(torch.ones(1, 2))
+        >>> y.tolist(), len(proj._forward_hooks)
+        ([[0.0, 0.0]], 0)
+    """
     handles = [h for m in modules for h in (m.register_forward_pre_hook(trim), m.register_forward_hook(after))]
     try:
         yield
@@ -33,7 +41,12 @@ def hooked(modules: Sequence[torch.nn.Module], trim: Any, after: Any) -> Iterato
 
 
 def first_projections(vl: VLModel) -> list[torch.nn.Module]:
-    """The first decoder layer's query, key and value projections (those that are linear layers)."""
+    """The first decoder layer's query, key and value projections (those that are linear layers).
+
+    Example:
+        >>> [type(m).__name__ for m in first_projections(vl)]
+        ['Linear', 'Linear', 'Linear']
+    """
     attention = vl.decoder.layers[0].self_attn
     named = (getattr(attention, name, None) for name in ("q_proj", "k_proj", "v_proj"))
     return [m for m in named if isinstance(m, torch.nn.Linear)]
@@ -72,10 +85,10 @@ def read_rows_only(modules: Sequence[torch.nn.Module], index: torch.Tensor) -> I
 
     Past the last layer's keys and values nothing reads another position: the residual stream,
     the final norm and the logits are read at the read positions only. So a pass that recomputes
-    many positions to read a few skips most of the last layer's work on the rest (its MLP, its
-    query and output projections and, :class:`~vlmask.engine.attention_calls.AttentionCalls`,
-    its attention rows), and the read rows' values are the same (up to the matrix kernels'
-    rounding on fewer rows).
+    many positions to read a few skips most of the last layer's work on the rest: its MLP, its
+    query and output projections (these hooks) and its attention rows (the pass's
+    :class:`~vlmask.engine.attention_calls.AttentionCalls`). The read rows' values are the same,
+    up to the matrix kernels' rounding on fewer rows.
 
     Example:
         >>> mlp = torch.nn.Linear(2, 2)

@@ -97,6 +97,9 @@ def segment_masks(
     return out
 
 
+_NOTHING = contextlib.nullcontext()  # reusable: a pass that skips nothing enters no hooks
+
+
 class LayerSteps:
     """What a pass does at each decoder layer, and what it keeps, whichever backend runs it.
 
@@ -134,26 +137,25 @@ class LayerSteps:
         self.calls = AttentionCalls(vl, masks, self.reader, last_rows=rows)
 
     def _narrowed(self, vl: VLModel, attention: bool) -> list[torch.nn.Module]:
-        """The last layer's modules that compute only the read rows in this pass (:func:`read_rows_only`): none
-        where it reads every computed position; the MLP unless the pass edits its output; with ``attention``,
-        also the query projection and (unless the pass edits the heads) the output projection."""
-        plan = self.plan
+        """The last layer's modules that compute only the read rows in this pass (:func:`read_rows_only`): its MLP
+        and, with ``attention``, its query and output projections. None where the pass reads every computed
+        position, or edits anything at the last layer (an edit may read other positions than the read ones)."""
+        plan, last = self.plan, len(self.masks) - 1
         computed = sum(plan.seq_len - s for s in plan.starts) if plan.starts else plan.seq_len - plan.start
-        if len(self.index) >= computed:
+        if len(self.index) >= computed or any(self.edits[hook][last] for hook in self.edits):
             return []
-        last = vl.decoder.layers[-1]
-        out = [] if self.edits["mlp"][-1] else [last.mlp]
-        if attention:
-            linear = lambda name: isinstance(getattr(last.self_attn, name, None), torch.nn.Linear)  # noqa: E731
-            out += [last.self_attn.q_proj] if linear("q_proj") else []
-            out += [last.self_attn.o_proj] if linear("o_proj") and not self.edits["heads"][-1] else []
-        return out
+        layer = vl.decoder.layers[last]
+        projections = [getattr(layer.self_attn, name, None) for name in ("q_proj", "o_proj")] if attention else []
+        return [layer.mlp, *(m for m in projections if isinstance(m, torch.nn.Linear))]
 
-    @contextlib.contextmanager
-    def attending(self) -> Iterator[None]:
+    def attending(self) -> contextlib.AbstractContextManager[None]:
         """The context the forward runs in: each layer's attention call gets the pass's mask (and is read
         where the plan asks for it), and the last layer computes only the read positions where it can
         (:attr:`narrowed`, :func:`read_rows_only`)."""
+        return self._narrowing() if self.narrowed else self.calls.swapped()
+
+    @contextlib.contextmanager
+    def _narrowing(self) -> Iterator[None]:
         with self.calls.swapped(), read_rows_only(self.narrowed, self.index):
             yield
 
@@ -362,10 +364,10 @@ def decoder_call(vl: VLModel, dec: DecoderInputs, plan: PassPlan) -> DecoderCall
     index = torch.tensor(offsets, device=vl.device)
 
     first_rows = _first_rows(starts, seq) if len(starts) > 1 else None  # the first layer's projections: once each
-    projections = first_projections(vl)
+    projections = first_projections(vl) if first_rows else []
 
     def decode(embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        with shared_rows(projections, *first_rows) if first_rows else contextlib.nullcontext():
+        with shared_rows(projections, *first_rows) if first_rows else _NOTHING:
             hidden = vl.decoder(
                 inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True, **extra
             ).last_hidden_state
