@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from vlmask.engine.rows import spread
 from vlmask.errors import VlmaskError
 from vlmask.model.load import VLModel
 
@@ -178,15 +179,16 @@ class AttentionCalls:
                 return own(module, query, key, value, mask, **kw)
             mask, rows = self.masks[layer], self.last_rows if layer == self.last else None
             if isinstance(mask, Segments):
-                return mask.attend(own, module, query, key, value, self.last_picked if rows is not None else None, **kw)
+                return mask.attend(
+                    own, module, query, key, value, self.last_picked if layer == self.last else None, **kw
+                )
             if self.reader is not None:
                 self.reader.read(layer, query, key, mask, kw.get("scaling"))
             if rows is None or mask is None:  # no mask: the causal kernel needs every query
                 return own(module, query, key, value, mask, **kw)
             at = rows.to(query.device)
             picked = mask[..., at, :] if mask.shape[-2] == query.shape[-2] else mask
-            got = own(module, query[:, :, at], key, value, picked, **kw)[0]
-            return got.new_zeros(got.shape[0], query.shape[-2], *got.shape[2:]).index_copy(1, at, got), None
+            return spread(own(module, query[:, :, at], key, value, picked, **kw)[0], query.shape[-2], at), None
 
         return swapping(implementation, wrapper)
 

@@ -78,6 +78,17 @@ def shared_rows(modules: Sequence[torch.nn.Module], rows: slice, gather: torch.T
         yield
 
 
+def spread(y: torch.Tensor, length: int, index: torch.Tensor) -> torch.Tensor:
+    """``y``'s rows (dimension 1) at positions ``index`` of ``length`` positions, zero elsewhere.
+
+    Example:
+        >>> spread(torch.ones(1, 1, 2), 3, torch.tensor([2])).tolist()
+        [[[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]]
+    """
+    index = index.to(y.device)
+    return y.new_zeros(y.shape[0], length, *y.shape[2:]).index_copy(1, index, y)
+
+
 @contextlib.contextmanager
 def read_rows_only(modules: Sequence[torch.nn.Module], index: torch.Tensor) -> Iterator[None]:
     """While in the block, each of ``modules`` (the last decoder layer's) computes only the rows ``index`` of its
@@ -114,7 +125,7 @@ def read_rows_only(modules: Sequence[torch.nn.Module], index: torch.Tensor) -> I
         if not isinstance(y, torch.Tensor):
             kind = type(y).__name__
             raise TypeError(f"{type(module).__name__} returned {kind}: expected one tensor (batch, pos, features)")
-        return y.new_zeros(*shape[:-1], y.shape[-1]).index_copy(1, index.to(y.device), y)
+        return spread(y, shape[1], index)
 
     with hooked(modules, trim, scatter):
         yield

@@ -130,10 +130,11 @@ class LayerSteps:
         self.head_reads: list[torch.Tensor] = []
         self.means: list[torch.Tensor] | None = [] if mean_heads else None
         self.reader = AttentionReader(vl, index) if plan.attention else None
-        self.narrowed = self._narrowed(vl, narrow_attention and not mean_heads)
+        attention = narrow_attention and not mean_heads  # mean ablation averages every row's heads
+        self.narrowed = self._narrowed(vl, attention)
         o_proj = getattr(vl.decoder.layers[-1].self_attn, "o_proj", None)
         self.narrowed_heads = len(masks) - 1 if any(m is o_proj for m in self.narrowed) else None
-        rows = index if self.narrowed and narrow_attention and not mean_heads else None
+        rows = index if self.narrowed and attention else None
         self.calls = AttentionCalls(vl, masks, self.reader, last_rows=rows)
 
     def _narrowed(self, vl: VLModel, attention: bool) -> list[torch.nn.Module]:
