@@ -119,7 +119,7 @@ def test_gradient_matches_finite_differences(tiny64, images, layer, monkeypatch)
     monkeypatch.setattr(triage, "REPRODUCED", (math.inf, math.inf))  # the scaled forwards differ on purpose
     built, clean, plan, seq = _setup(tiny64, images["square"])
     key = next(p for p, kind in enumerate(built.tokens.kind) if kind == "vision") + 2
-    traced = traced_forward(tiny64, clean.inputs, plan, [seq - 1])
+    traced = traced_forward(tiny64, clean.inputs, plan, [seq - 1], every_row=True)
     top = int(traced.logits[0].argmax())
     a, g = traced.kept[layer][0], _probs_grad(traced, layer, _top_logprob(traced.logits, top))
     lost = a[:, key + 1 :, key]  # s_q of each later row, (head, q)
@@ -132,7 +132,7 @@ def test_gradient_matches_finite_differences(tiny64, images, layer, monkeypatch)
     eps, moved = 0.03, {}
     for step in (-2, -1, 1, 2):
         with _scaled(tiny64, layer, key, step * eps):
-            logits = traced_forward(tiny64, clean.inputs, plan, [seq - 1]).logits.detach()
+            logits = traced_forward(tiny64, clean.inputs, plan, [seq - 1], every_row=True).logits.detach()
         moved[step] = float(_top_logprob(logits, top))
     finite = (moved[-2] - 8 * moved[-1] + 8 * moved[1] - moved[2]) / (12 * eps)
     assert abs(predicted) > 1e-8
@@ -178,6 +178,29 @@ def test_first_order_is_the_exact_row_change(tiny64, images, monkeypatch, chunke
             for b in range(2):
                 want = float((g[b] * changed).sum())
                 assert float(got[b, i]) == pytest.approx(want, rel=1e-9, abs=1e-12), iv
+
+
+def test_the_last_layer_estimates_from_the_read_rows_alone(tiny64, images, monkeypatch):
+    """The tap computes only the read query rows at the last layer; every estimate is the one from every row (and
+    an edge cut there at a row nothing reads changes nothing)."""
+    built, clean, plan, seq = _setup(tiny64, images["square"])
+    vision = [p for p, kind in enumerate(built.tokens.kind) if kind == "vision"]
+    last = tiny64.num_layers - 1
+    values = [
+        BlockKeys((vision[1],)),
+        BlockKeys((vision[2], vision[4]), layers=(last,)),
+        BlockEdges(sources=(vision[0],), targets=(seq - 1, seq - 3)),
+        BlockEdges(sources=(vision[3],), targets=(seq - 2,), layers=(last,)),
+    ]
+    traced = traced_forward(tiny64, clean.inputs, plan, [seq - 1])
+    assert traced.kept[last].shape[-2:] == (1, seq) and traced.kept[0].shape[-2:] == (seq, seq)
+    got = estimate(tiny64, clean.inputs, plan, values, [seq - 1])
+    every = traced_forward
+    monkeypatch.setattr(triage, "traced_forward", lambda *a, **kw: every(*a, **kw, every_row=True))
+    want = estimate(tiny64, clean.inputs, plan, values, [seq - 1])
+    assert float(want.kl[1, 0]) > 1e-12 and float(want.kl[3, 0]) == 0.0
+    torch.testing.assert_close(got.kl, want.kl, rtol=1e-9, atol=1e-15)
+    torch.testing.assert_close(got.logprob_drop, want.logprob_drop, rtol=1e-9, atol=1e-15)
 
 
 def test_logprob_estimate_is_the_gradient_along_the_knockout(tiny64, images):
@@ -371,8 +394,9 @@ def test_a_16_bit_model_is_estimated_in_float32_sums():
 
 
 def test_a_plain_causal_mask_reaches_sdpa_as_none(tiny64, images, monkeypatch):
-    """Under sdpa, the clean forward's plain causal mask is handed over as none (the causal kernel) and gives the
-    same estimates as the mask itself; a base that cuts edges keeps its mask; eager always gets its mask."""
+    """Under sdpa, the clean forward's plain causal mask is handed over as none (the causal kernel, at every layer
+    but the last, which computes the read row only) and gives the same estimates as the mask itself; a base that
+    cuts edges keeps its mask; eager always gets its mask."""
     built, clean, plan, seq = _setup(tiny64, images["square"])
     vision = [p for p, kind in enumerate(built.tokens.kind) if kind == "vision"]
     values = [BlockKeys((p,)) for p in vision[:4]]
@@ -384,7 +408,8 @@ def test_a_plain_causal_mask_reaches_sdpa_as_none(tiny64, images, monkeypatch):
 
     monkeypatch.setattr(triage, "model_function", spied)
     fast = estimate(tiny64, clean.inputs, plan, values, [seq - 1])
-    assert seen and all(seen) == (tiny64.attn_implementation == "sdpa") and any(seen) == all(seen)
+    whole, last = seen[:-1], seen[-1]  # the last layer computes the read row only: its row of the mask
+    assert whole and all(whole) == (tiny64.attn_implementation == "sdpa") and any(whole) == all(whole) and not last
     monkeypatch.setattr(triage._Tap, "_causal", lambda self, mask, query, key: False)
     masked = estimate(tiny64, clean.inputs, plan, values, [seq - 1])
     assert torch.allclose(fast.kl, masked.kl, rtol=1e-9, atol=1e-12)

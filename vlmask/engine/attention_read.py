@@ -32,25 +32,36 @@ def attention_probabilities(
     mask: torch.Tensor | None,
     scaling: float,
     dtype: torch.dtype = torch.float32,
+    key_major: bool = False,
 ) -> torch.Tensor:
     """``(batch, head, query, key)`` softmax in ``dtype`` of ``query (batch, head, q, d) . key (batch, kv_head, k, d)``.
 
     Each key head serves ``head / kv_head`` consecutive query heads (GQA). ``mask`` is the
     pass's 4D mask ``(batch, 1, q, k)``: boolean (True = may attend) or additive float.
+    ``key_major``: laid out ``(batch, head, key, query)`` in memory (the same values; each key's column
+    is contiguous, as triage gathers them), the view returned.
 
     Example:
         >>> q, k = torch.ones(1, 2, 1, 4), torch.ones(1, 1, 3, 4)
         >>> mask = torch.tensor([True, True, False]).view(1, 1, 1, 3)
         >>> attention_probabilities(q, k, mask, 0.5)[0, :, 0].tolist()
         [[0.5, 0.5, 0.0], [0.5, 0.5, 0.0]]
+        >>> by_key = attention_probabilities(q, k, mask, 0.5, key_major=True)
+        >>> torch.equal(by_key, attention_probabilities(q, k, mask, 0.5)), by_key.transpose(-1, -2).is_contiguous()
+        (True, True)
     """
     key = key.to(dtype).repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-    scores = torch.matmul(query.to(dtype), key.transpose(2, 3)) * scaling
+    query = query.to(dtype)
+    if key_major:  # computed transposed; the softmax over keys is then over dim -2
+        scores, mask = torch.matmul(key, query.transpose(2, 3)), None if mask is None else mask.transpose(-1, -2)
+    else:
+        scores = torch.matmul(query, key.transpose(2, 3))
+    scores.mul_(scaling)
     if mask is not None and mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores.masked_fill_(~mask, float("-inf"))
     elif mask is not None:
-        scores = scores + mask.to(dtype)
-    return torch.softmax(scores, dim=-1)
+        scores.add_(mask.to(dtype))
+    return torch.softmax(scores, dim=-2).transpose(-1, -2) if key_major else torch.softmax(scores, dim=-1)
 
 
 class AttentionReader:

@@ -109,7 +109,7 @@ class _Tap:
             rep = query.shape[1] // key.shape[1]
             scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
             mask = None if mask is None else mask[..., : key.shape[-2]]
-            probs = attention_probabilities(query, key, mask, scale, dtype)
+            probs = attention_probabilities(query, key, mask, scale, dtype, key_major=True)  # gathered by key
             values = value.to(dtype).repeat_interleave(rep, 1)
             layer = self.layers[id(module)]
             # a 16-bit output is too coarse for r where a row loses most of its attention: A @ V kept, every row;
@@ -180,9 +180,14 @@ def traced_forward(
     plan: Any,
     read: Sequence[int],
     keep: Callable[[int, torch.Tensor], Any] | None = None,
+    every_row: bool = False,
 ) -> Traced:
     """The decoder on the whole sequence ``dec`` under ``plan`` (one row: the base), in the autograd graph; of each
-    layer's probabilities, ``keep(layer, A)`` is kept (``A`` itself without ``keep``)."""
+    layer's probabilities, ``keep(layer, A)`` is kept (``A`` itself without ``keep``).
+
+    The last layer computes only the ``read`` query rows (nothing else reaches the logits), as a pass does where
+    it can (:class:`~vlmask.engine.steps.LayerSteps`): its ``A``, output and values are those rows' (``A (1, head,
+    len(read), seq)``), unless ``every_row`` or the base edits that layer."""
     seq = dec.seq_len
     clone = lambda t: t.clone() if isinstance(t, torch.Tensor) else t  # noqa: E731 (inference tensors out)
     embeds = dec.embeds.clone().requires_grad_()
@@ -193,8 +198,7 @@ def traced_forward(
     }
     deepstack = [t.requires_grad_() for t in extra.get("deepstack_visual_embeds", [])]
     index = torch.tensor(list(read), device=vl.device)
-    # every query row to the tap: the last layer's attention is not narrowed to the read rows
-    steps = LayerSteps(vl, plan, layer_masks(vl, plan.allowed), index, narrow_attention=False)
+    steps = LayerSteps(vl, plan, layer_masks(vl, plan.allowed), index, narrow_attention=not every_row)
     tap = _Tap(vl, keep)
     # the tap outside: the pass's call hands the base's mask to it, then to the model's own function
     with torch.enable_grad(), _frozen(vl.hf), tap.tapping(), steps.attending(), installed(layer_hooks(vl, steps)):
@@ -297,19 +301,20 @@ def _bucket_changes(
     (one batched backward per step, of the ``k`` differences)."""
     mixed = [(o.detach() if m is None else m)[0] for o, m in zip(traced.outputs, traced.mixed, strict=True)]
     values = [v[0] for v in traced.values]
-    features = [f.detach() for f in traced.deepstack]
     rank, owner = withheld
+    withholding = traced.deepstack if len(rank) else []  # features no knockout withholds: no gradient wanted
+    features = [f.detach() for f in withholding]
     out = torch.zeros(traced.logits.shape[0], k + 1, count, dtype=torch.float64)
     for step, logits in enumerate(traced.logits):
         buckets = _buckets(logits, k, None if targets is None else targets[step])
         # each bucket's change less the last one's: the KL and log-prob forms do not see a shift of every bucket
-        grads = _grads(buckets[:-1] - buckets[-1], traced.outputs + traced.deepstack)
+        grads = _grads(buckets[:-1] - buckets[-1], traced.outputs + withholding)
         change = torch.zeros(k, count, dtype=torch.float64, device=logits.device)
         for layer, o, v, g in zip(layers, mixed, values, grads[: len(mixed)], strict=True):
             if layer is not None and g is not None:
                 change += layer.changes(g[:, 0], o, v, count).to(change.device)
         for f, g in zip(features, grads[len(mixed) :], strict=True):
-            if g is not None and len(rank):  # withheld DeepStack features: -g . f at each removed vision row
+            if g is not None:  # withheld DeepStack features: -g . f at each removed vision row
                 gf = (g * f).sum(-1).double()[:, rank.to(g.device)]  # (bucket, withheld row)
                 change.index_add_(1, owner.to(change.device), -gf.to(change.device))
         out[step, :k] = change.cpu()  # the last bucket's row stays 0
@@ -347,7 +352,7 @@ def estimate(
     """
     check_estimable(values, vl.num_layers)
     removed = list(removed) or [() for _ in values]
-    traced = traced_forward(vl, dec, plan, read, keeper(cut_edges(values, plan.allowed, dec.seq_len)))
+    traced = traced_forward(vl, dec, plan, read, keeper(cut_edges(values, plan.allowed, dec.seq_len), read))
     layers = traced.kept
     k = min(TOP_K, traced.logits.shape[-1] - 1)
     changes = _bucket_changes(traced, layers, _deepstack_index(dec, removed), k, len(values), targets)

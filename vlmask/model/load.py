@@ -45,6 +45,9 @@ class VLModel:
     builtin: bool
     family: Family
     backend_state: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    _placed: tuple[Any, tuple[torch.device, list[torch.device]]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @property
     def decoder(self) -> Any:
@@ -74,12 +77,23 @@ class VLModel:
     @property
     def device(self) -> torch.device:
         """Where inputs go: the device the input embeddings run on (with a device map, not necessarily the others')."""
-        return execution_device(self.decoder.embed_tokens, self.hf)
+        return self._placement()[0]
 
     @property
     def layer_devices(self) -> list[torch.device]:
         """The device each decoder layer runs on (all :attr:`device` without a device map)."""
-        return [execution_device(layer, self.hf) for layer in self.decoder.layers]
+        return list(self._placement()[1])
+
+    def _placement(self) -> tuple[torch.device, list[torch.device]]:
+        """:attr:`device` and :attr:`layer_devices`, found again only when the input embeddings' weight moves or the
+        model's device map changes (finding them walks every layer's modules: a tenth of a millisecond, each pass)."""
+        weight = getattr(self.decoder.embed_tokens, "weight", None)
+        moved = (next(self.hf.parameters()) if weight is None else weight).device
+        key = moved, id(getattr(self.hf, "hf_device_map", None))
+        if self._placed is None or self._placed[0] != key:
+            layers = [execution_device(layer, self.hf) for layer in self.decoder.layers]
+            self._placed = key, (execution_device(self.decoder.embed_tokens, self.hf), layers)
+        return self._placed[1]
 
 
 def _dtype(name: str | None, device: str) -> torch.dtype:
