@@ -238,9 +238,20 @@ def from_dict(data: dict[str, Any]) -> Intervention:
     """
     kind = data.get("type") if isinstance(data, dict) else None
     if kind not in _TYPES:
+        _import_built_ins()
+    if kind not in _TYPES:
         shown = kind if isinstance(data, dict) else data
         raise VlmaskError(f"unknown intervention type {shown!r}: expected one of {sorted(_TYPES)}")
     return _TYPES[kind].from_dict(data)
+
+
+def _import_built_ins() -> None:
+    """Import every built-in value's module (``interventions`` loads them on first use), so that their types
+    are registered before one is asked for by name."""
+    import interventions
+
+    for name in interventions.__all__:
+        getattr(interventions, name)
 
 
 @dataclass(frozen=True)

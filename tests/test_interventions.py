@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -544,3 +546,20 @@ def test_a_new_hook_point_the_mlp_output_runs_on_both_backends():
             handle.remove()
     want = float((clean.exp() * (clean - masked)).sum())
     assert float(kls[0]["kl"].sel(step=0, intervention=1)) == pytest.approx(want, abs=1e-5)
+
+
+def test_from_dict_knows_every_built_in_type_in_a_fresh_process():
+    """The built-in values' modules load on first use; rebuilding one by name (a JSON ``--base``, a batch file's
+    ``base:``, a saved result's interventions) must not depend on what the process imported before."""
+    code = (
+        "import json, vlmask\n"
+        "from interventions import from_dict\n"
+        "for d in [{'type': 'AblateHeads', 'layer': 1, 'heads': [2]}, {'type': 'BlockKeys', 'positions': [3]},\n"
+        "          {'type': 'BlockEdges', 'sources': [1], 'targets': [4]},\n"
+        "          {'type': 'PatchResidual', 'layer': 0, 'positions': [1], 'source': [[0.0] * 4]}]:\n"
+        "    assert from_dict(d).to_dict()['type'] == d['type']\n"
+        "    assert vlmask.SweepSpec('hi', base=json.dumps(d)).base.to_dict()['type'] == d['type']\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -113,6 +113,23 @@ def test_bidirectional_vision_is_an_explicit_non_native_option(tiny, images):
     assert ds.attrs["vision_attention"] == "bidirectional" and ds.attrs["vision_attention_native"] == 0
 
 
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_bidirectional_vision_knockouts_of_image_tokens_equal_the_reference(tiny, tiny_eager, images, implementation):
+    """Under bidirectional vision attention an image's earlier tokens read its later ones, so knocking out a
+    vision token changes the image's tokens before it too (from the next layer on): the sweep must recompute
+    them, and every vision knockout's KL equals the hand-masked reference's."""
+    vl = tiny if implementation == "sdpa" else tiny_eager
+    built = build_prompt(vl.processor, PROMPT, [images["square"]])
+    ranges = built.tokens.vision_ranges
+    ds = vlmask.sweep(vl, PROMPT, [images["square"]], mask="vision", vision_attention="bidirectional", progress=False)
+    clean = reference_run(vl, built.inputs, set(), bidirectional=ranges)[2][-1]
+    positions = ds["token"].values.tolist()
+    assert len(positions) == sum(end - start for start, end in ranges) > 2
+    for i, p in enumerate(positions):
+        knocked = reference_run(vl, built.inputs, {p}, bidirectional=ranges)[2][-1]
+        assert float(ds["kl"].isel(token=i, step=0)) == pytest.approx(_kl(clean, knocked), abs=1e-5), p
+
+
 def _kl(clean, masked):
     pc, pm = torch.softmax(clean.double(), -1), torch.softmax(masked.double(), -1)
     return float((pc * (pc.log() - pm.log())).sum())

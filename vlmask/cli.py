@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from vlmask.errors import VlmaskError
 from vlmask.model.names import DEVICE_MAPS, DTYPE_NAMES, MASK_FORMATS, check_device
@@ -125,8 +125,15 @@ def _add_summary(commands: Any) -> None:
     summary.add_argument("-v", "--verbose", action="store_true", help="log what happens")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose mistakes end in one line (like vlmask's own), pointing at ``--help`` instead of the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlmask", description="Attention knockout for vision-language models.")
+    parser = _Parser(prog="vlmask", description="Attention knockout for vision-language models.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="block each chosen token in turn and measure what changes")
     run.add_argument("--model", help="hub id, checkpoint directory or .gguf file (default: the built-in toy model)")

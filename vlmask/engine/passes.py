@@ -260,7 +260,31 @@ class PromptPasses:
         firsts = PassPlan.first_changed(knockouts, seq_len, self.vl.num_layers)
         # a position without its DeepStack features changes itself: recompute from there
         firsts = [min([f, *gone]) for f, gone in zip(firsts, self.removed(knockouts, seq_len), strict=True)]
+        firsts = self.reached(firsts, seq_len)
         return firsts, [min(f, first_read) for f in firsts]  # a pass computes at least the positions it reads
+
+    def reached(self, firsts: Sequence[int], seq_len: int) -> list[int]:
+        """``firsts`` moved back to the first position a change there can reach: where the unmodified mask lets
+        a query read a later key (``vision_attention="bidirectional"``: an image's tokens read each other), a
+        change at that key reaches the query at the next layer. Under a causal mask, ``firsts`` as they are.
+
+        Example (positions 1-3 an image read bidirectionally; a change at 2 reaches 1):
+            >>> from vlmask.engine.masks import allowed_edges
+            >>> passes = PromptPasses(None, {}, {}, allowed_edges(5, [(1, 4)], "bidirectional"), None)
+            >>> passes.reached([0, 2, 4, 5], 5)
+            [0, 1, 4, 5]
+        """
+        allowed = self.unmodified[:seq_len, :seq_len]
+        if not allowed.triu(1).any():
+            return list(firsts)
+        reader = allowed.int().argmax(0)  # each key's first reader (the key itself at the latest)
+        back = reader.flip(0).cummin(0).values.flip(0).tolist()  # the first reader of any key from here on
+        out = []
+        for f in firsts:
+            while f < seq_len and back[f] < f:
+                f = back[f]
+            out.append(f)
+        return out
 
     def knockout_pass(
         self,
